@@ -1,0 +1,465 @@
+//! The audit chain: one HMAC-chained row per decision in Postgres, appended with group commit.
+//!
+//! Requests enqueue a [`Draft`] and wait for their batch. The writer takes everything queued,
+//! opens one transaction, locks the chain's head row (`SELECT ... FOR UPDATE`, so replicas
+//! sharing a chain serialize and never fork or leave a gap), assigns gapless seqs, computes each
+//! MAC over the canonical record ([`record`]), inserts the batch, moves the head and commits.
+//! Only then are the waiting requests answered. If the queue is full or the commit fails, every
+//! waiter gets an error and the pipeline denies (503): never an allow without its row.
+
+pub mod record;
+pub mod schema;
+pub mod verify;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, NoTls, Statement};
+
+use crate::authz::Audit;
+use crate::secret::Key32;
+use record::{AuditRecord, Decision, GENESIS_MAC, RECORD_VERSION};
+
+/// ALLOW or DENY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Verdict {
+    Allow,
+    #[default]
+    Deny,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "ALLOW",
+            Verdict::Deny => "DENY",
+        }
+    }
+}
+
+/// A decision waiting for its place in the chain.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    pub ts: SystemTime,
+    pub trace_id: String,
+    pub request_id: String,
+    pub verdict: Verdict,
+    pub reason: String,
+    pub issuer: String,
+    pub subject: String,
+    pub user_name: String,
+    pub agent: String,
+    pub workspace: String,
+    pub method: String,
+    pub path: String,
+    pub token_source: String,
+    pub token_fp: Vec<u8>,
+}
+
+impl Default for Draft {
+    fn default() -> Self {
+        Draft {
+            ts: UNIX_EPOCH,
+            trace_id: String::new(),
+            request_id: String::new(),
+            verdict: Verdict::Deny,
+            reason: String::new(),
+            issuer: String::new(),
+            subject: String::new(),
+            user_name: String::new(),
+            agent: String::new(),
+            workspace: String::new(),
+            method: String::new(),
+            path: String::new(),
+            token_source: String::new(),
+            token_fp: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum AuditError {
+    #[error("audit queue is full")]
+    QueueFull,
+    #[error("audit writer is not running")]
+    WriterGone,
+    #[error("audit store unavailable: {0}")]
+    Store(String),
+    #[error("audit commit timed out")]
+    Timeout,
+    #[error("audit chain head is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Tuning for the writer.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub queue: usize,
+    pub max_batch: usize,
+    pub commit_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            queue: 8192,
+            max_batch: 512,
+            commit_timeout: Duration::from_millis(1500),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Job {
+    draft: Draft,
+    done: oneshot::Sender<Result<u64, AuditError>>,
+}
+
+/// The handle requests append through.
+pub struct AuditChain {
+    tx: mpsc::Sender<Job>,
+    head_loaded: Arc<AtomicBool>,
+    size: Arc<AtomicU64>,
+}
+
+impl AuditChain {
+    /// Starts the writer task. The chain head is loaded (and the schema migrated) by the writer
+    /// on its first successful connection; [`AuditChain::head_loaded`] tells when.
+    pub fn start(
+        pg_url: String,
+        chain_id: String,
+        key_id: String,
+        key: Key32,
+        instance_id: String,
+        opts: WriterOptions,
+    ) -> Arc<AuditChain> {
+        let (tx, rx) = mpsc::channel(opts.queue);
+        let head_loaded = Arc::new(AtomicBool::new(false));
+        let size = Arc::new(AtomicU64::new(0));
+        let writer = Writer {
+            pg_url,
+            chain_id,
+            key_id,
+            key,
+            instance_id,
+            opts,
+            conn: None,
+            head_loaded: head_loaded.clone(),
+            size: size.clone(),
+        };
+        tokio::spawn(writer.run(rx));
+        Arc::new(AuditChain {
+            tx,
+            head_loaded,
+            size,
+        })
+    }
+
+    pub fn head_loaded(&self) -> bool {
+        self.head_loaded.load(Ordering::Acquire)
+    }
+
+    /// The chain size this process last committed or loaded.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Current queue depth.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    pub async fn append(&self, draft: Draft) -> Result<u64, AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx.try_send(Job { draft, done }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => AuditError::WriterGone,
+        })?;
+        wait.await.map_err(|_| AuditError::WriterGone)?
+    }
+}
+
+impl Audit for Arc<AuditChain> {
+    async fn append(&self, draft: Draft) -> Result<u64, AuditError> {
+        AuditChain::append(self, draft).await
+    }
+}
+
+struct Conn {
+    client: Client,
+    lock_head: Statement,
+    insert: Statement,
+    move_head: Statement,
+}
+
+struct Writer {
+    pg_url: String,
+    chain_id: String,
+    key_id: String,
+    key: Key32,
+    instance_id: String,
+    opts: WriterOptions,
+    conn: Option<Conn>,
+    head_loaded: Arc<AtomicBool>,
+    size: Arc<AtomicU64>,
+}
+
+const INSERT_SQL: &str = "INSERT INTO aegis_audit (chain_id, seq, ts, trace_id, request_id, \
+    decision, reason, issuer, subject, user_name, agent, workspace, method, path, token_source, \
+    token_fp, key_id, instance_id, version, prev_mac, mac) \
+    SELECT $1, u.* FROM UNNEST($2::int8[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], \
+    $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], \
+    $14::text[], $15::text[], $16::bytea[], $17::text[], $18::text[], $19::int4[], $20::bytea[], \
+    $21::bytea[]) AS u";
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        // Load the head as soon as possible so readiness does not wait for the first request.
+        loop {
+            match self.ensure_conn().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit store not ready; retrying");
+                    metrics::gauge!("aegis_dependency_up", "dependency" => "postgres").set(0.0);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        job = rx.recv() => match job {
+                            // Requests that arrive before the store is reachable are refused.
+                            Some(job) => { let _ = job.done.send(Err(AuditError::Store("not connected".into()))); }
+                            None => return,
+                        }
+                    }
+                }
+            }
+        }
+        let mut batch: Vec<Job> = Vec::with_capacity(self.opts.max_batch);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < self.opts.max_batch {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            metrics::histogram!("aegis_audit_batch_size").record(batch.len() as f64);
+            metrics::gauge!("aegis_audit_queue_depth").set(rx.len() as f64);
+            let started = std::time::Instant::now();
+            let result = match tokio::time::timeout(self.opts.commit_timeout, self.commit(&batch)).await {
+                Ok(r) => r,
+                Err(_) => Err(AuditError::Timeout),
+            };
+            metrics::histogram!("aegis_audit_append_seconds").record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(first_seq) => {
+                    metrics::gauge!("aegis_dependency_up", "dependency" => "postgres").set(1.0);
+                    for (i, job) in batch.drain(..).enumerate() {
+                        let _ = job.done.send(Ok(first_seq + i as u64));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, batch = batch.len(), "audit commit failed; denying the batch");
+                    metrics::gauge!("aegis_dependency_up", "dependency" => "postgres").set(0.0);
+                    metrics::counter!("aegis_audit_commit_failures_total").increment(1);
+                    // The connection may be mid-transaction or dead: start over.
+                    self.conn = None;
+                    for job in batch.drain(..) {
+                        let _ = job.done.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn ensure_conn(&mut self) -> Result<(), AuditError> {
+        if let Some(c) = &self.conn {
+            if !c.client.is_closed() {
+                return Ok(());
+            }
+        }
+        self.conn = None;
+        let mut cfg: tokio_postgres::Config = self
+            .pg_url
+            .parse()
+            .map_err(|_| AuditError::Store("invalid postgres url".into()))?;
+        cfg.connect_timeout(self.opts.connect_timeout);
+        cfg.application_name("aegis");
+        let (client, connection) = tokio::time::timeout(self.opts.connect_timeout, cfg.connect(NoTls))
+            .await
+            .map_err(|_| AuditError::Store("connect timed out".into()))?
+            .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %pg_error_text(&e), "postgres connection closed");
+            }
+        });
+        let prepared = async {
+            schema::migrate(&client).await?;
+            let size = schema::load_head(&client, &self.chain_id).await?;
+            let lock_head = client
+                .prepare("SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1 FOR UPDATE")
+                .await?;
+            let insert = client.prepare(INSERT_SQL).await?;
+            let move_head = client
+                .prepare("UPDATE aegis_chain_head SET size = $2, head_mac = $3, updated_at = now() WHERE chain_id = $1")
+                .await?;
+            Ok::<_, schema::SchemaError>((size, lock_head, insert, move_head))
+        };
+        let (size, lock_head, insert, move_head) = tokio::time::timeout(self.opts.commit_timeout * 4, prepared)
+            .await
+            .map_err(|_| AuditError::Timeout)?
+            .map_err(|e| match e {
+                schema::SchemaError::Inconsistent(why) => AuditError::Inconsistent(why),
+                schema::SchemaError::Pg(e) => AuditError::Store(pg_error_text(&e)),
+            })?;
+        self.size.store(size, Ordering::Release);
+        self.head_loaded.store(true, Ordering::Release);
+        self.conn = Some(Conn {
+            client,
+            lock_head,
+            insert,
+            move_head,
+        });
+        Ok(())
+    }
+
+    /// Appends one batch in one transaction; returns the seq of its first record.
+    async fn commit(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
+        self.ensure_conn().await?;
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(AuditError::Store("not connected".into()));
+        };
+        let pg = |e: tokio_postgres::Error| AuditError::Store(pg_error_text(&e));
+        let tx = conn.client.transaction().await.map_err(pg)?;
+        let row = tx
+            .query_opt(&conn.lock_head, &[&self.chain_id])
+            .await
+            .map_err(pg)?
+            .ok_or_else(|| AuditError::Inconsistent("chain head row is missing".into()))?;
+        let size: i64 = row.get(0);
+        let head: Vec<u8> = row.get(1);
+        if size < 0 || head.len() != 32 {
+            return Err(AuditError::Inconsistent("chain head row is malformed".into()));
+        }
+        let mut prev: [u8; 32] = head.try_into().unwrap_or(GENESIS_MAC);
+
+        let n = batch.len();
+        let mut seqs = Vec::with_capacity(n);
+        let mut tss = Vec::with_capacity(n);
+        let mut cols: [Vec<&str>; 13] = Default::default();
+        let mut fps = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut prevs = Vec::with_capacity(n);
+        let mut macs = Vec::with_capacity(n);
+        let first_seq = size as u64 + 1;
+        for (i, job) in batch.iter().enumerate() {
+            let d = &job.draft;
+            let seq = first_seq + i as u64;
+            let micros = d
+                .ts
+                .duration_since(UNIX_EPOCH)
+                .map(|t| t.as_micros() as i64)
+                .unwrap_or(0);
+            let rec = AuditRecord {
+                version: RECORD_VERSION,
+                chain_id: self.chain_id.clone(),
+                seq,
+                ts_unix_micros: micros,
+                trace_id: d.trace_id.clone(),
+                request_id: d.request_id.clone(),
+                decision: match d.verdict {
+                    Verdict::Allow => Decision::Allow as i32,
+                    Verdict::Deny => Decision::Deny as i32,
+                },
+                reason: d.reason.clone(),
+                issuer: d.issuer.clone(),
+                subject: d.subject.clone(),
+                user_name: d.user_name.clone(),
+                agent: d.agent.clone(),
+                workspace: d.workspace.clone(),
+                method: d.method.clone(),
+                path: d.path.clone(),
+                token_source: d.token_source.clone(),
+                token_fingerprint: d.token_fp.clone(),
+                key_id: self.key_id.clone(),
+                prev_mac: prev.to_vec(),
+                instance_id: self.instance_id.clone(),
+            };
+            let mac = rec.mac(self.key.expose());
+            seqs.push(seq as i64);
+            tss.push(UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64));
+            cols[0].push(&d.trace_id);
+            cols[1].push(&d.request_id);
+            cols[2].push(d.verdict.as_str());
+            cols[3].push(&d.reason);
+            cols[4].push(&d.issuer);
+            cols[5].push(&d.subject);
+            cols[6].push(&d.user_name);
+            cols[7].push(&d.agent);
+            cols[8].push(&d.workspace);
+            cols[9].push(&d.method);
+            cols[10].push(&d.path);
+            cols[11].push(&d.token_source);
+            cols[12].push(&self.key_id);
+            fps.push(d.token_fp.as_slice());
+            versions.push(RECORD_VERSION as i32);
+            prevs.push(prev.to_vec());
+            macs.push(mac.to_vec());
+            prev = mac;
+        }
+        let instance: Vec<&str> = vec![self.instance_id.as_str(); n];
+        let [trace, request, decision, reason, issuer, subject, user, agent, workspace, method, path, source, key_ids] =
+            &cols;
+        tx.execute(
+            &conn.insert,
+            &[
+                &self.chain_id,
+                &seqs,
+                &tss,
+                trace,
+                request,
+                decision,
+                reason,
+                issuer,
+                subject,
+                user,
+                agent,
+                workspace,
+                method,
+                path,
+                source,
+                &fps,
+                key_ids,
+                &instance,
+                &versions,
+                &prevs,
+                &macs,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        let new_size = size + n as i64;
+        tx.execute(&conn.move_head, &[&self.chain_id, &new_size, &prev.as_slice()])
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        self.size.store(new_size as u64, Ordering::Release);
+        Ok(first_seq)
+    }
+}
+
+/// A Postgres error as text safe for logs (never the connection string or a parameter value).
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => {
+            if e.is_closed() {
+                "connection closed".to_string()
+            } else {
+                "connection error".to_string()
+            }
+        }
+    }
+}

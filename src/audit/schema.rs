@@ -1,0 +1,116 @@
+//! The audit tables and their append-only guard.
+
+use tokio_postgres::Client;
+
+use super::record::GENESIS_MAC;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("postgres: {0}")]
+    Pg(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+/// Migration statements, run in one transaction under an advisory lock so replicas starting
+/// together do not race.
+const MIGRATION: &str = r#"
+CREATE TABLE IF NOT EXISTS aegis_audit (
+    chain_id     text        NOT NULL,
+    seq          bigint      NOT NULL CHECK (seq > 0),
+    ts           timestamptz NOT NULL,
+    trace_id     text        NOT NULL,
+    request_id   text        NOT NULL,
+    decision     text        NOT NULL CHECK (decision IN ('ALLOW', 'DENY')),
+    reason       text        NOT NULL,
+    issuer       text        NOT NULL,
+    subject      text        NOT NULL,
+    user_name    text        NOT NULL,
+    agent        text        NOT NULL,
+    workspace    text        NOT NULL,
+    method       text        NOT NULL,
+    path         text        NOT NULL,
+    token_source text        NOT NULL,
+    token_fp     bytea       NOT NULL,
+    key_id       text        NOT NULL,
+    instance_id  text        NOT NULL,
+    version      integer     NOT NULL,
+    prev_mac     bytea       NOT NULL,
+    mac          bytea       NOT NULL,
+    PRIMARY KEY (chain_id, seq)
+);
+CREATE INDEX IF NOT EXISTS aegis_audit_trace_id ON aegis_audit (trace_id);
+CREATE TABLE IF NOT EXISTS aegis_chain_head (
+    chain_id   text        PRIMARY KEY,
+    size       bigint      NOT NULL,
+    head_mac   bytea       NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE OR REPLACE FUNCTION aegis_audit_refuse_change() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    RAISE EXCEPTION 'aegis_audit is append-only: % refused', TG_OP;
+END
+$fn$;
+DROP TRIGGER IF EXISTS aegis_audit_no_update_delete ON aegis_audit;
+CREATE TRIGGER aegis_audit_no_update_delete BEFORE UPDATE OR DELETE ON aegis_audit
+    FOR EACH ROW EXECUTE FUNCTION aegis_audit_refuse_change();
+DROP TRIGGER IF EXISTS aegis_audit_no_truncate ON aegis_audit;
+CREATE TRIGGER aegis_audit_no_truncate BEFORE TRUNCATE ON aegis_audit
+    FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse_change();
+"#;
+
+/// Creates or updates the schema. On error the session is left mid-transaction; callers drop
+/// the connection.
+pub async fn migrate(client: &Client) -> Result<(), SchemaError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(7346720011); {MIGRATION} COMMIT;"
+        ))
+        .await?;
+    Ok(())
+}
+
+/// Ensures the chain's head row exists and agrees with the table's last row; returns the size.
+pub async fn load_head(client: &Client, chain_id: &str) -> Result<u64, SchemaError> {
+    client
+        .execute(
+            "INSERT INTO aegis_chain_head (chain_id, size, head_mac) VALUES ($1, 0, $2) \
+             ON CONFLICT (chain_id) DO NOTHING",
+            &[&chain_id, &GENESIS_MAC.as_slice()],
+        )
+        .await?;
+    let head = client
+        .query_one(
+            "SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1",
+            &[&chain_id],
+        )
+        .await?;
+    let size: i64 = head.get(0);
+    let head_mac: Vec<u8> = head.get(1);
+    let last = client
+        .query_opt(
+            "SELECT seq, mac FROM aegis_audit WHERE chain_id = $1 ORDER BY seq DESC LIMIT 1",
+            &[&chain_id],
+        )
+        .await?;
+    match last {
+        None if size == 0 && head_mac == GENESIS_MAC => Ok(0),
+        Some(row) => {
+            let seq: i64 = row.get(0);
+            let mac: Vec<u8> = row.get(1);
+            if seq == size && mac == head_mac {
+                Ok(size as u64)
+            } else {
+                Err(SchemaError::Inconsistent(format!(
+                    "chain {chain_id}: head row says size {size} but the last row is seq {seq} \
+                     with a different mac; run `aegis audit verify`"
+                )))
+            }
+        }
+        None => Err(SchemaError::Inconsistent(format!(
+            "chain {chain_id}: head row says size {size} but the table holds no rows; \
+             run `aegis audit verify`"
+        ))),
+    }
+}

@@ -1,0 +1,133 @@
+//! Reading the agent's credentials and cleaning what goes upstream.
+
+use std::collections::HashMap;
+
+use super::Reason;
+
+/// Tokens longer than this are refused before any parsing (documented in SECURITY.md).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// The single bearer token in `authorization`.
+///
+/// Envoy joins repeated headers with ',', and a JWT never contains one, so two `authorization`
+/// headers (or a list) are refused rather than guessed at.
+pub fn bearer_token(headers: &HashMap<String, String>) -> Result<&str, Reason> {
+    let Some(value) = headers.get("authorization") else {
+        return Err(Reason::MissingCredentials);
+    };
+    let value = value.trim();
+    let Some((scheme, rest)) = value.split_once(' ') else {
+        // `Bearer` with nothing after it, or a bare token with no scheme.
+        return Err(if value.eq_ignore_ascii_case("bearer") || value.is_empty() {
+            Reason::MissingCredentials
+        } else {
+            Reason::InvalidToken
+        });
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        // Basic, Negotiate, ... : no bearer credentials were offered.
+        return Err(Reason::MissingCredentials);
+    }
+    let token = rest.trim();
+    if token.is_empty() {
+        return Err(Reason::MissingCredentials);
+    }
+    if token.len() > MAX_TOKEN_LEN
+        || token.contains(',')
+        || token.bytes().any(|b| b <= b' ' || b >= 0x7f)
+    {
+        return Err(Reason::InvalidToken);
+    }
+    Ok(token)
+}
+
+/// Names of every client-sent `x-aegis-*` header except `x-aegis-trace-id`, which aegis
+/// overwrites (Envoy applies removals after additions, so removing it would drop ours too).
+pub fn client_aegis_headers(headers: &HashMap<String, String>) -> Vec<String> {
+    headers
+        .keys()
+        .filter(|k| k.starts_with("x-aegis-") && k.as_str() != "x-aegis-trace-id")
+        .cloned()
+        .collect()
+}
+
+/// The agent's user-agent without any `aegis/…` or `aegis-trace/…` product tokens (so an agent
+/// cannot forge a correlation id), without control characters, and bounded in length.
+pub fn clean_user_agent(ua: &str) -> String {
+    let mut out = String::with_capacity(ua.len().min(512));
+    for part in ua.split_ascii_whitespace() {
+        let lower = part.to_ascii_lowercase();
+        if lower.starts_with("aegis/") || lower.starts_with("aegis-trace/") {
+            continue;
+        }
+        if part.chars().any(|c| c.is_control()) {
+            continue;
+        }
+        if out.len() + part.len() + 1 > 512 {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(part);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn bearer_token_cases() {
+        let cases: &[(&[(&str, &str)], Result<&str, Reason>)] = &[
+            (&[], Err(Reason::MissingCredentials)),
+            (&[("authorization", "Bearer abc.def.ghi")], Ok("abc.def.ghi")),
+            (&[("authorization", "bearer   abc.def.ghi ")], Ok("abc.def.ghi")),
+            (&[("authorization", "Bearer")], Err(Reason::MissingCredentials)),
+            (&[("authorization", "Bearer ")], Err(Reason::MissingCredentials)),
+            (&[("authorization", "Basic dXNlcjpwYXNz")], Err(Reason::MissingCredentials)),
+            (&[("authorization", "abc.def.ghi")], Err(Reason::InvalidToken)),
+            (
+                &[("authorization", "Bearer a.b.c,Bearer d.e.f")],
+                Err(Reason::InvalidToken),
+            ),
+            (&[("authorization", "Bearer a.b c")], Err(Reason::InvalidToken)),
+        ];
+        for (headers, want) in cases {
+            assert_eq!(bearer_token(&h(headers)), *want, "{headers:?}");
+        }
+        let huge = format!("Bearer {}", "a".repeat(MAX_TOKEN_LEN + 1));
+        assert_eq!(
+            bearer_token(&h(&[("authorization", &huge)])),
+            Err(Reason::InvalidToken)
+        );
+    }
+
+    #[test]
+    fn strips_forged_correlation_tokens() {
+        assert_eq!(
+            clean_user_agent("copilot/1.2 aegis/9.9 AEGIS-TRACE/deadbeef python/3.11"),
+            "copilot/1.2 python/3.11"
+        );
+        assert_eq!(clean_user_agent(""), "");
+    }
+
+    #[test]
+    fn lists_client_aegis_headers_but_not_the_trace_id() {
+        let mut got = client_aegis_headers(&h(&[
+            ("x-aegis-user", "root"),
+            ("x-aegis-trace-id", "forged"),
+            ("x-other", "1"),
+        ]));
+        got.sort();
+        assert_eq!(got, vec!["x-aegis-user".to_string()]);
+    }
+}

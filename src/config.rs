@@ -1,0 +1,1297 @@
+//! Typed configuration, read from TOML with collect-all-errors validation.
+//!
+//! Every setting is parsed and every problem is reported at once (`aegis config check` exits 64
+//! listing them all). Nothing is silently defaulted: a key that is present but wrong is an error,
+//! an unknown key is an error, and a missing optional key takes the default documented in the
+//! README's config reference.
+//!
+//! The process environment is read through the small [`Env`] trait so tests never touch it.
+//! Strings may reference `${VAR}` (and `$$` for a literal `$`); every `*_file` key may instead be
+//! given as the env variable `AEGIS_<SECTION>_<KEY>` (e.g. `AEGIS_AUDIT_HMAC_KEY`) holding the
+//! file's content.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use toml::{Table, Value};
+
+use crate::secret::{Key32, SecretString};
+
+// === Env ===
+
+/// Read access to environment variables.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+// === Errors ===
+
+/// One problem with one setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the setting, e.g. `issuers[0].audiences`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// === Config ===
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub redis: RedisConfig,
+    pub postgres: PostgresConfig,
+    pub audit: AuditConfig,
+    pub issuers: Vec<IssuerConfig>,
+    pub workspaces: Vec<WorkspaceConfig>,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub grpc_listen: ListenAddr,
+    pub admin_listen: SocketAddr,
+    pub public_listen: Option<SocketAddr>,
+    pub public_url: Option<url::Url>,
+    pub instance_id: String,
+    /// Upper bound on the whole Check (must fit inside Envoy's ext_authz timeout).
+    pub check_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub console_token: Option<SecretString>,
+}
+
+#[derive(Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub cache_key: Key32,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("cache_key", &self.cache_key)
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+pub struct PostgresConfig {
+    pub url: String,
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub hmac_key: Key32,
+    pub key_id: String,
+    pub chain_id: String,
+    pub checkpoint_signing_key: Key32,
+    pub checkpoint_dir: PathBuf,
+    pub checkpoint_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub name: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks_uri: Option<url::Url>,
+    pub algorithms: Vec<Algorithm>,
+    pub username_claim: String,
+    pub agent_claim: String,
+    pub leeway: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSourceKind {
+    Federation,
+    U2m,
+    EntraObo,
+}
+
+impl TokenSourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSourceKind::Federation => "federation",
+            TokenSourceKind::U2m => "u2m",
+            TokenSourceKind::EntraObo => "entra_obo",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkspaceConfig {
+    pub name: String,
+    pub url: url::Url,
+    pub hosts: Vec<String>,
+    pub token_source: TokenSourceKind,
+    pub client_id: Option<String>,
+    pub scopes: Vec<String>,
+    /// Per-workspace agent allowlist; `None` falls back to `policy.allowed_agents`.
+    pub allowed_agents: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PolicyConfig {
+    pub allowed_agents: Vec<String>,
+    pub deny: Vec<RuleConfig>,
+    pub allow: Vec<RuleConfig>,
+}
+
+/// One path rule: matches when the method, path pattern, agent and workspace all match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleConfig {
+    /// Upper-case methods; empty = any method.
+    pub methods: Vec<String>,
+    /// An exact path, or a prefix ending in `/*`.
+    pub path: String,
+    /// Empty = any agent.
+    pub agents: Vec<String>,
+    /// Empty = any workspace.
+    pub workspaces: Vec<String>,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads and validates a config file; relative `*_file` paths resolve against its directory.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: format!("cannot read config file {}: {e}", path.display()),
+            }])
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Config::parse(&text, base, env)
+    }
+
+    /// Parses config text; `base_dir` resolves relative file paths.
+    pub fn parse(text: &str, base_dir: &Path, env: &dyn Env) -> Result<Config, ConfigErrors> {
+        let doc: Table = toml::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: format!("invalid TOML: {}", e.message()),
+            }])
+        })?;
+        let mut r = Reader {
+            errors: Vec::new(),
+            env,
+            base_dir,
+        };
+        let cfg = r.config(&doc);
+        match cfg {
+            Some(cfg) if r.errors.is_empty() => Ok(cfg),
+            _ => {
+                if r.errors.is_empty() {
+                    r.err("", "config is invalid");
+                }
+                Err(ConfigErrors(r.errors))
+            }
+        }
+    }
+
+    pub fn workspace(&self, name: &str) -> Option<&WorkspaceConfig> {
+        self.workspaces.iter().find(|w| w.name == name)
+    }
+}
+
+/// Hides the password of a `scheme://user:password@host` URL.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("redacted"));
+            }
+            u.to_string()
+        }
+        Err(_) => "[unparseable url]".to_string(),
+    }
+}
+
+fn is_loopback_host(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    }
+}
+
+// === Reader ===
+
+struct Reader<'a> {
+    errors: Vec<ConfigError>,
+    env: &'a dyn Env,
+    base_dir: &'a Path,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+impl Reader<'_> {
+    fn err(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn unknown_keys(&mut self, t: &Table, path: &str, known: &[&str]) {
+        for key in t.keys() {
+            if !known.contains(&key.as_str()) {
+                self.err(&join(path, key), "unknown key");
+            }
+        }
+    }
+
+    fn table<'t>(&mut self, t: &'t Table, key: &str, path: &str) -> Option<&'t Table> {
+        match t.get(key) {
+            None => None,
+            Some(Value::Table(inner)) => Some(inner),
+            Some(_) => {
+                self.err(&join(path, key), "must be a table");
+                None
+            }
+        }
+    }
+
+    /// Expands `${VAR}` and `$$` in a string value.
+    fn expand(&mut self, raw: &str, path: &str) -> Option<String> {
+        let mut out = String::with_capacity(raw.len());
+        let mut rest = raw;
+        let mut ok = true;
+        while let Some(pos) = rest.find('$') {
+            out.push_str(&rest[..pos]);
+            let after = &rest[pos + 1..];
+            if let Some(stripped) = after.strip_prefix('$') {
+                out.push('$');
+                rest = stripped;
+            } else if let Some(body) = after.strip_prefix('{') {
+                match body.find('}') {
+                    Some(end) => {
+                        let name = &body[..end];
+                        let valid = !name.is_empty()
+                            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                        if !valid {
+                            self.err(path, format!("invalid variable reference ${{{name}}}"));
+                            ok = false;
+                        } else if let Some(v) = self.env.var(name) {
+                            out.push_str(&v);
+                        } else {
+                            self.err(path, format!("environment variable {name} is not set"));
+                            ok = false;
+                        }
+                        rest = &body[end + 1..];
+                    }
+                    None => {
+                        self.err(path, "unterminated ${ in value");
+                        return None;
+                    }
+                }
+            } else {
+                // A lone `$` is kept as it is.
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        ok.then_some(out)
+    }
+
+    fn string(&mut self, t: &Table, key: &str, path: &str, required: bool) -> Option<String> {
+        let p = join(path, key);
+        match t.get(key) {
+            None => {
+                if required {
+                    self.err(&p, "is required");
+                }
+                None
+            }
+            Some(Value::String(s)) => {
+                let v = self.expand(s, &p)?;
+                if v.trim().is_empty() {
+                    self.err(&p, "must not be empty");
+                    None
+                } else {
+                    Some(v)
+                }
+            }
+            Some(_) => {
+                self.err(&p, "must be a string");
+                None
+            }
+        }
+    }
+
+    fn string_list(
+        &mut self,
+        t: &Table,
+        key: &str,
+        path: &str,
+        required: bool,
+    ) -> Option<Vec<String>> {
+        let p = join(path, key);
+        match t.get(key) {
+            None => {
+                if required {
+                    self.err(&p, "is required");
+                }
+                None
+            }
+            Some(Value::Array(items)) => {
+                let mut out = Vec::with_capacity(items.len());
+                let mut ok = true;
+                for (i, item) in items.iter().enumerate() {
+                    let ip = format!("{p}[{i}]");
+                    match item {
+                        Value::String(s) => match self.expand(s, &ip) {
+                            Some(v) if !v.trim().is_empty() => out.push(v),
+                            Some(_) => {
+                                self.err(&ip, "must not be empty");
+                                ok = false;
+                            }
+                            None => ok = false,
+                        },
+                        _ => {
+                            self.err(&ip, "must be a string");
+                            ok = false;
+                        }
+                    }
+                }
+                ok.then_some(out)
+            }
+            Some(_) => {
+                self.err(&p, "must be an array of strings");
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, t: &Table, key: &str, path: &str, default: Duration) -> Duration {
+        let p = join(path, key);
+        match self.string(t, key, path, false) {
+            None if t.contains_key(key) => default,
+            None => default,
+            Some(s) => match humantime::parse_duration(&s) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.err(&p, format!("is not a duration like \"10s\": {e}"));
+                    default
+                }
+            },
+        }
+    }
+
+    fn socket_addr(&mut self, t: &Table, key: &str, path: &str, required: bool) -> Option<SocketAddr> {
+        let s = self.string(t, key, path, required)?;
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    &join(path, key),
+                    format!("\"{s}\" is not an ip:port socket address"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Parses an http(s) URL; plain http only for loopback hosts.
+    fn http_url(&mut self, raw: &str, p: &str) -> Option<url::Url> {
+        let u = match url::Url::parse(raw) {
+            Ok(u) => u,
+            Err(e) => {
+                self.err(p, format!("\"{raw}\" is not a valid URL: {e}"));
+                return None;
+            }
+        };
+        let loopback = u.host().map(|h| is_loopback_host(&h)).unwrap_or(false);
+        match u.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            "http" => {
+                self.err(p, "plain http is accepted only for loopback hosts; use https");
+                return None;
+            }
+            other => {
+                self.err(p, format!("scheme \"{other}\" is not http or https"));
+                return None;
+            }
+        }
+        if u.host().is_none() {
+            self.err(p, "URL has no host");
+            return None;
+        }
+        if u.username() != "" || u.password().is_some() {
+            self.err(p, "URL must not carry credentials");
+            return None;
+        }
+        Some(u)
+    }
+
+    /// Reads a base64 key from `<key>` (a file path) or from env `AEGIS_<SECTION>_<KEY>`.
+    fn key_file(&mut self, t: &Table, key: &str, path: &str, required: bool) -> Option<Key32> {
+        let p = join(path, key);
+        let text = self.secret_text(t, key, path, required)?;
+        match Key32::from_base64(&text) {
+            Ok(k) => Some(k),
+            Err(why) => {
+                self.err(&p, format!("the key {why}"));
+                None
+            }
+        }
+    }
+
+    fn env_name(path: &str, key: &str) -> String {
+        let stem = key.strip_suffix("_file").unwrap_or(key);
+        format!("AEGIS_{}_{}", path, stem).to_ascii_uppercase()
+    }
+
+    /// The content of a secret given as a `*_file` path or via its env variable.
+    fn secret_text(&mut self, t: &Table, key: &str, path: &str, required: bool) -> Option<String> {
+        let p = join(path, key);
+        let env_name = Self::env_name(path, key);
+        if let Some(v) = self.env.var(&env_name) {
+            if t.contains_key(key) {
+                self.err(
+                    &p,
+                    format!("is set both in the file and by {env_name}; keep one"),
+                );
+                return None;
+            }
+            return Some(v);
+        }
+        let file = self.string(t, key, path, false);
+        let Some(file) = file else {
+            if required && !t.contains_key(key) {
+                self.err(&p, format!("is required (or set {env_name})"));
+            }
+            return None;
+        };
+        let full = self.base_dir.join(&file);
+        match std::fs::read_to_string(&full) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                self.err(&p, format!("cannot read {}: {e}", full.display()));
+                None
+            }
+        }
+    }
+
+    // --- sections ---
+
+    fn config(&mut self, doc: &Table) -> Option<Config> {
+        self.unknown_keys(
+            doc,
+            "",
+            &[
+                "server",
+                "admin",
+                "redis",
+                "postgres",
+                "audit",
+                "issuers",
+                "workspaces",
+                "policy",
+            ],
+        );
+        let empty = Table::new();
+        let section = |r: &mut Self, name: &str| -> Table {
+            match r.table(doc, name, "") {
+                Some(t) => t.clone(),
+                None => {
+                    if !doc.contains_key(name) && name != "admin" && name != "policy" {
+                        r.err(name, "section is required");
+                    }
+                    empty.clone()
+                }
+            }
+        };
+        let server_t = section(self, "server");
+        let admin_t = section(self, "admin");
+        let redis_t = section(self, "redis");
+        let pg_t = section(self, "postgres");
+        let audit_t = section(self, "audit");
+        let policy_t = section(self, "policy");
+
+        let server = self.server(&server_t);
+        let admin = self.admin(&admin_t);
+        let redis = self.redis(&redis_t);
+        let postgres = self.postgres(&pg_t);
+        let audit = self.audit(&audit_t);
+        let issuers = self.issuers(doc);
+        let workspaces = self.workspaces(doc);
+        let policy = self.policy(&policy_t, &workspaces);
+
+        Some(Config {
+            server: server?,
+            admin: admin?,
+            redis: redis?,
+            postgres: postgres?,
+            audit: audit?,
+            issuers,
+            workspaces,
+            policy: policy?,
+        })
+    }
+
+    fn server(&mut self, t: &Table) -> Option<ServerConfig> {
+        let path = "server";
+        self.unknown_keys(
+            t,
+            path,
+            &[
+                "grpc_listen",
+                "admin_listen",
+                "public_listen",
+                "public_url",
+                "instance_id",
+                "check_timeout",
+            ],
+        );
+        let grpc_listen = match self.string(t, "grpc_listen", path, true) {
+            Some(s) => {
+                if let Some(p) = s.strip_prefix("unix:") {
+                    if p.is_empty() || !p.starts_with('/') {
+                        self.err(
+                            "server.grpc_listen",
+                            "a unix socket must be an absolute path, e.g. unix:/run/aegis/authz.sock",
+                        );
+                        None
+                    } else {
+                        Some(ListenAddr::Unix(PathBuf::from(p)))
+                    }
+                } else {
+                    match s.parse::<SocketAddr>() {
+                        Ok(a) => Some(ListenAddr::Tcp(a)),
+                        Err(_) => {
+                            self.err(
+                                "server.grpc_listen",
+                                format!("\"{s}\" is neither ip:port nor unix:/path"),
+                            );
+                            None
+                        }
+                    }
+                }
+            }
+            None => None,
+        };
+        let admin_listen = self.socket_addr(t, "admin_listen", path, true);
+        let public_listen = self.socket_addr(t, "public_listen", path, false);
+        let public_url = self
+            .string(t, "public_url", path, false)
+            .and_then(|s| self.http_url(&s, "server.public_url"));
+        let instance_id = match self.string(t, "instance_id", path, false) {
+            Some(id) => id,
+            None => hostname(),
+        };
+        let check_timeout = self.duration(t, "check_timeout", path, Duration::from_millis(1800));
+        if check_timeout.is_zero() || check_timeout > Duration::from_secs(30) {
+            self.err("server.check_timeout", "must be between 1ms and 30s");
+        }
+        Some(ServerConfig {
+            grpc_listen: grpc_listen?,
+            admin_listen: admin_listen?,
+            public_listen,
+            public_url,
+            instance_id,
+            check_timeout,
+        })
+    }
+
+    fn admin(&mut self, t: &Table) -> Option<AdminConfig> {
+        self.unknown_keys(t, "admin", &["console_token_file"]);
+        let console_token = self
+            .secret_text(t, "console_token_file", "admin", false)
+            .and_then(|text| {
+                let token = text.trim().to_string();
+                if token.len() < 16 {
+                    self.err(
+                        "admin.console_token_file",
+                        "the console token must be at least 16 characters",
+                    );
+                    None
+                } else {
+                    Some(SecretString::new(token))
+                }
+            });
+        Some(AdminConfig { console_token })
+    }
+
+    fn redis(&mut self, t: &Table) -> Option<RedisConfig> {
+        self.unknown_keys(t, "redis", &["url", "cache_key_file"]);
+        let url = self.string(t, "url", "redis", true).and_then(|u| {
+            match url::Url::parse(&u) {
+                Ok(parsed) if matches!(parsed.scheme(), "redis" | "rediss") => Some(u),
+                Ok(parsed) => {
+                    self.err(
+                        "redis.url",
+                        format!(
+                            "scheme \"{}\" is not redis:// or rediss://",
+                            parsed.scheme()
+                        ),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.err("redis.url", format!("is not a valid URL: {e}"));
+                    None
+                }
+            }
+        });
+        let cache_key = self.key_file(t, "cache_key_file", "redis", true);
+        Some(RedisConfig {
+            url: url?,
+            cache_key: cache_key?,
+        })
+    }
+
+    fn postgres(&mut self, t: &Table) -> Option<PostgresConfig> {
+        self.unknown_keys(t, "postgres", &["url"]);
+        let url = self.string(t, "url", "postgres", true)?;
+        match url.parse::<tokio_postgres::Config>() {
+            Ok(_) => Some(PostgresConfig { url }),
+            Err(_) => {
+                self.err(
+                    "postgres.url",
+                    "is not a valid postgres:// URL or key=value connection string",
+                );
+                None
+            }
+        }
+    }
+
+    fn audit(&mut self, t: &Table) -> Option<AuditConfig> {
+        let path = "audit";
+        self.unknown_keys(
+            t,
+            path,
+            &[
+                "hmac_key_file",
+                "key_id",
+                "chain_id",
+                "checkpoint_signing_key_file",
+                "checkpoint_dir",
+                "checkpoint_interval",
+            ],
+        );
+        let hmac_key = self.key_file(t, "hmac_key_file", path, true);
+        let key_id = self.ident(t, "key_id", path);
+        let chain_id = self.ident(t, "chain_id", path);
+        let checkpoint_signing_key = self.key_file(t, "checkpoint_signing_key_file", path, true);
+        let checkpoint_dir = self
+            .string(t, "checkpoint_dir", path, true)
+            .map(|d| self.base_dir.join(d));
+        let checkpoint_interval =
+            self.duration(t, "checkpoint_interval", path, Duration::from_secs(10));
+        if checkpoint_interval < Duration::from_secs(1) {
+            self.err("audit.checkpoint_interval", "must be at least 1s");
+        }
+        Some(AuditConfig {
+            hmac_key: hmac_key?,
+            key_id: key_id?,
+            chain_id: chain_id?,
+            checkpoint_signing_key: checkpoint_signing_key?,
+            checkpoint_dir: checkpoint_dir?,
+            checkpoint_interval,
+        })
+    }
+
+    /// A short identifier: 1-64 chars of `[A-Za-z0-9_.-]`.
+    fn ident(&mut self, t: &Table, key: &str, path: &str) -> Option<String> {
+        let v = self.string(t, key, path, true)?;
+        let ok = v.len() <= 64
+            && v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if ok {
+            Some(v)
+        } else {
+            self.err(
+                &join(path, key),
+                "must be 1-64 characters of letters, digits, '_', '-', '.'",
+            );
+            None
+        }
+    }
+
+    fn array_of_tables<'t>(&mut self, doc: &'t Table, key: &str) -> Vec<&'t Table> {
+        match doc.get(key) {
+            None => {
+                self.err(key, "at least one is required");
+                Vec::new()
+            }
+            Some(Value::Array(items)) => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::Table(t) => out.push(t),
+                        _ => self.err(&format!("{key}[{i}]"), "must be a table"),
+                    }
+                }
+                if items.is_empty() {
+                    self.err(key, "at least one is required");
+                }
+                out
+            }
+            Some(_) => {
+                self.err(key, format!("must be an array of tables ([[{key}]])"));
+                Vec::new()
+            }
+        }
+    }
+
+    fn issuers(&mut self, doc: &Table) -> Vec<IssuerConfig> {
+        let tables = self.array_of_tables(doc, "issuers");
+        let mut out = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut issuers = BTreeSet::new();
+        for (i, t) in tables.into_iter().enumerate() {
+            let path = format!("issuers[{i}]");
+            self.unknown_keys(
+                t,
+                &path,
+                &[
+                    "name",
+                    "issuer",
+                    "audiences",
+                    "jwks_uri",
+                    "algorithms",
+                    "username_claim",
+                    "agent_claim",
+                    "leeway",
+                ],
+            );
+            let name = self.ident(t, "name", &path);
+            if let Some(n) = &name {
+                if !names.insert(n.clone()) {
+                    self.err(&format!("{path}.name"), format!("duplicate issuer name \"{n}\""));
+                }
+            }
+            let issuer = self.string(t, "issuer", &path, true).and_then(|s| {
+                let p = format!("{path}.issuer");
+                self.http_url(&s, &p)?;
+                if !issuers.insert(s.clone()) {
+                    self.err(&p, format!("issuer \"{s}\" is configured twice"));
+                }
+                Some(s)
+            });
+            let audiences = self.string_list(t, "audiences", &path, true);
+            if matches!(&audiences, Some(a) if a.is_empty()) {
+                self.err(&format!("{path}.audiences"), "must not be empty");
+            }
+            let jwks_uri = self
+                .string(t, "jwks_uri", &path, false)
+                .and_then(|s| self.http_url(&s, &format!("{path}.jwks_uri")));
+            let algorithms = self
+                .string_list(t, "algorithms", &path, true)
+                .and_then(|algs| self.algorithms(&algs, &format!("{path}.algorithms")));
+            let username_claim = self.string(t, "username_claim", &path, true);
+            let agent_claim = self.string(t, "agent_claim", &path, true);
+            let leeway = self.duration(t, "leeway", &path, Duration::from_secs(30));
+            if leeway > Duration::from_secs(300) {
+                self.err(&format!("{path}.leeway"), "must be at most 5m");
+            }
+            if let (
+                Some(name),
+                Some(issuer),
+                Some(audiences),
+                Some(algorithms),
+                Some(username_claim),
+                Some(agent_claim),
+            ) = (
+                name,
+                issuer,
+                audiences,
+                algorithms,
+                username_claim,
+                agent_claim,
+            ) {
+                out.push(IssuerConfig {
+                    name,
+                    issuer,
+                    audiences,
+                    jwks_uri,
+                    algorithms,
+                    username_claim,
+                    agent_claim,
+                    leeway,
+                });
+            }
+        }
+        out
+    }
+
+    fn algorithms(&mut self, names: &[String], p: &str) -> Option<Vec<Algorithm>> {
+        if names.is_empty() {
+            self.err(p, "must not be empty");
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut ok = true;
+        for n in names {
+            let alg = match n.as_str() {
+                "RS256" => Algorithm::RS256,
+                "RS384" => Algorithm::RS384,
+                "RS512" => Algorithm::RS512,
+                "PS256" => Algorithm::PS256,
+                "PS384" => Algorithm::PS384,
+                "PS512" => Algorithm::PS512,
+                "ES256" => Algorithm::ES256,
+                "ES384" => Algorithm::ES384,
+                "EdDSA" => Algorithm::EdDSA,
+                "HS256" | "HS384" | "HS512" => {
+                    self.err(
+                        p,
+                        format!("{n} is symmetric and cannot be verified with an issuer's public keys"),
+                    );
+                    ok = false;
+                    continue;
+                }
+                other => {
+                    self.err(
+                        p,
+                        format!("unsupported algorithm \"{other}\" (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"),
+                    );
+                    ok = false;
+                    continue;
+                }
+            };
+            out.push(alg);
+        }
+        ok.then_some(out)
+    }
+
+    fn workspaces(&mut self, doc: &Table) -> Vec<WorkspaceConfig> {
+        let tables = self.array_of_tables(doc, "workspaces");
+        let mut out = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut hosts_seen = BTreeSet::new();
+        for (i, t) in tables.into_iter().enumerate() {
+            let path = format!("workspaces[{i}]");
+            self.unknown_keys(
+                t,
+                &path,
+                &[
+                    "name",
+                    "url",
+                    "hosts",
+                    "token_source",
+                    "client_id",
+                    "scopes",
+                    "allowed_agents",
+                ],
+            );
+            let name = self.ident(t, "name", &path);
+            if let Some(n) = &name {
+                if !names.insert(n.clone()) {
+                    self.err(
+                        &format!("{path}.name"),
+                        format!("duplicate workspace name \"{n}\""),
+                    );
+                }
+            }
+            let url = self
+                .string(t, "url", &path, true)
+                .and_then(|s| self.http_url(&s, &format!("{path}.url")));
+            let hosts = self
+                .string_list(t, "hosts", &path, false)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect::<Vec<_>>();
+            for h in &hosts {
+                if !hosts_seen.insert(h.clone()) {
+                    self.err(
+                        &format!("{path}.hosts"),
+                        format!("host \"{h}\" is claimed by two workspaces"),
+                    );
+                }
+            }
+            let token_source = match self.string(t, "token_source", &path, true).as_deref() {
+                Some("federation") => Some(TokenSourceKind::Federation),
+                Some("u2m") => Some(TokenSourceKind::U2m),
+                Some("entra_obo") => Some(TokenSourceKind::EntraObo),
+                Some(other) => {
+                    self.err(
+                        &format!("{path}.token_source"),
+                        format!("\"{other}\" is not one of federation, u2m, entra_obo"),
+                    );
+                    None
+                }
+                None => None,
+            };
+            if matches!(
+                token_source,
+                Some(TokenSourceKind::U2m) | Some(TokenSourceKind::EntraObo)
+            ) {
+                self.err(
+                    &format!("{path}.token_source"),
+                    "this build supports only \"federation\" (u2m and entra_obo are not built yet)",
+                );
+            }
+            let client_id = self.string(t, "client_id", &path, false);
+            let scopes = self.string_list(t, "scopes", &path, true);
+            if matches!(&scopes, Some(s) if s.is_empty()) {
+                self.err(&format!("{path}.scopes"), "must not be empty");
+            }
+            let allowed_agents = self.string_list(t, "allowed_agents", &path, false);
+            if let (Some(name), Some(url), Some(token_source), Some(scopes)) =
+                (name, url, token_source, scopes)
+            {
+                out.push(WorkspaceConfig {
+                    name,
+                    url,
+                    hosts,
+                    token_source,
+                    client_id,
+                    scopes,
+                    allowed_agents,
+                });
+            }
+        }
+        out
+    }
+
+    fn policy(&mut self, t: &Table, workspaces: &[WorkspaceConfig]) -> Option<PolicyConfig> {
+        self.unknown_keys(t, "policy", &["allowed_agents", "deny", "allow"]);
+        let allowed_agents = self
+            .string_list(t, "allowed_agents", "policy", false)
+            .unwrap_or_default();
+        let deny = self.rules(t, "deny", workspaces);
+        let allow = self.rules(t, "allow", workspaces);
+        Some(PolicyConfig {
+            allowed_agents,
+            deny,
+            allow,
+        })
+    }
+
+    fn rules(&mut self, t: &Table, key: &str, workspaces: &[WorkspaceConfig]) -> Vec<RuleConfig> {
+        let items = match t.get(key) {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.err(&format!("policy.{key}"), "must be an array of rule tables");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("policy.{key}[{i}]");
+            let Value::Table(rt) = item else {
+                self.err(&path, "must be a table like { methods = [\"POST\"], path = \"/api/...\" }");
+                continue;
+            };
+            self.unknown_keys(rt, &path, &["methods", "path", "agents", "workspaces"]);
+            let methods = self
+                .string_list(rt, "methods", &path, false)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect::<Vec<_>>();
+            for m in &methods {
+                if !m.chars().all(|c| c.is_ascii_alphabetic()) {
+                    self.err(&format!("{path}.methods"), format!("\"{m}\" is not an HTTP method"));
+                }
+            }
+            let rule_path = self.string(rt, "path", &path, true);
+            if let Some(p) = &rule_path {
+                if !p.starts_with('/') {
+                    self.err(&format!("{path}.path"), "must start with '/'");
+                }
+                if p.contains('*') && !(p.ends_with("/*") && p.matches('*').count() == 1) {
+                    self.err(
+                        &format!("{path}.path"),
+                        "a wildcard is allowed only as a trailing \"/*\"",
+                    );
+                }
+            }
+            let agents = self
+                .string_list(rt, "agents", &path, false)
+                .unwrap_or_default();
+            let ws = self
+                .string_list(rt, "workspaces", &path, false)
+                .unwrap_or_default();
+            for w in &ws {
+                if !workspaces.iter().any(|c| &c.name == w) {
+                    self.err(&format!("{path}.workspaces"), format!("unknown workspace \"{w}\""));
+                }
+            }
+            if let Some(p) = rule_path {
+                out.push(RuleConfig {
+                    methods,
+                    path: p,
+                    agents,
+                    workspaces: ws,
+                });
+            }
+        }
+        out
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "aegis".to_string())
+}
+
+/// True when `ip` is on the loopback range.
+pub fn is_loopback_ip(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            for name in ["audit.key", "cache.key", "checkpoint.key"] {
+                std::fs::write(dir.path().join(name), Key32::generate().to_base64()).unwrap();
+            }
+            std::fs::write(dir.path().join("console.token"), "0123456789abcdef0123").unwrap();
+            Fixture { dir }
+        }
+
+        fn parse(&self, text: &str, env: &HashMap<String, String>) -> Result<Config, ConfigErrors> {
+            Config::parse(text, self.dir.path(), env)
+        }
+    }
+
+    const GOOD: &str = r#"
+[server]
+grpc_listen = "127.0.0.1:9191"
+admin_listen = "127.0.0.1:9192"
+instance_id = "pod-a"
+
+[admin]
+console_token_file = "console.token"
+
+[redis]
+url = "redis://127.0.0.1:6379"
+cache_key_file = "cache.key"
+
+[postgres]
+url = "postgres://aegis@127.0.0.1:5432/aegis"
+
+[audit]
+hmac_key_file = "audit.key"
+key_id = "k1"
+chain_id = "main"
+checkpoint_signing_key_file = "checkpoint.key"
+checkpoint_dir = "checkpoints"
+checkpoint_interval = "10s"
+
+[[issuers]]
+name = "corp"
+issuer = "https://idp.example.com"
+audiences = ["aegis"]
+algorithms = ["RS256", "ES256"]
+username_claim = "email"
+agent_claim = "azp"
+
+[[workspaces]]
+name = "prod"
+url = "https://dbc-123.cloud.databricks.com"
+hosts = ["dbc-123.cloud.databricks.com"]
+token_source = "federation"
+scopes = ["all-apis"]
+
+[policy]
+allowed_agents = []
+deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
+"#;
+
+    #[test]
+    fn the_design_example_parses() {
+        let f = Fixture::new();
+        let cfg = f.parse(GOOD, &HashMap::new()).unwrap();
+        assert_eq!(cfg.server.instance_id, "pod-a");
+        assert_eq!(cfg.issuers[0].algorithms, vec![Algorithm::RS256, Algorithm::ES256]);
+        assert_eq!(cfg.issuers[0].leeway, Duration::from_secs(30));
+        assert_eq!(cfg.workspaces[0].token_source, TokenSourceKind::Federation);
+        assert_eq!(cfg.policy.deny[0].methods, vec!["POST".to_string()]);
+        assert_eq!(cfg.audit.checkpoint_dir, f.dir.path().join("checkpoints"));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let f = Fixture::new();
+        let bad = GOOD
+            .replace("\"127.0.0.1:9192\"", "\"nowhere\"")
+            .replace("https://idp.example.com", "http://idp.example.com")
+            .replace("[\"RS256\", \"ES256\"]", "[\"HS256\", \"none\"]")
+            .replace("token_source = \"federation\"", "token_source = \"magic\"")
+            .replace("key_id = \"k1\"", "key_id = \"k1\"\nkey_idd = 1")
+            .replace("hmac_key_file = \"audit.key\"", "hmac_key_file = \"missing.key\"");
+        let errs = f.parse(&bad, &HashMap::new()).unwrap_err();
+        let text = errs.to_string();
+        for needle in [
+            "server.admin_listen: \"nowhere\" is not an ip:port socket address",
+            "issuers[0].issuer: plain http is accepted only for loopback hosts",
+            "issuers[0].algorithms: HS256 is symmetric",
+            "issuers[0].algorithms: unsupported algorithm \"none\"",
+            "workspaces[0].token_source: \"magic\" is not one of",
+            "audit.key_idd: unknown key",
+            "audit.hmac_key_file: cannot read",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert!(errs.0.len() >= 7);
+    }
+
+    #[test]
+    fn loopback_http_is_accepted() {
+        let f = Fixture::new();
+        let cfg = f
+            .parse(
+                &GOOD.replace("https://idp.example.com", "http://127.0.0.1:8443"),
+                &HashMap::new(),
+            )
+            .unwrap();
+        assert_eq!(cfg.issuers[0].issuer, "http://127.0.0.1:8443");
+    }
+
+    #[test]
+    fn env_expansion_and_key_env_override() {
+        let f = Fixture::new();
+        let mut env = HashMap::new();
+        env.insert("REDIS_PORT".to_string(), "6380".to_string());
+        env.insert("AEGIS_AUDIT_HMAC_KEY".to_string(), Key32::generate().to_base64());
+        let text = GOOD
+            .replace("127.0.0.1:6379", "127.0.0.1:${REDIS_PORT}")
+            .replace("hmac_key_file = \"audit.key\"\n", "");
+        let cfg = f.parse(&text, &env).unwrap();
+        assert_eq!(cfg.redis.url, "redis://127.0.0.1:6380");
+
+        let errs = f
+            .parse(&GOOD.replace("127.0.0.1:6379", "${NOPE}"), &HashMap::new())
+            .unwrap_err();
+        assert!(errs.to_string().contains("environment variable NOPE is not set"));
+    }
+
+    #[test]
+    fn both_file_and_env_for_a_key_is_an_error() {
+        let f = Fixture::new();
+        let mut env = HashMap::new();
+        env.insert("AEGIS_AUDIT_HMAC_KEY".to_string(), Key32::generate().to_base64());
+        let errs = f.parse(GOOD, &env).unwrap_err();
+        assert!(errs.to_string().contains("audit.hmac_key_file: is set both"));
+    }
+
+    #[test]
+    fn malformed_keys_are_errors_never_defaults() {
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("cache.key"), "c2hvcnQ=").unwrap();
+        let errs = f.parse(GOOD, &HashMap::new()).unwrap_err();
+        assert!(errs
+            .to_string()
+            .contains("redis.cache_key_file: the key must decode to exactly 32 bytes"));
+    }
+
+    #[test]
+    fn missing_sections_are_named() {
+        let f = Fixture::new();
+        let errs = f.parse("", &HashMap::new()).unwrap_err().to_string();
+        for s in ["server", "redis", "postgres", "audit", "issuers", "workspaces"] {
+            assert!(errs.contains(s), "{s} not named in {errs}");
+        }
+    }
+
+    #[test]
+    fn redacts_url_passwords() {
+        assert_eq!(
+            redact_url("postgres://aegis:hunter2@db:5432/aegis"),
+            "postgres://aegis:redacted@db:5432/aegis"
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! The tonic edge: `envoy.service.auth.v3.Authorization/Check` → pipeline → `CheckResponse`.
+//!
+//! This layer only translates. It never returns a gRPC error for a decision: every outcome,
+//! including internal failures, is an explicit CheckResponse (an OK with header mutations, or a
+//! denial with an HTTP status, a JSON body and `x-aegis-trace-id`).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode,
+};
+use envoy_types::ext_authz::v3::{CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder};
+use tonic::{Request, Response, Status};
+
+use crate::authz::{Audit, CheckInput, Decision, Deny, Identify, Pipeline, Reason, Tokens};
+
+pub struct AuthzService<I, T, A> {
+    pipeline: Arc<Pipeline<I, T, A>>,
+}
+
+impl<I, T, A> AuthzService<I, T, A> {
+    pub fn new(pipeline: Arc<Pipeline<I, T, A>>) -> Self {
+        AuthzService { pipeline }
+    }
+}
+
+#[tonic::async_trait]
+impl<I: Identify, T: Tokens, A: Audit> Authorization for AuthzService<I, T, A> {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(check(&self.pipeline, &req).await))
+    }
+}
+
+/// Runs one CheckRequest through the pipeline.
+pub async fn check<I: Identify, T: Tokens, A: Audit>(
+    pipeline: &Pipeline<I, T, A>,
+    req: &CheckRequest,
+) -> CheckResponse {
+    let attrs = req.attributes.as_ref();
+    let http = attrs
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref());
+    let Some(http) = http else {
+        // Not an HTTP check: nothing to decide on, so refuse.
+        return respond(Decision::Deny(Deny {
+            trace_id: crate::authz::TraceId::random(),
+            reason: Reason::BadRequest,
+            retry_after: None,
+        }));
+    };
+    let headers: Cow<'_, HashMap<String, String>> = if http.headers.is_empty() {
+        Cow::Owned(raw_headers(http))
+    } else {
+        Cow::Borrowed(&http.headers)
+    };
+    let context_workspace = attrs
+        .and_then(|a| a.context_extensions.get("workspace"))
+        .map(String::as_str);
+    let input = CheckInput {
+        method: &http.method,
+        path: &http.path,
+        authority: &http.host,
+        headers: &headers,
+        context_workspace,
+        request_id: &http.id,
+    };
+    respond(pipeline.check(&input).await)
+}
+
+/// Headers from `header_map` (when Envoy sends raw headers), lower-cased and comma-joined the
+/// way the `headers` map would hold them.
+fn raw_headers(http: &envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest) -> HashMap<String, String> {
+    let mut out: HashMap<String, String> = HashMap::new();
+    if let Some(map) = &http.header_map {
+        for h in &map.headers {
+            let value = if h.raw_value.is_empty() {
+                h.value.clone()
+            } else {
+                String::from_utf8_lossy(&h.raw_value).into_owned()
+            };
+            out.entry(h.key.to_ascii_lowercase())
+                .and_modify(|v| {
+                    v.push(',');
+                    v.push_str(&value);
+                })
+                .or_insert(value);
+        }
+    }
+    out
+}
+
+const OVERWRITE: Option<HeaderAppendAction> = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+
+/// Turns a decision into Envoy's response.
+pub fn respond(decision: Decision) -> CheckResponse {
+    match decision {
+        Decision::Allow(allow) => {
+            let trace = allow.trace_id.as_str();
+            let mut ok = OkHttpResponseBuilder::new();
+            let mut bearer = String::with_capacity(7 + allow.token.token.expose().len());
+            bearer.push_str("Bearer ");
+            bearer.push_str(allow.token.token.expose());
+            ok.add_header("authorization", bearer, OVERWRITE, false)
+                .add_header("x-aegis-trace-id", trace, OVERWRITE, false)
+                .add_header("user-agent", allow.user_agent, OVERWRITE, false)
+                .add_response_header("x-aegis-trace-id", trace, OVERWRITE, false);
+            for h in allow.remove_headers {
+                ok.remove_header(h);
+            }
+            let mut resp = CheckResponse::with_status(Status::ok(""));
+            resp.set_http_response(ok);
+            resp
+        }
+        Decision::Deny(deny) => {
+            let reason = deny.reason;
+            let trace = deny.trace_id.as_str();
+            let mut d = DeniedHttpResponseBuilder::new();
+            d.set_http_status(status_code(reason.status()))
+                .add_header("content-type", "application/json", OVERWRITE, false)
+                .add_header("cache-control", "no-store", OVERWRITE, false)
+                .add_header("x-aegis-trace-id", trace, OVERWRITE, false);
+            if reason.is_credential_problem() {
+                d.add_header("www-authenticate", www_authenticate(reason), OVERWRITE, false);
+            }
+            if let Some(secs) = deny.retry_after {
+                d.add_header("retry-after", secs.to_string(), OVERWRITE, false);
+            }
+            d.set_body(deny_body(reason, trace));
+            let status = if reason.status() == 401 {
+                Status::unauthenticated(reason.code())
+            } else {
+                Status::permission_denied(reason.code())
+            };
+            let mut resp = CheckResponse::with_status(status);
+            resp.set_http_response(d);
+            resp
+        }
+    }
+}
+
+/// `{"error": "<reason>", "message": "<human text>", "trace_id": "<id>"}`.
+pub fn deny_body(reason: Reason, trace_id: &str) -> String {
+    serde_json::json!({
+        "error": reason.code(),
+        "message": reason.message(),
+        "trace_id": trace_id,
+    })
+    .to_string()
+}
+
+/// RFC 6750 challenge.
+fn www_authenticate(reason: Reason) -> String {
+    match reason {
+        Reason::MissingCredentials => "Bearer realm=\"aegis\"".to_string(),
+        Reason::TokenExpired | Reason::InvalidToken | Reason::UntrustedIssuer => format!(
+            "Bearer realm=\"aegis\", error=\"invalid_token\", error_description=\"{}\"",
+            reason.code()
+        ),
+        other => format!(
+            "Bearer realm=\"aegis\", error=\"{}\"",
+            other.code()
+        ),
+    }
+}
+
+fn status_code(status: u16) -> HttpStatusCode {
+    match status {
+        400 => HttpStatusCode::BadRequest,
+        401 => HttpStatusCode::Unauthorized,
+        403 => HttpStatusCode::Forbidden,
+        429 => HttpStatusCode::TooManyRequests,
+        _ => HttpStatusCode::ServiceUnavailable,
+    }
+}

@@ -1,0 +1,394 @@
+//! Who is calling: validates the end user's IdP JWT and maps its claims to a Databricks user and
+//! a calling agent.
+//!
+//! Checks, in order: size cap; compact JWS shape (three base64url parts, no padding); header
+//! (no duplicate keys, `alg` in the issuer's allowlist, `typ` a JWT type, no `crit`, no
+//! `jku`/`x5u`/`jwk`/`x5c`, since keys only ever come from the configured issuer's JWKS); `iss` an
+//! exact match of a configured issuer; the signing key by (issuer, kid); signature, `aud`, `exp`,
+//! `nbf` with the issuer's leeway; `iat` not in the future; NumericDates as integers; the
+//! username claim a plain string.
+//!
+//! A verified token is cached by its SHA-256 until its `exp`, so a signature is checked once per
+//! token, not once per request.
+
+pub mod jwks;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::authz::{headers::MAX_TOKEN_LEN, Identify, Reason};
+use crate::config::IssuerConfig;
+use jwks::{JwksCache, KeyError};
+
+/// The validated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The configured issuer's `name`.
+    pub issuer_name: Arc<str>,
+    /// The token's `iss`.
+    pub issuer: Arc<str>,
+    pub subject: String,
+    /// The Databricks user name (from `username_claim`).
+    pub user_name: String,
+    /// The calling agent application (from `agent_claim`).
+    pub agent: Option<String>,
+    /// The token's `exp`, seconds since the epoch.
+    pub expires_at: i64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    #[error("token rejected: {0}")]
+    Rejected(&'static str),
+    #[error("token expired")]
+    Expired,
+    #[error("issuer is not trusted")]
+    UntrustedIssuer,
+    #[error("the username claim is missing or not a string")]
+    NoUsername,
+    #[error("the issuer's signing keys are unavailable")]
+    KeysUnavailable,
+}
+
+impl IdentityError {
+    pub fn reason(&self) -> Reason {
+        match self {
+            IdentityError::Malformed(_) | IdentityError::Rejected(_) => Reason::InvalidToken,
+            IdentityError::Expired => Reason::TokenExpired,
+            IdentityError::UntrustedIssuer => Reason::UntrustedIssuer,
+            IdentityError::NoUsername => Reason::NoDatabricksIdentity,
+            IdentityError::KeysUnavailable => Reason::DependencyUnavailable,
+        }
+    }
+}
+
+struct IssuerState {
+    cfg: IssuerConfig,
+    name: Arc<str>,
+    iss: Arc<str>,
+    jwks: JwksCache,
+    validation: HashMap<Algorithm, Validation>,
+}
+
+/// Validates tokens against the configured issuers.
+pub struct Validator {
+    by_iss: HashMap<String, Arc<IssuerState>>,
+    verified: moka::sync::Cache<[u8; 32], Arc<Identity>>,
+}
+
+struct UntilExp;
+
+impl moka::Expiry<[u8; 32], Arc<Identity>> for UntilExp {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<Identity>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        let now = unix_now();
+        Some(Duration::from_secs(value.expires_at.saturating_sub(now).max(0) as u64))
+    }
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    typ: Option<String>,
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
+    #[serde(default)]
+    jku: Option<serde_json::Value>,
+    #[serde(default)]
+    x5u: Option<serde_json::Value>,
+    #[serde(default)]
+    jwk: Option<serde_json::Value>,
+    #[serde(default)]
+    x5c: Option<serde_json::Value>,
+    #[serde(default)]
+    enc: Option<serde_json::Value>,
+}
+
+impl Validator {
+    pub fn new(issuers: &[IssuerConfig], http: reqwest::Client) -> Validator {
+        let mut by_iss = HashMap::new();
+        for cfg in issuers {
+            let mut validation = HashMap::new();
+            for alg in &cfg.algorithms {
+                let mut v = Validation::new(*alg);
+                v.leeway = cfg.leeway.as_secs();
+                v.validate_exp = true;
+                v.validate_nbf = true;
+                v.validate_aud = true;
+                v.set_audience(&cfg.audiences);
+                v.set_issuer(&[&cfg.issuer]);
+                v.set_required_spec_claims(&["exp", "iss", "aud"]);
+                validation.insert(*alg, v);
+            }
+            let state = IssuerState {
+                name: Arc::from(cfg.name.as_str()),
+                iss: Arc::from(cfg.issuer.as_str()),
+                jwks: JwksCache::new(
+                    cfg.issuer.clone(),
+                    cfg.jwks_uri.clone(),
+                    http.clone(),
+                    Duration::from_secs(10),
+                ),
+                cfg: cfg.clone(),
+                validation,
+            };
+            by_iss.insert(cfg.issuer.clone(), Arc::new(state));
+        }
+        Validator {
+            by_iss,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .expire_after(UntilExp)
+                .build(),
+        }
+    }
+
+    /// Loads every issuer's keys; returns the names of those that could not be loaded.
+    pub async fn load_all(&self) -> Vec<(String, String)> {
+        let mut failed = Vec::new();
+        for st in self.by_iss.values() {
+            if let Err(e) = st.jwks.reload().await {
+                failed.push((st.cfg.name.clone(), e.to_string()));
+            }
+        }
+        failed
+    }
+
+    /// True once every issuer has a key set.
+    pub fn all_loaded(&self) -> bool {
+        self.by_iss.values().all(|s| s.jwks.is_loaded())
+    }
+
+    /// Validates a token (from the verified cache when possible).
+    pub async fn validate(&self, token: &str) -> Result<Arc<Identity>, IdentityError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(IdentityError::Malformed("token over the size cap"));
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(id) = self.verified.get(&digest) {
+            if id.expires_at > unix_now() {
+                metrics::counter!("aegis_jwt_cache_total", "result" => "hit").increment(1);
+                return Ok(id);
+            }
+        }
+        metrics::counter!("aegis_jwt_cache_total", "result" => "miss").increment(1);
+        let id = Arc::new(self.verify(token).await?);
+        if id.expires_at > unix_now() {
+            self.verified.insert(digest, id.clone());
+        }
+        Ok(id)
+    }
+
+    async fn verify(&self, token: &str) -> Result<Identity, IdentityError> {
+        use IdentityError::{Malformed, Rejected};
+
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Malformed("not a compact JWS (three dot-separated parts)"));
+        };
+        if h.is_empty() || p.is_empty() || s.is_empty() {
+            return Err(Malformed("empty JWS part"));
+        }
+        let header_bytes = b64(h)?;
+        let payload_bytes = b64(p)?;
+        let sig = b64(s)?;
+        if sig.iter().all(|b| *b == 0) {
+            return Err(Rejected("all-zero signature"));
+        }
+
+        let header: RawHeader = serde_json::from_slice(&header_bytes)
+            .map_err(|_| Malformed("header is not a JSON object with a string alg"))?;
+        if header.crit.is_some() {
+            return Err(Rejected("unsupported critical header"));
+        }
+        if header.jku.is_some() || header.x5u.is_some() || header.jwk.is_some() || header.x5c.is_some() {
+            return Err(Rejected("token names its own key; keys come only from the issuer"));
+        }
+        if header.enc.is_some() {
+            return Err(Rejected("encrypted tokens are not accepted"));
+        }
+        if let Some(typ) = &header.typ {
+            let t = typ.to_ascii_lowercase();
+            if !matches!(t.as_str(), "jwt" | "at+jwt" | "application/at+jwt" | "application/jwt") {
+                return Err(Rejected("typ is not a JWT access token type"));
+            }
+        }
+        if header.kid.as_ref().is_some_and(|k| k.len() > 256 || k.chars().any(|c| c.is_control())) {
+            return Err(Rejected("kid is malformed"));
+        }
+
+        let claims = strict_object(&payload_bytes)?;
+        let iss = match claims.get("iss") {
+            Some(serde_json::Value::String(s)) => s.as_str(),
+            Some(_) => return Err(Rejected("iss is not a string")),
+            None => return Err(Rejected("iss is missing")),
+        };
+        let Some(issuer) = self.by_iss.get(iss) else {
+            return Err(IdentityError::UntrustedIssuer);
+        };
+
+        let alg = Algorithm::from_str(&header.alg).map_err(|_| Rejected("alg is not supported"))?;
+        let Some(validation) = issuer.validation.get(&alg) else {
+            return Err(Rejected("alg is not in the issuer's allowlist"));
+        };
+
+        // NumericDates must be integers (RFC 7519 allows fractions; no IdP we serve sends them,
+        // and accepting them only widens the parser surface).
+        let now = unix_now();
+        let leeway = issuer.cfg.leeway.as_secs() as i64;
+        let exp = match claims.get("exp") {
+            Some(serde_json::Value::Number(n)) => n.as_i64().ok_or(Rejected("exp is not an integer"))?,
+            Some(_) => return Err(Rejected("exp is not an integer")),
+            None => return Err(Rejected("exp is missing")),
+        };
+        for name in ["nbf", "iat"] {
+            match claims.get(name) {
+                None => {}
+                Some(serde_json::Value::Number(n)) if n.as_i64().is_some() => {}
+                Some(_) => return Err(Rejected("nbf or iat is not an integer")),
+            }
+        }
+        if let Some(iat) = claims.get("iat").and_then(|v| v.as_i64()) {
+            if iat > now + leeway {
+                return Err(Rejected("iat is in the future"));
+            }
+        }
+
+        let key = match issuer.jwks.key_for(header.kid.as_deref(), alg).await {
+            Ok(k) => k,
+            Err(KeyError::Unknown) => return Err(Rejected("no matching signing key")),
+            Err(KeyError::Unavailable) => return Err(IdentityError::KeysUnavailable),
+        };
+
+        match jsonwebtoken::decode::<serde_json::Value>(token, &key.key, validation) {
+            Ok(_) => {}
+            Err(e) => {
+                use jsonwebtoken::errors::ErrorKind as K;
+                return Err(match e.kind() {
+                    K::ExpiredSignature => IdentityError::Expired,
+                    K::InvalidSignature => Rejected("bad signature"),
+                    K::InvalidAudience => Rejected("audience not accepted"),
+                    K::InvalidIssuer => Rejected("issuer mismatch"),
+                    K::ImmatureSignature => Rejected("token not yet valid"),
+                    K::InvalidAlgorithm => Rejected("alg does not match the key"),
+                    K::MissingRequiredClaim(_) => Rejected("a required claim is missing"),
+                    K::InvalidClaimFormat(_) => Rejected("a claim has the wrong type"),
+                    _ => Rejected("token could not be verified"),
+                });
+            }
+        }
+        if exp + leeway <= now {
+            return Err(IdentityError::Expired);
+        }
+
+        let subject = match claims.get("sub") {
+            None => String::new(),
+            Some(serde_json::Value::String(s)) => plain(s, "sub")?,
+            Some(_) => return Err(Rejected("sub is not a string")),
+        };
+        let user_name = match claims.get(&issuer.cfg.username_claim) {
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => plain(s, "username")?,
+            _ => return Err(IdentityError::NoUsername),
+        };
+        let agent = match claims.get(&issuer.cfg.agent_claim) {
+            None => None,
+            Some(serde_json::Value::String(s)) => Some(plain(s, "agent")?),
+            Some(_) => return Err(Rejected("the agent claim is not a string")),
+        };
+        Ok(Identity {
+            issuer_name: issuer.name.clone(),
+            issuer: issuer.iss.clone(),
+            subject,
+            user_name,
+            agent,
+            expires_at: exp,
+        })
+    }
+}
+
+impl Identify for Arc<Validator> {
+    async fn identify(&self, token: &str) -> Result<Arc<Identity>, IdentityError> {
+        self.validate(token).await
+    }
+}
+
+/// A claim value that will end up in an audit row or a header: bounded, no control characters.
+fn plain(s: &str, _what: &'static str) -> Result<String, IdentityError> {
+    if s.len() > 256 || s.chars().any(|c| c.is_control()) {
+        return Err(IdentityError::Rejected("a claim holds control characters or is too long"));
+    }
+    Ok(s.to_string())
+}
+
+fn b64(part: &str) -> Result<Vec<u8>, IdentityError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| IdentityError::Malformed("a part is not unpadded base64url"))
+}
+
+/// Parses a JSON object, refusing duplicate top-level keys (two parsers could read different
+/// values from `{"email":"a","email":"b"}`).
+fn strict_object(bytes: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, IdentityError> {
+    struct Strict(serde_json::Map<String, serde_json::Value>);
+    impl<'de> Deserialize<'de> for Strict {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Strict;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Strict, A::Error> {
+                    let mut out = serde_json::Map::new();
+                    while let Some((k, v)) = m.next_entry::<String, serde_json::Value>()? {
+                        if out.contains_key(&k) {
+                            return Err(serde::de::Error::custom("duplicate key"));
+                        }
+                        out.insert(k, v);
+                    }
+                    Ok(Strict(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    serde_json::from_slice::<Strict>(bytes)
+        .map(|s| s.0)
+        .map_err(|_| IdentityError::Malformed("payload is not a JSON object with unique keys"))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_claims_are_refused() {
+        assert!(strict_object(br#"{"email":"a","email":"b"}"#).is_err());
+        assert!(strict_object(br#"{"email":"a"}"#).is_ok());
+        assert!(strict_object(br#"[1]"#).is_err());
+    }
+}

@@ -1,0 +1,108 @@
+//! The `aegis` binary: parses the command line and dispatches to [`aegis::cli`].
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "aegis", version, about = "Per-user identity from AI agents to Databricks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the ext_authz gRPC server and the admin HTTP server.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Config commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Audit chain commands.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Key material.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config and report every error (exit 64 when bad).
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Re-walk the chain: exit 0 intact, 1 tamper found, 2 could not run.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Chain to verify (default: audit.chain_id).
+        #[arg(long)]
+        chain: Option<String>,
+    },
+    /// Print the chain as JSON lines.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only rows with seq greater than this.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print fresh keys for the audit HMAC, the cache AEAD, checkpoint signing and the console.
+    Generate,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    aegis::logging::init();
+    let code = match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => aegis::cli::config_check(&config),
+        Command::Keys {
+            command: KeysCommand::Generate,
+        } => aegis::cli::keys_generate(),
+        other => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("aegis: cannot start the runtime: {e}");
+                    std::process::exit(1);
+                }
+            };
+            runtime.block_on(async move {
+                match other {
+                    Command::Serve { config } => aegis::cli::serve(&config).await,
+                    Command::Audit {
+                        command: AuditCommand::Verify { config, json, chain },
+                    } => aegis::cli::audit_verify(&config, json, chain).await,
+                    Command::Audit {
+                        command: AuditCommand::Export { config, since },
+                    } => aegis::cli::audit_export(&config, since).await,
+                    Command::Config { .. } | Command::Keys { .. } => 2,
+                }
+            })
+        }
+    };
+    std::process::exit(code);
+}

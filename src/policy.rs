@@ -1,0 +1,390 @@
+//! Route → workspace, path rules, agent allowlist.
+//!
+//! Agents get an agent-safe policy by default: they may not mint long-lived credentials, read
+//! secrets, change permissions, write SCIM or call account APIs unless an operator lifts a rule
+//! with `[policy] allow`. Operator `deny` rules always win.
+//!
+//! Paths are matched after [`normalize_path`], which undoes every trick that lets a request reach
+//! the same Databricks handler under a different spelling (`//`, `/./`, `/../`, `%2e`, `%2f`,
+//! double encoding, `\`, `;params`, letter case), so a rule cannot be dodged by re-spelling.
+
+use std::collections::HashMap;
+
+use crate::config::{Config, RuleConfig, WorkspaceConfig};
+
+#[derive(Debug, Clone)]
+enum Pattern {
+    Exact(String),
+    /// `/a/b/*` matches `/a/b` and everything below it.
+    Prefix(String),
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    methods: Vec<String>,
+    pattern: Pattern,
+    agents: Vec<String>,
+    workspaces: Vec<String>,
+}
+
+/// The built-in agent-safe deny rules: (methods, path). Empty methods = every method.
+const AGENT_SAFE_DEFAULTS: &[(&[&str], &str)] = &[
+    // Long-lived credentials.
+    (&["POST"], "/api/2.0/token/create"),
+    (&[], "/api/2.0/token-management/*"),
+    (&[], "/api/2.0/credentials-manager/*"),
+    // Permission changes: Unity Catalog grants and workspace object ACLs.
+    (&["PATCH", "PUT", "POST"], "/api/2.1/unity-catalog/permissions/*"),
+    (&["PATCH", "PUT", "POST"], "/api/2.0/unity-catalog/permissions/*"),
+    (&["PATCH", "PUT", "POST"], "/api/2.0/permissions/*"),
+    // Identity writes.
+    (&["POST", "PUT", "PATCH", "DELETE"], "/api/2.0/preview/scim/v2/*"),
+    (&["POST", "PUT", "PATCH", "DELETE"], "/api/2.0/scim/v2/*"),
+    // Secrets.
+    (&[], "/api/2.0/secrets/*"),
+    // Account-level APIs.
+    (&[], "/api/2.0/accounts/*"),
+    (&[], "/api/2.1/accounts/*"),
+    // Workspace-wide security settings.
+    (&["PATCH", "PUT", "POST"], "/api/2.0/workspace-conf"),
+    (&["POST", "PUT", "PATCH", "DELETE"], "/api/2.0/ip-access-lists/*"),
+];
+
+pub struct Policy {
+    workspaces: Vec<WorkspaceConfig>,
+    by_host: HashMap<String, usize>,
+    allowed_agents: Vec<String>,
+    defaults: Vec<Rule>,
+    deny: Vec<Rule>,
+    allow: Vec<Rule>,
+}
+
+impl Rule {
+    fn from_config(c: &RuleConfig) -> Rule {
+        Rule::new(
+            c.methods.clone(),
+            &c.path,
+            c.agents.clone(),
+            c.workspaces.clone(),
+        )
+    }
+
+    fn new(methods: Vec<String>, path: &str, agents: Vec<String>, workspaces: Vec<String>) -> Rule {
+        let lower = path.to_ascii_lowercase();
+        let pattern = match lower.strip_suffix("/*") {
+            Some(prefix) => Pattern::Prefix(normalize_path(prefix).to_ascii_lowercase()),
+            None => Pattern::Exact(normalize_path(&lower).to_ascii_lowercase()),
+        };
+        Rule {
+            methods,
+            pattern,
+            agents,
+            workspaces,
+        }
+    }
+
+    fn matches(&self, method: &str, lower_path: &str, agent: Option<&str>, workspace: &str) -> bool {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
+        {
+            return false;
+        }
+        if !self.agents.is_empty() && !agent.is_some_and(|a| self.agents.iter().any(|x| x == a)) {
+            return false;
+        }
+        if !self.workspaces.is_empty() && !self.workspaces.iter().any(|w| w == workspace) {
+            return false;
+        }
+        match &self.pattern {
+            Pattern::Exact(p) => lower_path == p,
+            Pattern::Prefix(p) => {
+                lower_path == p
+                    || (lower_path.starts_with(p.as_str())
+                        && lower_path.as_bytes().get(p.len()) == Some(&b'/'))
+            }
+        }
+    }
+}
+
+impl Policy {
+    pub fn new(cfg: &Config) -> Policy {
+        let mut by_host = HashMap::new();
+        for (i, w) in cfg.workspaces.iter().enumerate() {
+            for h in &w.hosts {
+                by_host.insert(h.to_ascii_lowercase(), i);
+            }
+        }
+        Policy {
+            workspaces: cfg.workspaces.clone(),
+            by_host,
+            allowed_agents: cfg.policy.allowed_agents.clone(),
+            defaults: AGENT_SAFE_DEFAULTS
+                .iter()
+                .map(|(methods, path)| {
+                    Rule::new(
+                        methods.iter().map(|m| m.to_string()).collect(),
+                        path,
+                        Vec::new(),
+                        Vec::new(),
+                    )
+                })
+                .collect(),
+            deny: cfg.policy.deny.iter().map(Rule::from_config).collect(),
+            allow: cfg.policy.allow.iter().map(Rule::from_config).collect(),
+        }
+    }
+
+    pub fn workspaces(&self) -> &[WorkspaceConfig] {
+        &self.workspaces
+    }
+
+    /// The workspace for a request: the `workspace` context extension, else the `:authority`,
+    /// else the only configured workspace.
+    pub fn route(&self, context_workspace: Option<&str>, authority: &str) -> Option<&WorkspaceConfig> {
+        if let Some(name) = context_workspace {
+            return self.workspaces.iter().find(|w| w.name == name);
+        }
+        let host = authority.trim().to_ascii_lowercase();
+        if let Some(i) = self.by_host.get(&host) {
+            return self.workspaces.get(*i);
+        }
+        if let Some((bare, _port)) = host.rsplit_once(':') {
+            if !bare.ends_with(']') || bare.starts_with('[') {
+                if let Some(i) = self.by_host.get(bare) {
+                    return self.workspaces.get(*i);
+                }
+            }
+        }
+        if self.workspaces.len() == 1 {
+            return self.workspaces.first();
+        }
+        None
+    }
+
+    pub fn agent_allowed(&self, workspace: &WorkspaceConfig, agent: Option<&str>) -> bool {
+        let list = workspace
+            .allowed_agents
+            .as_deref()
+            .unwrap_or(&self.allowed_agents);
+        list.is_empty() || agent.is_some_and(|a| list.iter().any(|x| x == a))
+    }
+
+    /// True when the request must be refused with `path_blocked`. `path` is already normalized.
+    pub fn path_blocked(&self, method: &str, path: &str, agent: Option<&str>, workspace: &str) -> bool {
+        let lower = path.to_ascii_lowercase();
+        if self
+            .deny
+            .iter()
+            .any(|r| r.matches(method, &lower, agent, workspace))
+        {
+            return true;
+        }
+        self.defaults
+            .iter()
+            .any(|r| r.matches(method, &lower, agent, workspace))
+            && !self
+                .allow
+                .iter()
+                .any(|r| r.matches(method, &lower, agent, workspace))
+    }
+}
+
+/// The path Databricks will route on: query and fragment dropped, percent-escapes decoded (until
+/// stable, so double encoding does not hide a `.` or `/`), `\` as `/`, `;params` dropped, empty
+/// and `.` segments removed, `..` resolved. Letter case is kept (rules compare ignoring case).
+pub fn normalize_path(raw: &str) -> String {
+    let end = raw.find(['?', '#']).unwrap_or(raw.len());
+    let mut path = raw[..end].to_string();
+    for _ in 0..4 {
+        let decoded = percent_decode(&path);
+        if decoded == path {
+            break;
+        }
+        path = decoded;
+    }
+    let path = path.replace('\\', "/");
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in path.split('/') {
+        let seg = seg.split(';').next().unwrap_or("");
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len() + 1);
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    if !bytes.contains(&b'%') {
+        return s.to_string();
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hi = (bytes[i + 1] as char).to_digit(16);
+            let lo = (bytes[i + 2] as char).to_digit(16);
+            if let (Some(hi), Some(lo)) = (hi, lo) {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    // Invalid UTF-8 after decoding is replaced, never passed through raw.
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalization_undoes_the_usual_tricks() {
+        let cases = [
+            ("/api/2.0/token/create", "/api/2.0/token/create"),
+            ("//api//2.0///token/create", "/api/2.0/token/create"),
+            ("/api/2.0/sql/../token/create", "/api/2.0/token/create"),
+            ("/api/2.0/./token/create?x=1", "/api/2.0/token/create"),
+            ("/api/2.0/%2e%2e/2.0/token/create", "/api/2.0/token/create"),
+            ("/api/2.0/token%2fcreate", "/api/2.0/token/create"),
+            ("/api/2.0/token%252fcreate", "/api/2.0/token/create"),
+            ("/api\\2.0\\token\\create", "/api/2.0/token/create"),
+            ("/api/2.0/token/create;jsessionid=1", "/api/2.0/token/create"),
+            ("/../../etc/passwd", "/etc/passwd"),
+            ("", "/"),
+            ("/%", "/%"),
+            ("/a%zz", "/a%zz"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(normalize_path(raw), want, "{raw}");
+        }
+    }
+
+    fn policy(extra: &str) -> Policy {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["audit.key", "cache.key", "checkpoint.key"] {
+            std::fs::write(
+                dir.path().join(name),
+                crate::secret::Key32::generate().to_base64(),
+            )
+            .unwrap();
+        }
+        let text = format!(
+            r#"
+[server]
+grpc_listen = "127.0.0.1:1"
+admin_listen = "127.0.0.1:2"
+[redis]
+url = "redis://127.0.0.1:3"
+cache_key_file = "cache.key"
+[postgres]
+url = "postgres://aegis@127.0.0.1:4/aegis"
+[audit]
+hmac_key_file = "audit.key"
+key_id = "k1"
+chain_id = "main"
+checkpoint_signing_key_file = "checkpoint.key"
+checkpoint_dir = "cp"
+[[issuers]]
+name = "dev"
+issuer = "http://127.0.0.1:5"
+audiences = ["aegis"]
+algorithms = ["RS256"]
+username_claim = "email"
+agent_claim = "azp"
+[[workspaces]]
+name = "a"
+url = "https://a.cloud.databricks.com"
+hosts = ["a.example.com"]
+token_source = "federation"
+scopes = ["all-apis"]
+[[workspaces]]
+name = "b"
+url = "https://b.cloud.databricks.com"
+hosts = ["b.example.com:8443"]
+token_source = "federation"
+scopes = ["all-apis"]
+allowed_agents = ["joule"]
+{extra}
+"#
+        );
+        let cfg = Config::parse(&text, dir.path(), &HashMap::new()).unwrap();
+        Policy::new(&cfg)
+    }
+
+    #[test]
+    fn agent_safe_defaults_block_and_cannot_be_dodged() {
+        let p = policy("");
+        let blocked = [
+            ("POST", "/api/2.0/token/create"),
+            ("post", "/API/2.0/Token/Create"),
+            ("GET", "/api/2.0/token-management/tokens"),
+            ("PATCH", "/api/2.1/unity-catalog/permissions/table/main.sales.orders"),
+            ("GET", "/api/2.0/secrets/get"),
+            ("POST", "/api/2.0/preview/scim/v2/Users"),
+            ("GET", "/api/2.0/accounts/123/workspaces"),
+        ];
+        for (m, raw) in blocked {
+            assert!(p.path_blocked(m, &normalize_path(raw), Some("copilot"), "a"), "{m} {raw}");
+        }
+        let allowed = [
+            ("GET", "/api/2.0/preview/scim/v2/Me"),
+            ("POST", "/api/2.0/sql/statements"),
+            ("GET", "/api/2.1/unity-catalog/permissions/table/main.sales.orders"),
+            ("GET", "/api/2.0/token-managementx"),
+        ];
+        for (m, raw) in allowed {
+            assert!(!p.path_blocked(m, &normalize_path(raw), Some("copilot"), "a"), "{m} {raw}");
+        }
+    }
+
+    #[test]
+    fn operator_allow_lifts_a_default_and_deny_wins() {
+        let p = policy(
+            r#"[policy]
+allow = [ { methods = ["GET"], path = "/api/2.0/secrets/*", agents = ["joule"] } ]
+deny = [ { path = "/api/2.0/sql/statements/*", workspaces = ["b"] } ]"#,
+        );
+        assert!(!p.path_blocked("GET", "/api/2.0/secrets/get", Some("joule"), "a"));
+        assert!(p.path_blocked("GET", "/api/2.0/secrets/get", Some("copilot"), "a"));
+        assert!(p.path_blocked("POST", "/api/2.0/sql/statements", None, "b"));
+        assert!(!p.path_blocked("POST", "/api/2.0/sql/statements", None, "a"));
+    }
+
+    #[test]
+    fn routing_by_context_authority_or_only_one() {
+        let p = policy("");
+        assert_eq!(p.route(Some("b"), "x").unwrap().name, "b");
+        assert!(p.route(Some("nope"), "a.example.com").is_none());
+        assert_eq!(p.route(None, "A.Example.com").unwrap().name, "a");
+        assert_eq!(p.route(None, "a.example.com:443").unwrap().name, "a");
+        assert_eq!(p.route(None, "b.example.com:8443").unwrap().name, "b");
+        assert!(p.route(None, "c.example.com").is_none());
+    }
+
+    #[test]
+    fn agent_allowlists_per_workspace() {
+        let p = policy("[policy]\nallowed_agents = [\"copilot\"]");
+        let a = p.route(Some("a"), "").unwrap();
+        let b = p.route(Some("b"), "").unwrap();
+        assert!(p.agent_allowed(a, Some("copilot")));
+        assert!(!p.agent_allowed(a, Some("joule")));
+        assert!(!p.agent_allowed(a, None));
+        assert!(p.agent_allowed(b, Some("joule")));
+        assert!(!p.agent_allowed(b, Some("copilot")));
+    }
+}

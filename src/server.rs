@@ -1,0 +1,243 @@
+//! `aegis serve`: wires the pipeline to its dependencies and runs the gRPC and admin listeners.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use tonic_health::ServingStatus;
+
+use crate::admin::{self, AdminState, ReadyStatus, Readiness};
+use crate::audit::{AuditChain, WriterOptions};
+use crate::authz::Pipeline;
+use crate::broker::redis::{RedisLink, Sealer};
+use crate::broker::Broker;
+use crate::config::{Config, ListenAddr};
+use crate::grpc::AuthzService;
+use crate::identity::Validator;
+use crate::policy::Policy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("invalid redis url: {0}")]
+    Redis(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+/// The live components readiness is computed from.
+struct Components {
+    validator: Arc<Validator>,
+    audit: Arc<AuditChain>,
+    redis: Arc<RedisLink>,
+}
+
+impl Readiness for Components {
+    fn status(&self) -> ReadyStatus {
+        let jwks = self.validator.all_loaded();
+        let head = self.audit.head_loaded();
+        ReadyStatus {
+            ready: jwks && head,
+            config: true,
+            jwks,
+            audit_chain_head: head,
+            redis: self.redis.healthy(),
+        }
+    }
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".to_string()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ],
+        )
+        .ok()
+        .and_then(|b| b.install_recorder().ok());
+
+    // Outbound calls must finish well inside the Check deadline.
+    let http = crate::http::client(cfg.server.check_timeout.mul_f32(0.7))
+        .map_err(|e| ServeError::Http(e.to_string()))?;
+
+    let validator = Arc::new(Validator::new(&cfg.issuers, http.clone()));
+    tokio::spawn(keep_keys_fresh(validator.clone()));
+
+    let redis = RedisLink::new(&cfg.redis.url).map_err(|e| ServeError::Redis(format!("{:?}", e.kind())))?;
+    redis.probe().await;
+    tokio::spawn(redis.clone().monitor());
+
+    let broker = Arc::new(Broker::new(redis.clone(), Sealer::new(&cfg.redis.cache_key), http.clone()));
+    let audit = AuditChain::start(
+        cfg.postgres.url.clone(),
+        cfg.audit.chain_id.clone(),
+        cfg.audit.key_id.clone(),
+        cfg.audit.hmac_key.clone(),
+        cfg.server.instance_id.clone(),
+        WriterOptions::default(),
+    );
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let pipeline = Arc::new(Pipeline::new(
+        validator.clone(),
+        broker.clone(),
+        audit.clone(),
+        Arc::new(Policy::new(&cfg)),
+        ready.clone(),
+        cfg.server.check_timeout,
+    ));
+
+    let components = Arc::new(Components {
+        validator: validator.clone(),
+        audit: audit.clone(),
+        redis: redis.clone(),
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status("envoy.service.auth.v3.Authorization", ServingStatus::NotServing)
+        .await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(track_readiness(components.clone(), ready.clone(), health.clone(), stop_rx.clone()));
+
+    // --- admin listener ---
+    let admin_app = admin::app(AdminState {
+        readiness: components.clone(),
+        metrics,
+    });
+    let admin_listener = tokio::net::TcpListener::bind(cfg.server.admin_listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.server.admin_listen.to_string(),
+            source,
+        })?;
+    let mut admin_stop = stop_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    // --- gRPC listener ---
+    let authz = AuthorizationServer::new(AuthzService::new(pipeline.clone()))
+        .max_decoding_message_size(1024 * 1024);
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(authz);
+    let mut grpc_stop = stop_rx.clone();
+    let grpc_signal = async move {
+        let _ = grpc_stop.wait_for(|s| *s).await;
+    };
+    let grpc_task = match &cfg.server.grpc_listen {
+        ListenAddr::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tracing::info!(grpc = %addr, admin = %cfg.server.admin_listen, "aegis listening");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, grpc_signal))
+        }
+        ListenAddr::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path).map_err(|source| ServeError::Listen {
+                addr: format!("unix:{}", path.display()),
+                source,
+            })?;
+            tracing::info!(grpc = %format!("unix:{}", path.display()), admin = %cfg.server.admin_listen, "aegis listening");
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, grpc_signal))
+        }
+    };
+
+    shutdown.await;
+    tracing::info!("shutting down: no longer serving");
+    ready.store(false, Ordering::Release);
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status("envoy.service.auth.v3.Authorization", ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(true);
+    let grpc_result = tokio::time::timeout(Duration::from_secs(10), grpc_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
+    if let ListenAddr::Unix(path) = &cfg.server.grpc_listen {
+        let _ = std::fs::remove_file(path);
+    }
+    match grpc_result {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(ServeError::Serve(e.to_string())),
+        Ok(Err(e)) => Err(ServeError::Serve(e.to_string())),
+        Err(_) => Err(ServeError::Serve("in-flight checks did not drain within 10s".into())),
+    }
+}
+
+/// Loads every issuer's keys until all are loaded, then refreshes them every five minutes.
+async fn keep_keys_fresh(validator: Arc<Validator>) {
+    loop {
+        let failed = validator.load_all().await;
+        for (issuer, error) in &failed {
+            tracing::warn!(issuer = %issuer, error = %error, "could not load the issuer's signing keys");
+        }
+        let wait = if validator.all_loaded() {
+            Duration::from_secs(300)
+        } else {
+            Duration::from_secs(1)
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Keeps the pipeline's ready flag and gRPC health in step with the components.
+async fn track_readiness(
+    components: Arc<Components>,
+    ready: Arc<AtomicBool>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last = None;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let now = components.status().ready;
+        if last != Some(now) {
+            ready.store(now, Ordering::Release);
+            let status = if now {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            health
+                .set_service_status("envoy.service.auth.v3.Authorization", status)
+                .await;
+            tracing::info!(ready = now, "readiness changed");
+            last = Some(now);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
