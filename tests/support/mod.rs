@@ -1,0 +1,138 @@
+//! Shared helpers for the end-to-end tests: a whole stack (real Envoy, Redis, PostgreSQL, the
+//! sandbox and the aegis binary) and small HTTP helpers. Every wait is bounded.
+
+#![allow(dead_code, unused_imports)]
+
+use std::time::{Duration, Instant};
+
+pub use sandbox::stack::{Stack, StackOptions};
+pub use sandbox::{RequestRecord, TokenRequest};
+
+pub const AEGIS_BIN: &str = env!("CARGO_BIN_EXE_aegis");
+
+/// Starts a stack, failing loudly if anything cannot start.
+pub async fn start() -> Stack {
+    start_with(StackOptions::new(AEGIS_BIN)).await
+}
+
+pub async fn start_with(opts: StackOptions) -> Stack {
+    match Stack::start(opts).await {
+        Ok(s) => s,
+        Err(e) => panic!("the test stack could not start: {e}"),
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+}
+
+pub fn token(stack: &Stack, user: &str) -> String {
+    stack.sandbox.mint_idp_token(&TokenRequest::new(user))
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: serde_json::Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn trace_id(&self) -> String {
+        self.header("x-aegis-trace-id")
+            .unwrap_or_else(|| panic!("no x-aegis-trace-id on {self:?}"))
+            .to_string()
+    }
+}
+
+pub async fn read(resp: reqwest::Response) -> Resp {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    Resp {
+        status,
+        headers,
+        body,
+        text,
+    }
+}
+
+/// GET through Envoy with an optional bearer token.
+pub async fn get(stack: &Stack, path: &str, bearer: Option<&str>) -> Resp {
+    let mut req = http().get(format!("{}{}", stack.envoy_url(), path));
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    read(req.send().await.expect("request through envoy")).await
+}
+
+/// Runs a statement through Envoy with the SQL Statement Execution API.
+pub async fn sql(stack: &Stack, bearer: &str, statement: &str) -> Resp {
+    let resp = http()
+        .post(format!("{}/api/2.0/sql/statements", stack.envoy_url()))
+        .bearer_auth(bearer)
+        .header("user-agent", "copilot-agent/1.0")
+        .json(&serde_json::json!({
+            "statement": statement,
+            "warehouse_id": sandbox::WAREHOUSE_ID,
+            "wait_timeout": "30s",
+        }))
+        .send()
+        .await
+        .expect("request through envoy");
+    read(resp).await
+}
+
+/// Polls `probe` every 100 ms until it returns true, for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if probe().await {
+            return;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `aegis <args>` and returns (exit code, stdout, stderr).
+pub fn aegis(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(AEGIS_BIN)
+        .args(args)
+        .output()
+        .expect("run aegis");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Audit rows as JSON objects, oldest first.
+pub async fn audit_rows(stack: &Stack) -> Vec<serde_json::Value> {
+    stack
+        .postgres
+        .query_json(
+            "SELECT seq, decision, reason, user_name, agent, workspace, method, path, trace_id, \
+             token_source, encode(token_fp, 'hex') AS token_fp FROM aegis_audit ORDER BY seq",
+        )
+        .await
+        .expect("read audit rows")
+}
