@@ -189,15 +189,13 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             ..Draft::default()
         };
 
-        let decided = match tokio::time::timeout_at(
-            deadline.into(),
-            self.decide(input, &path, &mut draft),
-        )
-        .await
-        {
-            Ok(d) => d,
-            Err(_) => Err((Reason::DependencyUnavailable, Some(1))),
-        };
+        let decided =
+            match tokio::time::timeout_at(deadline.into(), self.decide(input, &path, &mut draft))
+                .await
+            {
+                Ok(d) => d,
+                Err(_) => Err((Reason::DependencyUnavailable, Some(1))),
+            };
 
         let decision = match decided {
             Ok(token) => {
@@ -232,7 +230,9 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                     Ok(Err(e)) => {
                         tracing::warn!(trace_id = %trace_id, error = %e, "audit append for a deny failed")
                     }
-                    Err(_) => tracing::warn!(trace_id = %trace_id, "audit append for a deny timed out"),
+                    Err(_) => {
+                        tracing::warn!(trace_id = %trace_id, "audit append for a deny timed out")
+                    }
                 }
                 deny(trace_id, reason, retry_after)
             }
@@ -281,10 +281,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         draft.agent = identity.agent.clone().unwrap_or_default();
 
         // 2. route
-        let Some(workspace) = self
-            .policy
-            .route(input.context_workspace, input.authority)
-        else {
+        let Some(workspace) = self.policy.route(input.context_workspace, input.authority) else {
             return fail(Reason::UnknownWorkspace);
         };
         draft.workspace = workspace.name.clone();

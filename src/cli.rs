@@ -50,13 +50,14 @@ pub async fn serve(path: &Path) -> i32 {
         }
     };
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -79,10 +80,12 @@ async fn connect(cfg: &Config) -> Result<tokio_postgres::Client, String> {
         .parse()
         .map_err(|_| "invalid postgres url".to_string())?;
     pg.connect_timeout(std::time::Duration::from_secs(5));
-    let (client, conn) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("cannot connect to postgres: {}", crate::audit::pg_error_text(&e)))?;
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| {
+        format!(
+            "cannot connect to postgres: {}",
+            crate::audit::pg_error_text(&e)
+        )
+    })?;
     tokio::spawn(conn);
     Ok(client)
 }
@@ -110,10 +113,7 @@ pub async fn audit_verify(path: &Path, json: bool, chain: Option<String>) -> i32
     let report = match verify::verify(&client, &chain_id, &keys).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!(
-                "aegis audit verify: {}",
-                crate::audit::pg_error_text(&e)
-            );
+            eprintln!("aegis audit verify: {}", crate::audit::pg_error_text(&e));
             return 2;
         }
     };

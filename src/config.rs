@@ -461,7 +461,13 @@ impl Reader<'_> {
         }
     }
 
-    fn socket_addr(&mut self, t: &Table, key: &str, path: &str, required: bool) -> Option<SocketAddr> {
+    fn socket_addr(
+        &mut self,
+        t: &Table,
+        key: &str,
+        path: &str,
+        required: bool,
+    ) -> Option<SocketAddr> {
         let s = self.string(t, key, path, required)?;
         match s.parse::<SocketAddr>() {
             Ok(a) => Some(a),
@@ -489,7 +495,10 @@ impl Reader<'_> {
             "https" => {}
             "http" if loopback => {}
             "http" => {
-                self.err(p, "plain http is accepted only for loopback hosts; use https");
+                self.err(
+                    p,
+                    "plain http is accepted only for loopback hosts; use https",
+                );
                 return None;
             }
             other => {
@@ -699,8 +708,9 @@ impl Reader<'_> {
 
     fn redis(&mut self, t: &Table) -> Option<RedisConfig> {
         self.unknown_keys(t, "redis", &["url", "cache_key_file"]);
-        let url = self.string(t, "url", "redis", true).and_then(|u| {
-            match url::Url::parse(&u) {
+        let url = self
+            .string(t, "url", "redis", true)
+            .and_then(|u| match url::Url::parse(&u) {
                 Ok(parsed) if matches!(parsed.scheme(), "redis" | "rediss") => Some(u),
                 Ok(parsed) => {
                     self.err(
@@ -716,8 +726,7 @@ impl Reader<'_> {
                     self.err("redis.url", format!("is not a valid URL: {e}"));
                     None
                 }
-            }
-        });
+            });
         let cache_key = self.key_file(t, "cache_key_file", "redis", true);
         Some(RedisConfig {
             url: url?,
@@ -780,8 +789,7 @@ impl Reader<'_> {
     fn ident(&mut self, t: &Table, key: &str, path: &str) -> Option<String> {
         let v = self.string(t, key, path, true)?;
         let ok = v.len() <= 64
-            && v
-                .chars()
+            && v.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
         if ok {
             Some(v)
@@ -844,7 +852,10 @@ impl Reader<'_> {
             let name = self.ident(t, "name", &path);
             if let Some(n) = &name {
                 if !names.insert(n.clone()) {
-                    self.err(&format!("{path}.name"), format!("duplicate issuer name \"{n}\""));
+                    self.err(
+                        &format!("{path}.name"),
+                        format!("duplicate issuer name \"{n}\""),
+                    );
                 }
             }
             let issuer = self.string(t, "issuer", &path, true).and_then(|s| {
@@ -922,7 +933,9 @@ impl Reader<'_> {
                 "HS256" | "HS384" | "HS512" => {
                     self.err(
                         p,
-                        format!("{n} is symmetric and cannot be verified with an issuer's public keys"),
+                        format!(
+                            "{n} is symmetric and cannot be verified with an issuer's public keys"
+                        ),
                     );
                     ok = false;
                     continue;
@@ -1059,7 +1072,10 @@ impl Reader<'_> {
         for (i, item) in items.iter().enumerate() {
             let path = format!("policy.{key}[{i}]");
             let Value::Table(rt) = item else {
-                self.err(&path, "must be a table like { methods = [\"POST\"], path = \"/api/...\" }");
+                self.err(
+                    &path,
+                    "must be a table like { methods = [\"POST\"], path = \"/api/...\" }",
+                );
                 continue;
             };
             self.unknown_keys(rt, &path, &["methods", "path", "agents", "workspaces"]);
@@ -1071,7 +1087,10 @@ impl Reader<'_> {
                 .collect::<Vec<_>>();
             for m in &methods {
                 if !m.chars().all(|c| c.is_ascii_alphabetic()) {
-                    self.err(&format!("{path}.methods"), format!("\"{m}\" is not an HTTP method"));
+                    self.err(
+                        &format!("{path}.methods"),
+                        format!("\"{m}\" is not an HTTP method"),
+                    );
                 }
             }
             let rule_path = self.string(rt, "path", &path, true);
@@ -1094,7 +1113,10 @@ impl Reader<'_> {
                 .unwrap_or_default();
             for w in &ws {
                 if !workspaces.iter().any(|c| &c.name == w) {
-                    self.err(&format!("{path}.workspaces"), format!("unknown workspace \"{w}\""));
+                    self.err(
+                        &format!("{path}.workspaces"),
+                        format!("unknown workspace \"{w}\""),
+                    );
                 }
             }
             if let Some(p) = rule_path {
@@ -1196,7 +1218,10 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
         let f = Fixture::new();
         let cfg = f.parse(GOOD, &HashMap::new()).unwrap();
         assert_eq!(cfg.server.instance_id, "pod-a");
-        assert_eq!(cfg.issuers[0].algorithms, vec![Algorithm::RS256, Algorithm::ES256]);
+        assert_eq!(
+            cfg.issuers[0].algorithms,
+            vec![Algorithm::RS256, Algorithm::ES256]
+        );
         assert_eq!(cfg.issuers[0].leeway, Duration::from_secs(30));
         assert_eq!(cfg.workspaces[0].token_source, TokenSourceKind::Federation);
         assert_eq!(cfg.policy.deny[0].methods, vec!["POST".to_string()]);
@@ -1212,7 +1237,10 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
             .replace("[\"RS256\", \"ES256\"]", "[\"HS256\", \"none\"]")
             .replace("token_source = \"federation\"", "token_source = \"magic\"")
             .replace("key_id = \"k1\"", "key_id = \"k1\"\nkey_idd = 1")
-            .replace("hmac_key_file = \"audit.key\"", "hmac_key_file = \"missing.key\"");
+            .replace(
+                "hmac_key_file = \"audit.key\"",
+                "hmac_key_file = \"missing.key\"",
+            );
         let errs = f.parse(&bad, &HashMap::new()).unwrap_err();
         let text = errs.to_string();
         for needle in [
@@ -1246,7 +1274,10 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
         let f = Fixture::new();
         let mut env = HashMap::new();
         env.insert("REDIS_PORT".to_string(), "6380".to_string());
-        env.insert("AEGIS_AUDIT_HMAC_KEY".to_string(), Key32::generate().to_base64());
+        env.insert(
+            "AEGIS_AUDIT_HMAC_KEY".to_string(),
+            Key32::generate().to_base64(),
+        );
         let text = GOOD
             .replace("127.0.0.1:6379", "127.0.0.1:${REDIS_PORT}")
             .replace("hmac_key_file = \"audit.key\"\n", "");
@@ -1256,16 +1287,23 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
         let errs = f
             .parse(&GOOD.replace("127.0.0.1:6379", "${NOPE}"), &HashMap::new())
             .unwrap_err();
-        assert!(errs.to_string().contains("environment variable NOPE is not set"));
+        assert!(errs
+            .to_string()
+            .contains("environment variable NOPE is not set"));
     }
 
     #[test]
     fn both_file_and_env_for_a_key_is_an_error() {
         let f = Fixture::new();
         let mut env = HashMap::new();
-        env.insert("AEGIS_AUDIT_HMAC_KEY".to_string(), Key32::generate().to_base64());
+        env.insert(
+            "AEGIS_AUDIT_HMAC_KEY".to_string(),
+            Key32::generate().to_base64(),
+        );
         let errs = f.parse(GOOD, &env).unwrap_err();
-        assert!(errs.to_string().contains("audit.hmac_key_file: is set both"));
+        assert!(errs
+            .to_string()
+            .contains("audit.hmac_key_file: is set both"));
     }
 
     #[test]
@@ -1282,7 +1320,14 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
     fn missing_sections_are_named() {
         let f = Fixture::new();
         let errs = f.parse("", &HashMap::new()).unwrap_err().to_string();
-        for s in ["server", "redis", "postgres", "audit", "issuers", "workspaces"] {
+        for s in [
+            "server",
+            "redis",
+            "postgres",
+            "audit",
+            "issuers",
+            "workspaces",
+        ] {
             assert!(errs.contains(s), "{s} not named in {errs}");
         }
     }

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use envoy_types::ext_authz::v3::pb::{
     Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode,
 };
-use envoy_types::ext_authz::v3::{CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder};
+use envoy_types::ext_authz::v3::{
+    CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+};
 use tonic::{Request, Response, Status};
 
 use crate::authz::{Audit, CheckInput, Decision, Deny, Identify, Pipeline, Reason, Tokens};
@@ -28,7 +30,10 @@ impl<I, T, A> AuthzService<I, T, A> {
 
 #[tonic::async_trait]
 impl<I: Identify, T: Tokens, A: Audit> Authorization for AuthzService<I, T, A> {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
         let req = request.into_inner();
         Ok(Response::new(check(&self.pipeline, &req).await))
     }
@@ -72,7 +77,9 @@ pub async fn check<I: Identify, T: Tokens, A: Audit>(
 
 /// Headers from `header_map` (when Envoy sends raw headers), lower-cased and comma-joined the
 /// way the `headers` map would hold them.
-fn raw_headers(http: &envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest) -> HashMap<String, String> {
+fn raw_headers(
+    http: &envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
+) -> HashMap<String, String> {
     let mut out: HashMap<String, String> = HashMap::new();
     if let Some(map) = &http.header_map {
         for h in &map.headers {
@@ -123,7 +130,12 @@ pub fn respond(decision: Decision) -> CheckResponse {
                 .add_header("cache-control", "no-store", OVERWRITE, false)
                 .add_header("x-aegis-trace-id", trace, OVERWRITE, false);
             if reason.is_credential_problem() {
-                d.add_header("www-authenticate", www_authenticate(reason), OVERWRITE, false);
+                d.add_header(
+                    "www-authenticate",
+                    www_authenticate(reason),
+                    OVERWRITE,
+                    false,
+                );
             }
             if let Some(secs) = deny.retry_after {
                 d.add_header("retry-after", secs.to_string(), OVERWRITE, false);
@@ -159,10 +171,7 @@ fn www_authenticate(reason: Reason) -> String {
             "Bearer realm=\"aegis\", error=\"invalid_token\", error_description=\"{}\"",
             reason.code()
         ),
-        other => format!(
-            "Bearer realm=\"aegis\", error=\"{}\"",
-            other.code()
-        ),
+        other => format!("Bearer realm=\"aegis\", error=\"{}\"", other.code()),
     }
 }
 

@@ -54,7 +54,10 @@ pub async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, FetchErro
 }
 
 /// GETs a JSON document; non-2xx is an error.
-pub async fn fetch_json(http: &reqwest::Client, url: &str) -> Result<serde_json::Value, FetchError> {
+pub async fn fetch_json(
+    http: &reqwest::Client,
+    url: &str,
+) -> Result<serde_json::Value, FetchError> {
     let resp = http
         .get(url)
         .header("accept", "application/json")

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "aegis", version, about = "Per-user identity from AI agents to Databricks")]
+#[command(
+    name = "aegis",
+    version,
+    about = "Per-user identity from AI agents to Databricks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,7 +87,10 @@ fn main() {
             command: KeysCommand::Generate,
         } => aegis::cli::keys_generate(),
         other => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("aegis: cannot start the runtime: {e}");
@@ -94,7 +101,12 @@ fn main() {
                 match other {
                     Command::Serve { config } => aegis::cli::serve(&config).await,
                     Command::Audit {
-                        command: AuditCommand::Verify { config, json, chain },
+                        command:
+                            AuditCommand::Verify {
+                                config,
+                                json,
+                                chain,
+                            },
                     } => aegis::cli::audit_verify(&config, json, chain).await,
                     Command::Audit {
                         command: AuditCommand::Export { config, since },

@@ -34,11 +34,20 @@ const AGENT_SAFE_DEFAULTS: &[(&[&str], &str)] = &[
     (&[], "/api/2.0/token-management/*"),
     (&[], "/api/2.0/credentials-manager/*"),
     // Permission changes: Unity Catalog grants and workspace object ACLs.
-    (&["PATCH", "PUT", "POST"], "/api/2.1/unity-catalog/permissions/*"),
-    (&["PATCH", "PUT", "POST"], "/api/2.0/unity-catalog/permissions/*"),
+    (
+        &["PATCH", "PUT", "POST"],
+        "/api/2.1/unity-catalog/permissions/*",
+    ),
+    (
+        &["PATCH", "PUT", "POST"],
+        "/api/2.0/unity-catalog/permissions/*",
+    ),
     (&["PATCH", "PUT", "POST"], "/api/2.0/permissions/*"),
     // Identity writes.
-    (&["POST", "PUT", "PATCH", "DELETE"], "/api/2.0/preview/scim/v2/*"),
+    (
+        &["POST", "PUT", "PATCH", "DELETE"],
+        "/api/2.0/preview/scim/v2/*",
+    ),
     (&["POST", "PUT", "PATCH", "DELETE"], "/api/2.0/scim/v2/*"),
     // Secrets.
     (&[], "/api/2.0/secrets/*"),
@@ -47,7 +56,10 @@ const AGENT_SAFE_DEFAULTS: &[(&[&str], &str)] = &[
     (&[], "/api/2.1/accounts/*"),
     // Workspace-wide security settings.
     (&["PATCH", "PUT", "POST"], "/api/2.0/workspace-conf"),
-    (&["POST", "PUT", "PATCH", "DELETE"], "/api/2.0/ip-access-lists/*"),
+    (
+        &["POST", "PUT", "PATCH", "DELETE"],
+        "/api/2.0/ip-access-lists/*",
+    ),
 ];
 
 pub struct Policy {
@@ -83,7 +95,13 @@ impl Rule {
         }
     }
 
-    fn matches(&self, method: &str, lower_path: &str, agent: Option<&str>, workspace: &str) -> bool {
+    fn matches(
+        &self,
+        method: &str,
+        lower_path: &str,
+        agent: Option<&str>,
+        workspace: &str,
+    ) -> bool {
         if !self.methods.is_empty() && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
         {
             return false;
@@ -139,7 +157,11 @@ impl Policy {
 
     /// The workspace for a request: the `workspace` context extension, else the `:authority`,
     /// else the only configured workspace.
-    pub fn route(&self, context_workspace: Option<&str>, authority: &str) -> Option<&WorkspaceConfig> {
+    pub fn route(
+        &self,
+        context_workspace: Option<&str>,
+        authority: &str,
+    ) -> Option<&WorkspaceConfig> {
         if let Some(name) = context_workspace {
             return self.workspaces.iter().find(|w| w.name == name);
         }
@@ -169,7 +191,13 @@ impl Policy {
     }
 
     /// True when the request must be refused with `path_blocked`. `path` is already normalized.
-    pub fn path_blocked(&self, method: &str, path: &str, agent: Option<&str>, workspace: &str) -> bool {
+    pub fn path_blocked(
+        &self,
+        method: &str,
+        path: &str,
+        agent: Option<&str>,
+        workspace: &str,
+    ) -> bool {
         let lower = path.to_ascii_lowercase();
         if self
             .deny
@@ -263,7 +291,10 @@ mod tests {
             ("/api/2.0/token%2fcreate", "/api/2.0/token/create"),
             ("/api/2.0/token%252fcreate", "/api/2.0/token/create"),
             ("/api\\2.0\\token\\create", "/api/2.0/token/create"),
-            ("/api/2.0/token/create;jsessionid=1", "/api/2.0/token/create"),
+            (
+                "/api/2.0/token/create;jsessionid=1",
+                "/api/2.0/token/create",
+            ),
             ("/../../etc/passwd", "/etc/passwd"),
             ("", "/"),
             ("/%", "/%"),
@@ -333,22 +364,34 @@ allowed_agents = ["joule"]
             ("POST", "/api/2.0/token/create"),
             ("post", "/API/2.0/Token/Create"),
             ("GET", "/api/2.0/token-management/tokens"),
-            ("PATCH", "/api/2.1/unity-catalog/permissions/table/main.sales.orders"),
+            (
+                "PATCH",
+                "/api/2.1/unity-catalog/permissions/table/main.sales.orders",
+            ),
             ("GET", "/api/2.0/secrets/get"),
             ("POST", "/api/2.0/preview/scim/v2/Users"),
             ("GET", "/api/2.0/accounts/123/workspaces"),
         ];
         for (m, raw) in blocked {
-            assert!(p.path_blocked(m, &normalize_path(raw), Some("copilot"), "a"), "{m} {raw}");
+            assert!(
+                p.path_blocked(m, &normalize_path(raw), Some("copilot"), "a"),
+                "{m} {raw}"
+            );
         }
         let allowed = [
             ("GET", "/api/2.0/preview/scim/v2/Me"),
             ("POST", "/api/2.0/sql/statements"),
-            ("GET", "/api/2.1/unity-catalog/permissions/table/main.sales.orders"),
+            (
+                "GET",
+                "/api/2.1/unity-catalog/permissions/table/main.sales.orders",
+            ),
             ("GET", "/api/2.0/token-managementx"),
         ];
         for (m, raw) in allowed {
-            assert!(!p.path_blocked(m, &normalize_path(raw), Some("copilot"), "a"), "{m} {raw}");
+            assert!(
+                !p.path_blocked(m, &normalize_path(raw), Some("copilot"), "a"),
+                "{m} {raw}"
+            );
         }
     }
 

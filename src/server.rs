@@ -8,7 +8,7 @@ use std::time::Duration;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tonic_health::ServingStatus;
 
-use crate::admin::{self, AdminState, ReadyStatus, Readiness};
+use crate::admin::{self, AdminState, Readiness, ReadyStatus};
 use crate::audit::{AuditChain, WriterOptions};
 use crate::authz::Pipeline;
 use crate::broker::redis::{RedisLink, Sealer};
@@ -38,6 +38,14 @@ struct Components {
     validator: Arc<Validator>,
     audit: Arc<AuditChain>,
     redis: Arc<RedisLink>,
+    /// The flag the pipeline reads; `/readyz` reports it, so a 200 there means Checks run.
+    ready: Arc<AtomicBool>,
+}
+
+impl Components {
+    fn conditions_met(&self) -> bool {
+        self.validator.all_loaded() && self.audit.head_loaded()
+    }
 }
 
 impl Readiness for Components {
@@ -45,7 +53,7 @@ impl Readiness for Components {
         let jwks = self.validator.all_loaded();
         let head = self.audit.head_loaded();
         ReadyStatus {
-            ready: jwks && head,
+            ready: self.ready.load(Ordering::Acquire),
             config: true,
             jwks,
             audit_chain_head: head,
@@ -55,12 +63,16 @@ impl Readiness for Components {
 }
 
 /// Runs until `shutdown` resolves.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".to_string()),
             &[
-                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
             ],
         )
         .ok()
@@ -73,11 +85,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let validator = Arc::new(Validator::new(&cfg.issuers, http.clone()));
     tokio::spawn(keep_keys_fresh(validator.clone()));
 
-    let redis = RedisLink::new(&cfg.redis.url).map_err(|e| ServeError::Redis(format!("{:?}", e.kind())))?;
+    let redis =
+        RedisLink::new(&cfg.redis.url).map_err(|e| ServeError::Redis(format!("{:?}", e.kind())))?;
     redis.probe().await;
     tokio::spawn(redis.clone().monitor());
 
-    let broker = Arc::new(Broker::new(redis.clone(), Sealer::new(&cfg.redis.cache_key), http.clone()));
+    let broker = Arc::new(Broker::new(
+        redis.clone(),
+        Sealer::new(&cfg.redis.cache_key),
+        http.clone(),
+    ));
     let audit = AuditChain::start(
         cfg.postgres.url.clone(),
         cfg.audit.chain_id.clone(),
@@ -101,6 +118,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         validator: validator.clone(),
         audit: audit.clone(),
         redis: redis.clone(),
+        ready: ready.clone(),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -108,10 +126,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         .set_service_status("", ServingStatus::NotServing)
         .await;
     health
-        .set_service_status("envoy.service.auth.v3.Authorization", ServingStatus::NotServing)
+        .set_service_status(
+            "envoy.service.auth.v3.Authorization",
+            ServingStatus::NotServing,
+        )
         .await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(track_readiness(components.clone(), ready.clone(), health.clone(), stop_rx.clone()));
+    tokio::spawn(track_readiness(
+        components.clone(),
+        ready.clone(),
+        health.clone(),
+        stop_rx.clone(),
+    ));
 
     // --- admin listener ---
     let admin_app = admin::app(AdminState {
@@ -159,10 +185,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         }
         ListenAddr::Unix(path) => {
             let _ = std::fs::remove_file(path);
-            let listener = tokio::net::UnixListener::bind(path).map_err(|source| ServeError::Listen {
-                addr: format!("unix:{}", path.display()),
-                source,
-            })?;
+            let listener =
+                tokio::net::UnixListener::bind(path).map_err(|source| ServeError::Listen {
+                    addr: format!("unix:{}", path.display()),
+                    source,
+                })?;
             tracing::info!(grpc = %format!("unix:{}", path.display()), admin = %cfg.server.admin_listen, "aegis listening");
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, grpc_signal))
@@ -176,7 +203,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         .set_service_status("", ServingStatus::NotServing)
         .await;
     health
-        .set_service_status("envoy.service.auth.v3.Authorization", ServingStatus::NotServing)
+        .set_service_status(
+            "envoy.service.auth.v3.Authorization",
+            ServingStatus::NotServing,
+        )
         .await;
     let _ = stop_tx.send(true);
     let grpc_result = tokio::time::timeout(Duration::from_secs(10), grpc_task).await;
@@ -188,7 +218,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(ServeError::Serve(e.to_string())),
         Ok(Err(e)) => Err(ServeError::Serve(e.to_string())),
-        Err(_) => Err(ServeError::Serve("in-flight checks did not drain within 10s".into())),
+        Err(_) => Err(ServeError::Serve(
+            "in-flight checks did not drain within 10s".into(),
+        )),
     }
 }
 
@@ -220,7 +252,7 @@ async fn track_readiness(
         if *stop.borrow() {
             return;
         }
-        let now = components.status().ready;
+        let now = components.conditions_met();
         if last != Some(now) {
             ready.store(now, Ordering::Release);
             let status = if now {

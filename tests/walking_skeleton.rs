@@ -52,15 +52,29 @@ async fn each_user_reaches_databricks_as_themselves() {
     let me_trace = resp.trace_id();
 
     // alice: the row filter keeps EMEA, the mask hides emails.
-    let resp = sql(&stack, &alice, "SELECT order_id, region, customer_email FROM main.sales.orders ORDER BY order_id").await;
+    let resp = sql(
+        &stack,
+        &alice,
+        "SELECT order_id, region, customer_email FROM main.sales.orders ORDER BY order_id",
+    )
+    .await;
     assert_eq!(resp.status, 200, "{}", resp.text);
     let rows = order_rows(&resp);
     assert_eq!(rows.len(), 3, "{rows:?}");
-    assert!(rows.iter().all(|(_, region, email)| region == "EMEA" && email == "***"), "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|(_, region, email)| region == "EMEA" && email == "***"),
+        "{rows:?}"
+    );
     let alice_sql_trace = resp.trace_id();
 
     // carol (admins, pii_readers) sees every row, unmasked: the difference is Databricks', not ours.
-    let resp = sql(&stack, &carol, "SELECT order_id, region, customer_email FROM main.sales.orders ORDER BY order_id").await;
+    let resp = sql(
+        &stack,
+        &carol,
+        "SELECT order_id, region, customer_email FROM main.sales.orders ORDER BY order_id",
+    )
+    .await;
     let rows = order_rows(&resp);
     assert_eq!(rows.len(), 8);
     assert_eq!(rows[0].2, "anna@example.org");
@@ -69,7 +83,9 @@ async fn each_user_reaches_databricks_as_themselves() {
     let resp = sql(&stack, &bob, "SELECT * FROM main.sales.orders").await;
     assert_eq!(resp.status, 200, "{}", resp.text);
     assert_eq!(resp.body["status"]["state"], "FAILED", "{}", resp.text);
-    let msg = resp.body["status"]["error"]["message"].as_str().unwrap_or("");
+    let msg = resp.body["status"]["error"]["message"]
+        .as_str()
+        .unwrap_or("");
     assert!(msg.contains("INSUFFICIENT_PERMISSIONS"), "{msg}");
     let bob_trace = resp.trace_id();
 
@@ -87,15 +103,35 @@ async fn each_user_reaches_databricks_as_themselves() {
         assert_eq!(r.authorization_kind, "databricks_token", "{r:?}");
         assert!(!r.token_expired, "{r:?}");
         // Only aegis' own trace id header; the agent's x-aegis-user was stripped.
-        assert_eq!(r.x_aegis_headers, vec!["x-aegis-trace-id".to_string()], "{r:?}");
+        assert_eq!(
+            r.x_aegis_headers,
+            vec!["x-aegis-trace-id".to_string()],
+            "{r:?}"
+        );
         let ua = r.user_agent.as_deref().unwrap_or("");
-        assert!(ua.contains(" aegis/") && ua.contains("aegis-trace/"), "{ua}");
+        assert!(
+            ua.contains(" aegis/") && ua.contains("aegis-trace/"),
+            "{ua}"
+        );
         assert!(!ua.contains("forged"), "{ua}");
     }
-    let by_trace = |t: &str| seen.iter().find(|r| r.trace_id.as_deref() == Some(t)).unwrap_or_else(|| panic!("no sandbox row for trace {t}: {seen:#?}"));
-    assert_eq!(by_trace(&me_trace).user.as_deref(), Some("alice@example.com"));
-    assert_eq!(by_trace(&alice_sql_trace).user.as_deref(), Some("alice@example.com"));
-    assert_eq!(by_trace(&bob_trace).user.as_deref(), Some("bob@example.com"));
+    let by_trace = |t: &str| {
+        seen.iter()
+            .find(|r| r.trace_id.as_deref() == Some(t))
+            .unwrap_or_else(|| panic!("no sandbox row for trace {t}: {seen:#?}"))
+    };
+    assert_eq!(
+        by_trace(&me_trace).user.as_deref(),
+        Some("alice@example.com")
+    );
+    assert_eq!(
+        by_trace(&alice_sql_trace).user.as_deref(),
+        Some("alice@example.com")
+    );
+    assert_eq!(
+        by_trace(&bob_trace).user.as_deref(),
+        Some("bob@example.com")
+    );
 
     // One exchange per user: alice's second request used the cached token.
     assert_eq!(stack.sandbox.exchange_count("alice@example.com"), 1);
@@ -107,7 +143,10 @@ async fn each_user_reaches_databricks_as_themselves() {
     for (row, (trace, user)) in rows.iter().zip([
         (&me_trace, "alice@example.com"),
         (&alice_sql_trace, "alice@example.com"),
-        (&rows[2]["trace_id"].as_str().unwrap().to_string(), "carol@example.com"),
+        (
+            &rows[2]["trace_id"].as_str().unwrap().to_string(),
+            "carol@example.com",
+        ),
         (&bob_trace, "bob@example.com"),
     ]) {
         assert_eq!(row["decision"], "ALLOW");
@@ -158,8 +197,17 @@ async fn bad_credentials_never_reach_databricks() {
         let resp = get(&stack, "/api/2.0/preview/scim/v2/Me", bearer).await;
         assert_eq!(resp.status, 401, "{what}: {}", resp.text);
         assert_eq!(resp.body["error"], reason, "{what}: {}", resp.text);
-        assert_eq!(resp.body["trace_id"].as_str().unwrap(), resp.trace_id(), "{what}");
-        assert!(resp.header("www-authenticate").unwrap().starts_with("Bearer"), "{what}");
+        assert_eq!(
+            resp.body["trace_id"].as_str().unwrap(),
+            resp.trace_id(),
+            "{what}"
+        );
+        assert!(
+            resp.header("www-authenticate")
+                .unwrap()
+                .starts_with("Bearer"),
+            "{what}"
+        );
         // The body is exactly the contract: no internal error text.
         let keys: Vec<_> = resp.body.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, vec!["error", "message", "trace_id"], "{what}");
@@ -191,26 +239,49 @@ async fn assert_fails_closed(stack: &Stack, alice: &str, n: usize) {
         assert_eq!(resp.body["error"], "dependency_unavailable");
         assert!(resp.header("retry-after").is_some());
     }
-    assert!(stack.sandbox.requests().is_empty(), "{:#?}", stack.sandbox.requests());
+    assert!(
+        stack.sandbox.requests().is_empty(),
+        "{:#?}",
+        stack.sandbox.requests()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_fails_closed_and_recovers_without_restart() {
     let mut stack = start().await;
     let alice = token(&stack, "alice");
-    assert_eq!(get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice)).await.status, 200);
+    assert_eq!(
+        get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice))
+            .await
+            .status,
+        200
+    );
 
     stack.redis.stop();
-    eventually(Duration::from_secs(10), "aegis to notice redis is down", || async {
-        get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice)).await.status == 503
-    })
+    eventually(
+        Duration::from_secs(10),
+        "aegis to notice redis is down",
+        || async {
+            get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice))
+                .await
+                .status
+                == 503
+        },
+    )
     .await;
     assert_fails_closed(&stack, &alice, 5).await;
 
     stack.redis.start_again().await.expect("redis restarts");
-    eventually(Duration::from_secs(10), "requests to flow again", || async {
-        get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice)).await.status == 200
-    })
+    eventually(
+        Duration::from_secs(10),
+        "requests to flow again",
+        || async {
+            get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice))
+                .await
+                .status
+                == 200
+        },
+    )
     .await;
     stack.shutdown().await;
 }
@@ -219,16 +290,32 @@ async fn redis_down_fails_closed_and_recovers_without_restart() {
 async fn postgres_down_fails_closed_and_recovers_without_restart() {
     let mut stack = start().await;
     let alice = token(&stack, "alice");
-    assert_eq!(get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice)).await.status, 200);
+    assert_eq!(
+        get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice))
+            .await
+            .status,
+        200
+    );
 
     stack.postgres.stop().await;
     // The very next request cannot commit its row, so it must not be allowed.
     assert_fails_closed(&stack, &alice, 5).await;
 
-    stack.postgres.start_again().await.expect("postgres restarts");
-    eventually(Duration::from_secs(15), "requests to flow again", || async {
-        get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice)).await.status == 200
-    })
+    stack
+        .postgres
+        .start_again()
+        .await
+        .expect("postgres restarts");
+    eventually(
+        Duration::from_secs(15),
+        "requests to flow again",
+        || async {
+            get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice))
+                .await
+                .status
+                == 200
+        },
+    )
     .await;
 
     // Every allow the sandbox saw has its row; the chain still verifies.
@@ -249,9 +336,19 @@ async fn audit_chain_verifies_and_catches_a_direct_edit() {
     let stack = start().await;
     let alice = token(&stack, "alice");
     for _ in 0..3 {
-        assert_eq!(get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice)).await.status, 200);
+        assert_eq!(
+            get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice))
+                .await
+                .status,
+            200
+        );
     }
-    assert_eq!(get(&stack, "/api/2.0/preview/scim/v2/Me", None).await.status, 401);
+    assert_eq!(
+        get(&stack, "/api/2.0/preview/scim/v2/Me", None)
+            .await
+            .status,
+        401
+    );
     let config = stack.config_path().to_str().unwrap().to_string();
 
     let (code, out, err) = aegis(&["audit", "verify", "--config", &config, "--json"]);
@@ -266,7 +363,10 @@ async fn audit_chain_verifies_and_catches_a_direct_edit() {
         .execute("UPDATE aegis_audit SET user_name = 'mallory' WHERE seq = 2")
         .await;
     assert!(refused.is_err(), "an UPDATE of aegis_audit was accepted");
-    let refused = stack.postgres.execute("DELETE FROM aegis_audit WHERE seq = 4").await;
+    let refused = stack
+        .postgres
+        .execute("DELETE FROM aegis_audit WHERE seq = 4")
+        .await;
     assert!(refused.is_err(), "a DELETE from aegis_audit was accepted");
 
     // A DBA who switches the triggers off can edit a row; verify names the row.
@@ -303,7 +403,12 @@ async fn readiness_and_metrics_are_served_on_the_admin_listener() {
     assert_eq!(ready.body["jwks"], true);
     assert_eq!(ready.body["audit_chain_head"], true);
     let alice = token(&stack, "alice");
-    assert_eq!(get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice)).await.status, 200);
+    assert_eq!(
+        get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice))
+            .await
+            .status,
+        200
+    );
     let metrics = http()
         .get(format!("{admin}/metrics"))
         .send()
@@ -316,6 +421,9 @@ async fn readiness_and_metrics_are_served_on_the_admin_listener() {
         metrics.contains("aegis_checks_total{decision=\"allow\",reason=\"\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("aegis_check_duration_seconds_bucket"), "{metrics}");
+    assert!(
+        metrics.contains("aegis_check_duration_seconds_bucket"),
+        "{metrics}"
+    );
     stack.shutdown().await;
 }

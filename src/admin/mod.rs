@@ -91,7 +91,10 @@ mod tests {
 
     #[tokio::test]
     async fn readyz_follows_readiness() {
-        for (ready, code) in [(false, StatusCode::SERVICE_UNAVAILABLE), (true, StatusCode::OK)] {
+        for (ready, code) in [
+            (false, StatusCode::SERVICE_UNAVAILABLE),
+            (true, StatusCode::OK),
+        ] {
             let app = app(AdminState {
                 readiness: Arc::new(Fixed(ready)),
                 metrics: None,

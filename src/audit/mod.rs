@@ -56,6 +56,8 @@ pub struct Draft {
     pub path: String,
     pub token_source: String,
     pub token_fp: Vec<u8>,
+    /// The RFC 8693 `act` chain, outermost actor first, joined by " > ".
+    pub actor_chain: String,
 }
 
 impl Default for Draft {
@@ -75,6 +77,7 @@ impl Default for Draft {
             path: String::new(),
             token_source: String::new(),
             token_fp: Vec::new(),
+            actor_chain: String::new(),
         }
     }
 }
@@ -209,11 +212,11 @@ struct Writer {
 
 const INSERT_SQL: &str = "INSERT INTO aegis_audit (chain_id, seq, ts, trace_id, request_id, \
     decision, reason, issuer, subject, user_name, agent, workspace, method, path, token_source, \
-    token_fp, key_id, instance_id, version, prev_mac, mac) \
+    token_fp, key_id, instance_id, version, prev_mac, mac, actor_chain) \
     SELECT $1, u.* FROM UNNEST($2::int8[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], \
     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], \
     $14::text[], $15::text[], $16::bytea[], $17::text[], $18::text[], $19::int4[], $20::bytea[], \
-    $21::bytea[]) AS u";
+    $21::bytea[], $22::text[]) AS u";
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
@@ -247,11 +250,13 @@ impl Writer {
             metrics::histogram!("aegis_audit_batch_size").record(batch.len() as f64);
             metrics::gauge!("aegis_audit_queue_depth").set(rx.len() as f64);
             let started = std::time::Instant::now();
-            let result = match tokio::time::timeout(self.opts.commit_timeout, self.commit(&batch)).await {
-                Ok(r) => r,
-                Err(_) => Err(AuditError::Timeout),
-            };
-            metrics::histogram!("aegis_audit_append_seconds").record(started.elapsed().as_secs_f64());
+            let result =
+                match tokio::time::timeout(self.opts.commit_timeout, self.commit(&batch)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(AuditError::Timeout),
+                };
+            metrics::histogram!("aegis_audit_append_seconds")
+                .record(started.elapsed().as_secs_f64());
             match result {
                 Ok(first_seq) => {
                     metrics::gauge!("aegis_dependency_up", "dependency" => "postgres").set(1.0);
@@ -286,10 +291,11 @@ impl Writer {
             .map_err(|_| AuditError::Store("invalid postgres url".into()))?;
         cfg.connect_timeout(self.opts.connect_timeout);
         cfg.application_name("aegis");
-        let (client, connection) = tokio::time::timeout(self.opts.connect_timeout, cfg.connect(NoTls))
-            .await
-            .map_err(|_| AuditError::Store("connect timed out".into()))?
-            .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
+        let (client, connection) =
+            tokio::time::timeout(self.opts.connect_timeout, cfg.connect(NoTls))
+                .await
+                .map_err(|_| AuditError::Store("connect timed out".into()))?
+                .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %pg_error_text(&e), "postgres connection closed");
@@ -299,7 +305,9 @@ impl Writer {
             schema::migrate(&client).await?;
             let size = schema::load_head(&client, &self.chain_id).await?;
             let lock_head = client
-                .prepare("SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1 FOR UPDATE")
+                .prepare(
+                    "SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1 FOR UPDATE",
+                )
                 .await?;
             let insert = client.prepare(INSERT_SQL).await?;
             let move_head = client
@@ -307,13 +315,14 @@ impl Writer {
                 .await?;
             Ok::<_, schema::SchemaError>((size, lock_head, insert, move_head))
         };
-        let (size, lock_head, insert, move_head) = tokio::time::timeout(self.opts.commit_timeout * 4, prepared)
-            .await
-            .map_err(|_| AuditError::Timeout)?
-            .map_err(|e| match e {
-                schema::SchemaError::Inconsistent(why) => AuditError::Inconsistent(why),
-                schema::SchemaError::Pg(e) => AuditError::Store(pg_error_text(&e)),
-            })?;
+        let (size, lock_head, insert, move_head) =
+            tokio::time::timeout(self.opts.commit_timeout * 4, prepared)
+                .await
+                .map_err(|_| AuditError::Timeout)?
+                .map_err(|e| match e {
+                    schema::SchemaError::Inconsistent(why) => AuditError::Inconsistent(why),
+                    schema::SchemaError::Pg(e) => AuditError::Store(pg_error_text(&e)),
+                })?;
         self.size.store(size, Ordering::Release);
         self.head_loaded.store(true, Ordering::Release);
         self.conn = Some(Conn {
@@ -341,14 +350,16 @@ impl Writer {
         let size: i64 = row.get(0);
         let head: Vec<u8> = row.get(1);
         if size < 0 || head.len() != 32 {
-            return Err(AuditError::Inconsistent("chain head row is malformed".into()));
+            return Err(AuditError::Inconsistent(
+                "chain head row is malformed".into(),
+            ));
         }
         let mut prev: [u8; 32] = head.try_into().unwrap_or(GENESIS_MAC);
 
         let n = batch.len();
         let mut seqs = Vec::with_capacity(n);
         let mut tss = Vec::with_capacity(n);
-        let mut cols: [Vec<&str>; 13] = Default::default();
+        let mut cols: [Vec<&str>; 14] = Default::default();
         let mut fps = Vec::with_capacity(n);
         let mut versions = Vec::with_capacity(n);
         let mut prevs = Vec::with_capacity(n);
@@ -357,11 +368,10 @@ impl Writer {
         for (i, job) in batch.iter().enumerate() {
             let d = &job.draft;
             let seq = first_seq + i as u64;
-            let micros = d
-                .ts
-                .duration_since(UNIX_EPOCH)
-                .map(|t| t.as_micros() as i64)
-                .unwrap_or(0);
+            let micros =
+                d.ts.duration_since(UNIX_EPOCH)
+                    .map(|t| t.as_micros() as i64)
+                    .unwrap_or(0);
             let rec = AuditRecord {
                 version: RECORD_VERSION,
                 chain_id: self.chain_id.clone(),
@@ -386,6 +396,7 @@ impl Writer {
                 key_id: self.key_id.clone(),
                 prev_mac: prev.to_vec(),
                 instance_id: self.instance_id.clone(),
+                actor_chain: d.actor_chain.clone(),
             };
             let mac = rec.mac(self.key.expose());
             seqs.push(seq as i64);
@@ -403,6 +414,7 @@ impl Writer {
             cols[10].push(&d.path);
             cols[11].push(&d.token_source);
             cols[12].push(&self.key_id);
+            cols[13].push(&d.actor_chain);
             fps.push(d.token_fp.as_slice());
             versions.push(RECORD_VERSION as i32);
             prevs.push(prev.to_vec());
@@ -410,7 +422,7 @@ impl Writer {
             prev = mac;
         }
         let instance: Vec<&str> = vec![self.instance_id.as_str(); n];
-        let [trace, request, decision, reason, issuer, subject, user, agent, workspace, method, path, source, key_ids] =
+        let [trace, request, decision, reason, issuer, subject, user, agent, workspace, method, path, source, key_ids, actors] =
             &cols;
         tx.execute(
             &conn.insert,
@@ -436,14 +448,18 @@ impl Writer {
                 &versions,
                 &prevs,
                 &macs,
+                actors,
             ],
         )
         .await
         .map_err(pg)?;
         let new_size = size + n as i64;
-        tx.execute(&conn.move_head, &[&self.chain_id, &new_size, &prev.as_slice()])
-            .await
-            .map_err(pg)?;
+        tx.execute(
+            &conn.move_head,
+            &[&self.chain_id, &new_size, &prev.as_slice()],
+        )
+        .await
+        .map_err(pg)?;
         tx.commit().await.map_err(pg)?;
         self.size.store(new_size as u64, Ordering::Release);
         Ok(first_seq)

@@ -62,6 +62,8 @@ pub struct AuditRecord {
     pub prev_mac: Vec<u8>,
     #[prost(string, tag = "20")]
     pub instance_id: String,
+    #[prost(string, tag = "21")]
+    pub actor_chain: String,
 }
 
 impl AuditRecord {
@@ -132,6 +134,7 @@ mod tests {
             ("key_id", 18, "string"),
             ("prev_mac", 19, "bytes"),
             ("instance_id", 20, "string"),
+            ("actor_chain", 21, "string"),
         ];
         let got: Vec<(&str, u32, &str)> = fields
             .iter()
@@ -161,6 +164,7 @@ mod tests {
             key_id: "k".into(),
             prev_mac: vec![2],
             instance_id: "n".into(),
+            actor_chain: "x".into(),
         };
         let buf = rec.encode_to_vec();
         let mut tags = Vec::new();
@@ -180,7 +184,7 @@ mod tests {
                 _ => panic!("unexpected wire type"),
             }
         }
-        assert_eq!(tags, (1..=20).collect::<Vec<u32>>());
+        assert_eq!(tags, (1..=21).collect::<Vec<u32>>());
     }
 
     #[test]

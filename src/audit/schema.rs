@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS aegis_audit (
     version      integer     NOT NULL,
     prev_mac     bytea       NOT NULL,
     mac          bytea       NOT NULL,
+    actor_chain  text        NOT NULL DEFAULT '',
     PRIMARY KEY (chain_id, seq)
 );
 CREATE INDEX IF NOT EXISTS aegis_audit_trace_id ON aegis_audit (trace_id);

@@ -33,7 +33,7 @@ pub struct VerifyReport {
 
 const SELECT: &str = "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
     user_name, agent, workspace, method, path, token_source, token_fp, key_id, instance_id, \
-    version, prev_mac, mac, chain_id FROM aegis_audit WHERE chain_id = $1 AND seq > $2 ORDER BY seq";
+    version, prev_mac, mac, chain_id, actor_chain FROM aegis_audit WHERE chain_id = $1 AND seq > $2 ORDER BY seq";
 
 /// Rebuilds the canonical record of a row.
 pub fn record_of(row: &Row) -> Result<(AuditRecord, Vec<u8>), String> {
@@ -45,7 +45,9 @@ pub fn record_of(row: &Row) -> Result<(AuditRecord, Vec<u8>), String> {
     let decision: String = row.try_get(4).map_err(|e| e.to_string())?;
     let seq: i64 = row.try_get(0).map_err(|e| e.to_string())?;
     let version: i32 = row.try_get(17).map_err(|e| e.to_string())?;
-    let s = |i: usize| -> Result<String, String> { row.try_get::<_, String>(i).map_err(|e| e.to_string()) };
+    let s = |i: usize| -> Result<String, String> {
+        row.try_get::<_, String>(i).map_err(|e| e.to_string())
+    };
     let rec = AuditRecord {
         version: version as u32,
         chain_id: s(20)?,
@@ -71,6 +73,7 @@ pub fn record_of(row: &Row) -> Result<(AuditRecord, Vec<u8>), String> {
         key_id: s(15)?,
         prev_mac: row.try_get(18).map_err(|e| e.to_string())?,
         instance_id: s(16)?,
+        actor_chain: s(21)?,
     };
     let mac: Vec<u8> = row.try_get(19).map_err(|e| e.to_string())?;
     Ok((rec, mac))
@@ -206,6 +209,7 @@ pub struct ExportRow {
     pub token_fingerprint: String,
     pub key_id: String,
     pub instance_id: String,
+    pub actor_chain: String,
     pub prev_mac: String,
     pub mac: String,
 }
@@ -248,6 +252,7 @@ pub async fn export(
             token_fingerprint: hex::encode(&rec.token_fingerprint),
             key_id: rec.key_id,
             instance_id: rec.instance_id,
+            actor_chain: rec.actor_chain,
             prev_mac: hex::encode(&rec.prev_mac),
             mac: hex::encode(&mac),
         };

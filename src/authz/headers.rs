@@ -18,11 +18,13 @@ pub fn bearer_token(headers: &HashMap<String, String>) -> Result<&str, Reason> {
     let value = value.trim();
     let Some((scheme, rest)) = value.split_once(' ') else {
         // `Bearer` with nothing after it, or a bare token with no scheme.
-        return Err(if value.eq_ignore_ascii_case("bearer") || value.is_empty() {
-            Reason::MissingCredentials
-        } else {
-            Reason::InvalidToken
-        });
+        return Err(
+            if value.eq_ignore_ascii_case("bearer") || value.is_empty() {
+                Reason::MissingCredentials
+            } else {
+                Reason::InvalidToken
+            },
+        );
     };
     if !scheme.eq_ignore_ascii_case("bearer") {
         // Basic, Negotiate, ... : no bearer credentials were offered.
@@ -87,19 +89,41 @@ mod tests {
 
     #[test]
     fn bearer_token_cases() {
-        let cases: &[(&[(&str, &str)], Result<&str, Reason>)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], Result<&'a str, Reason>);
+        let cases: &[Case] = &[
             (&[], Err(Reason::MissingCredentials)),
-            (&[("authorization", "Bearer abc.def.ghi")], Ok("abc.def.ghi")),
-            (&[("authorization", "bearer   abc.def.ghi ")], Ok("abc.def.ghi")),
-            (&[("authorization", "Bearer")], Err(Reason::MissingCredentials)),
-            (&[("authorization", "Bearer ")], Err(Reason::MissingCredentials)),
-            (&[("authorization", "Basic dXNlcjpwYXNz")], Err(Reason::MissingCredentials)),
-            (&[("authorization", "abc.def.ghi")], Err(Reason::InvalidToken)),
+            (
+                &[("authorization", "Bearer abc.def.ghi")],
+                Ok("abc.def.ghi"),
+            ),
+            (
+                &[("authorization", "bearer   abc.def.ghi ")],
+                Ok("abc.def.ghi"),
+            ),
+            (
+                &[("authorization", "Bearer")],
+                Err(Reason::MissingCredentials),
+            ),
+            (
+                &[("authorization", "Bearer ")],
+                Err(Reason::MissingCredentials),
+            ),
+            (
+                &[("authorization", "Basic dXNlcjpwYXNz")],
+                Err(Reason::MissingCredentials),
+            ),
+            (
+                &[("authorization", "abc.def.ghi")],
+                Err(Reason::InvalidToken),
+            ),
             (
                 &[("authorization", "Bearer a.b.c,Bearer d.e.f")],
                 Err(Reason::InvalidToken),
             ),
-            (&[("authorization", "Bearer a.b c")], Err(Reason::InvalidToken)),
+            (
+                &[("authorization", "Bearer a.b c")],
+                Err(Reason::InvalidToken),
+            ),
         ];
         for (headers, want) in cases {
             assert_eq!(bearer_token(&h(headers)), *want, "{headers:?}");

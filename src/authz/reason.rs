@@ -77,18 +77,26 @@ impl Reason {
     /// Human text for the deny body. Fixed strings: never an internal error, token or key.
     pub fn message(self) -> &'static str {
         match self {
-            Reason::MissingCredentials => "a bearer token from a trusted identity provider is required",
+            Reason::MissingCredentials => {
+                "a bearer token from a trusted identity provider is required"
+            }
             Reason::InvalidToken => "the bearer token is not valid",
             Reason::TokenExpired => "the bearer token has expired",
-            Reason::UntrustedIssuer => "the bearer token was not issued by a trusted identity provider",
-            Reason::AgentNotAllowed => "this agent application is not allowed to reach this workspace",
+            Reason::UntrustedIssuer => {
+                "the bearer token was not issued by a trusted identity provider"
+            }
+            Reason::AgentNotAllowed => {
+                "this agent application is not allowed to reach this workspace"
+            }
             Reason::PathBlocked => "agents may not call this API under the gateway's policy",
             Reason::UnknownWorkspace => "no Databricks workspace is configured for this request",
             Reason::NoDatabricksIdentity => "the token does not name a Databricks user",
             Reason::ConsentRequired => "the user must consent to Databricks access first",
             Reason::TokenExchangeRejected => "Databricks refused to issue a token for this user",
             Reason::RateLimited => "too many requests; retry later",
-            Reason::DependencyUnavailable => "the identity gateway cannot serve this request safely right now; retry later",
+            Reason::DependencyUnavailable => {
+                "the identity gateway cannot serve this request safely right now; retry later"
+            }
             Reason::BadRequest => "the request could not be understood",
         }
     }

@@ -180,12 +180,19 @@ async fn allow_carries_the_users_token_after_its_row_commits() {
         ("user-agent", "copilot/1.0 aegis-trace/forged"),
         ("x-aegis-user", "root"),
     ]);
-    let d = h.pipeline.check(&input("GET", "/api/2.0/preview/scim/v2/Me?x=1", &hdrs)).await;
-    let Decision::Allow(a) = d else { panic!("expected allow, got {d:?}") };
+    let d = h
+        .pipeline
+        .check(&input("GET", "/api/2.0/preview/scim/v2/Me?x=1", &hdrs))
+        .await;
+    let Decision::Allow(a) = d else {
+        panic!("expected allow, got {d:?}")
+    };
     assert_eq!(a.token.token.expose(), "dbx-alice@example.com");
     assert_eq!(a.remove_headers, vec!["x-aegis-user".to_string()]);
     assert!(a.user_agent.starts_with("copilot/1.0 aegis/"));
-    assert!(a.user_agent.ends_with(&format!("aegis-trace/{}", a.trace_id)));
+    assert!(a
+        .user_agent
+        .ends_with(&format!("aegis-trace/{}", a.trace_id)));
     assert!(!a.user_agent.contains("forged"));
 
     let rows = h.audit.rows.lock().unwrap();
@@ -208,7 +215,10 @@ async fn no_allow_without_a_committed_row() {
     let h = harness(None);
     h.audit.fail.store(true, Ordering::SeqCst);
     let hdrs = headers(&[("authorization", "Bearer alice")]);
-    let d = h.pipeline.check(&input("GET", "/api/2.0/preview/scim/v2/Me", &hdrs)).await;
+    let d = h
+        .pipeline
+        .check(&input("GET", "/api/2.0/preview/scim/v2/Me", &hdrs))
+        .await;
     assert_eq!(denied(&d), Reason::DependencyUnavailable);
     match d {
         Decision::Deny(d) => assert_eq!(d.retry_after, Some(1)),
@@ -219,13 +229,44 @@ async fn no_allow_without_a_committed_row() {
 #[tokio::test]
 async fn every_deny_is_audited_with_its_reason() {
     let h = harness(None);
-    let cases: Vec<(Vec<(&str, &str)>, &str, &str, Reason)> = vec![
-        (vec![], "GET", "/api/2.0/preview/scim/v2/Me", Reason::MissingCredentials),
-        (vec![("authorization", "Basic abc")], "GET", "/", Reason::MissingCredentials),
-        (vec![("authorization", "Bearer forged")], "GET", "/", Reason::InvalidToken),
-        (vec![("authorization", "Bearer expired")], "GET", "/", Reason::TokenExpired),
-        (vec![("authorization", "Bearer nokeys")], "GET", "/", Reason::DependencyUnavailable),
-        (vec![("authorization", "Bearer joule")], "GET", "/", Reason::AgentNotAllowed),
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str, Reason);
+    let cases: Vec<Case> = vec![
+        (
+            vec![],
+            "GET",
+            "/api/2.0/preview/scim/v2/Me",
+            Reason::MissingCredentials,
+        ),
+        (
+            vec![("authorization", "Basic abc")],
+            "GET",
+            "/",
+            Reason::MissingCredentials,
+        ),
+        (
+            vec![("authorization", "Bearer forged")],
+            "GET",
+            "/",
+            Reason::InvalidToken,
+        ),
+        (
+            vec![("authorization", "Bearer expired")],
+            "GET",
+            "/",
+            Reason::TokenExpired,
+        ),
+        (
+            vec![("authorization", "Bearer nokeys")],
+            "GET",
+            "/",
+            Reason::DependencyUnavailable,
+        ),
+        (
+            vec![("authorization", "Bearer joule")],
+            "GET",
+            "/",
+            Reason::AgentNotAllowed,
+        ),
         (
             vec![("authorization", "Bearer alice")],
             "POST",
@@ -257,9 +298,21 @@ async fn not_ready_denies_503() {
 #[tokio::test]
 async fn broker_errors_map_to_reasons() {
     let cases = [
-        (BrokerError::Unavailable("redis"), Reason::DependencyUnavailable, Some(1)),
-        (BrokerError::RateLimited { retry_after: 7 }, Reason::RateLimited, Some(7)),
-        (BrokerError::Rejected("invalid_grant".into()), Reason::TokenExchangeRejected, None),
+        (
+            BrokerError::Unavailable("redis"),
+            Reason::DependencyUnavailable,
+            Some(1),
+        ),
+        (
+            BrokerError::RateLimited { retry_after: 7 },
+            Reason::RateLimited,
+            Some(7),
+        ),
+        (
+            BrokerError::Rejected("invalid_grant".into()),
+            Reason::TokenExchangeRejected,
+            None,
+        ),
     ];
     for (err, want, retry) in cases {
         let h = harness(Some(err));
@@ -308,7 +361,9 @@ fn responses_follow_the_header_contract() {
         remove_headers: vec!["x-aegis-user".into()],
     }));
     assert_eq!(allow.status.as_ref().unwrap().code, 0);
-    let Some(HttpResponse::OkResponse(ok)) = allow.http_response else { panic!() };
+    let Some(HttpResponse::OkResponse(ok)) = allow.http_response else {
+        panic!()
+    };
     let auth: Vec<_> = ok
         .headers
         .iter()
@@ -328,7 +383,9 @@ fn responses_follow_the_header_contract() {
         retry_after: None,
     }));
     assert_ne!(deny.status.as_ref().unwrap().code, 0);
-    let Some(HttpResponse::DeniedResponse(d)) = deny.http_response else { panic!() };
+    let Some(HttpResponse::DeniedResponse(d)) = deny.http_response else {
+        panic!()
+    };
     assert_eq!(d.status.unwrap().code, 401);
     let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
     assert_eq!(body["error"], "missing_credentials");

@@ -77,18 +77,24 @@ pub(crate) async fn parse_response(resp: reqwest::Response) -> Result<Minted, Br
             if parsed.access_token.is_empty()
                 || parsed.access_token.bytes().any(|b| b <= b' ' || b >= 0x7f)
             {
-                return Err(BrokerError::Unavailable("token endpoint answered a malformed token"));
+                return Err(BrokerError::Unavailable(
+                    "token endpoint answered a malformed token",
+                ));
             }
             if parsed
                 .token_type
                 .as_deref()
                 .is_some_and(|t| !t.eq_ignore_ascii_case("bearer"))
             {
-                return Err(BrokerError::Unavailable("token endpoint answered a non-bearer token"));
+                return Err(BrokerError::Unavailable(
+                    "token endpoint answered a non-bearer token",
+                ));
             }
             let Some(expires_in) = parsed.expires_in else {
                 // Never guess a lifetime: a token we cannot bound could be forwarded expired.
-                return Err(BrokerError::Unavailable("token endpoint answered no expires_in"));
+                return Err(BrokerError::Unavailable(
+                    "token endpoint answered no expires_in",
+                ));
             };
             Ok(Minted {
                 token: SecretString::new(parsed.access_token),

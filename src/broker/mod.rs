@@ -178,7 +178,8 @@ impl Broker {
             }
             self.l1.invalidate(&key).await;
         }
-        metrics::counter!("aegis_token_cache_total", "tier" => "l1", "result" => "miss").increment(1);
+        metrics::counter!("aegis_token_cache_total", "tier" => "l1", "result" => "miss")
+            .increment(1);
         let result = self
             .l1
             .try_get_with(key, self.load_or_mint(ws, identity, subject_token))
@@ -213,7 +214,8 @@ impl Broker {
             Ok(None) => {}
             Err(_) => return Err(BrokerError::Unavailable("redis")),
         }
-        metrics::counter!("aegis_token_cache_total", "tier" => "l2", "result" => "miss").increment(1);
+        metrics::counter!("aegis_token_cache_total", "tier" => "l2", "result" => "miss")
+            .increment(1);
 
         let minted = match ws.token_source {
             TokenSourceKind::Federation => {

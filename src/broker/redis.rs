@@ -112,7 +112,11 @@ impl RedisLink {
         } else if !ok && was {
             tracing::warn!("redis is unreachable; denying every request until it returns");
         }
-        metrics::gauge!("aegis_dependency_up", "dependency" => "redis").set(if ok { 1.0 } else { 0.0 });
+        metrics::gauge!("aegis_dependency_up", "dependency" => "redis").set(if ok {
+            1.0
+        } else {
+            0.0
+        });
         ok
     }
 
@@ -150,7 +154,10 @@ impl RedisLink {
 
     pub async fn set_px(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), RedisError> {
         let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(value).arg("PX").arg(ttl.as_millis().max(1) as u64);
+        cmd.arg(key)
+            .arg(value)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
         self.run(cmd).await
     }
 
@@ -190,7 +197,13 @@ impl Sealer {
         rand::rng().fill_bytes(&mut nonce);
         let ct = self
             .aead
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .ok()?;
         let mut out = Vec::with_capacity(2 + self.key_id.len() + 24 + ct.len());
         out.push(SEAL_VERSION);

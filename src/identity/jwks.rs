@@ -73,7 +73,11 @@ impl KeySet {
                 },
             };
             let kid = jwk.common.key_id.clone();
-            let key = Arc::new(Key { kid: kid.clone(), key, alg });
+            let key = Arc::new(Key {
+                kid: kid.clone(),
+                key,
+                alg,
+            });
             if let Some(kid) = kid {
                 by_kid.insert(kid, key.clone());
             }
@@ -242,7 +246,9 @@ impl JwksCache {
         let uri = doc
             .get("jwks_uri")
             .and_then(|v| v.as_str())
-            .ok_or(FetchError::Invalid("the discovery document has no jwks_uri"))?;
+            .ok_or(FetchError::Invalid(
+                "the discovery document has no jwks_uri",
+            ))?;
         let uri = url::Url::parse(uri).map_err(|_| FetchError::Invalid("jwks_uri is not a URL"))?;
         let loopback = matches!(uri.host(), Some(url::Host::Ipv4(ip)) if ip.is_loopback())
             || matches!(uri.host(), Some(url::Host::Ipv6(ip)) if ip.is_loopback())

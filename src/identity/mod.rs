@@ -95,7 +95,9 @@ impl moka::Expiry<[u8; 32], Arc<Identity>> for UntilExp {
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         let now = unix_now();
-        Some(Duration::from_secs(value.expires_at.saturating_sub(now).max(0) as u64))
+        Some(Duration::from_secs(
+            value.expires_at.saturating_sub(now).max(0) as u64,
+        ))
     }
 }
 
@@ -199,7 +201,8 @@ impl Validator {
         use IdentityError::{Malformed, Rejected};
 
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(Malformed("not a compact JWS (three dot-separated parts)"));
         };
@@ -218,19 +221,32 @@ impl Validator {
         if header.crit.is_some() {
             return Err(Rejected("unsupported critical header"));
         }
-        if header.jku.is_some() || header.x5u.is_some() || header.jwk.is_some() || header.x5c.is_some() {
-            return Err(Rejected("token names its own key; keys come only from the issuer"));
+        if header.jku.is_some()
+            || header.x5u.is_some()
+            || header.jwk.is_some()
+            || header.x5c.is_some()
+        {
+            return Err(Rejected(
+                "token names its own key; keys come only from the issuer",
+            ));
         }
         if header.enc.is_some() {
             return Err(Rejected("encrypted tokens are not accepted"));
         }
         if let Some(typ) = &header.typ {
             let t = typ.to_ascii_lowercase();
-            if !matches!(t.as_str(), "jwt" | "at+jwt" | "application/at+jwt" | "application/jwt") {
+            if !matches!(
+                t.as_str(),
+                "jwt" | "at+jwt" | "application/at+jwt" | "application/jwt"
+            ) {
                 return Err(Rejected("typ is not a JWT access token type"));
             }
         }
-        if header.kid.as_ref().is_some_and(|k| k.len() > 256 || k.chars().any(|c| c.is_control())) {
+        if header
+            .kid
+            .as_ref()
+            .is_some_and(|k| k.len() > 256 || k.chars().any(|c| c.is_control()))
+        {
             return Err(Rejected("kid is malformed"));
         }
 
@@ -254,7 +270,9 @@ impl Validator {
         let now = unix_now();
         let leeway = issuer.cfg.leeway.as_secs() as i64;
         let exp = match claims.get("exp") {
-            Some(serde_json::Value::Number(n)) => n.as_i64().ok_or(Rejected("exp is not an integer"))?,
+            Some(serde_json::Value::Number(n)) => {
+                n.as_i64().ok_or(Rejected("exp is not an integer"))?
+            }
             Some(_) => return Err(Rejected("exp is not an integer")),
             None => return Err(Rejected("exp is missing")),
         };
@@ -332,7 +350,9 @@ impl Identify for Arc<Validator> {
 /// A claim value that will end up in an audit row or a header: bounded, no control characters.
 fn plain(s: &str, _what: &'static str) -> Result<String, IdentityError> {
     if s.len() > 256 || s.chars().any(|c| c.is_control()) {
-        return Err(IdentityError::Rejected("a claim holds control characters or is too long"));
+        return Err(IdentityError::Rejected(
+            "a claim holds control characters or is too long",
+        ));
     }
     Ok(s.to_string())
 }
@@ -345,7 +365,9 @@ fn b64(part: &str) -> Result<Vec<u8>, IdentityError> {
 
 /// Parses a JSON object, refusing duplicate top-level keys (two parsers could read different
 /// values from `{"email":"a","email":"b"}`).
-fn strict_object(bytes: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, IdentityError> {
+fn strict_object(
+    bytes: &[u8],
+) -> Result<serde_json::Map<String, serde_json::Value>, IdentityError> {
     struct Strict(serde_json::Map<String, serde_json::Value>);
     impl<'de> Deserialize<'de> for Strict {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -355,7 +377,10 @@ fn strict_object(bytes: &[u8]) -> Result<serde_json::Map<String, serde_json::Val
                 fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                     f.write_str("a JSON object")
                 }
-                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Strict, A::Error> {
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<Strict, A::Error> {
                     let mut out = serde_json::Map::new();
                     while let Some((k, v)) = m.next_entry::<String, serde_json::Value>()? {
                         if out.contains_key(&k) {
