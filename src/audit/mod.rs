@@ -116,6 +116,21 @@ impl Default for WriterOptions {
     }
 }
 
+/// A committed decision, as the operator console's live feed shows it. No token, no key.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Committed {
+    pub seq: u64,
+    pub ts_unix_micros: i64,
+    pub trace_id: String,
+    pub decision: &'static str,
+    pub reason: String,
+    pub user_name: String,
+    pub agent: String,
+    pub workspace: String,
+    pub method: String,
+    pub path: String,
+}
+
 struct Job {
     draft: Draft,
     done: oneshot::Sender<Result<u64, AuditError>>,
@@ -124,6 +139,7 @@ struct Job {
 /// The handle requests append through.
 pub struct AuditChain {
     tx: mpsc::Sender<Job>,
+    feed: tokio::sync::broadcast::Sender<Arc<Committed>>,
     head_loaded: Arc<AtomicBool>,
     size: Arc<AtomicU64>,
 }
@@ -142,7 +158,9 @@ impl AuditChain {
         let (tx, rx) = mpsc::channel(opts.queue);
         let head_loaded = Arc::new(AtomicBool::new(false));
         let size = Arc::new(AtomicU64::new(0));
+        let (feed, _) = tokio::sync::broadcast::channel(1024);
         let writer = Writer {
+            feed: feed.clone(),
             pg_url,
             chain_id,
             key_id,
@@ -156,9 +174,16 @@ impl AuditChain {
         tokio::spawn(writer.run(rx));
         Arc::new(AuditChain {
             tx,
+            feed,
             head_loaded,
             size,
         })
+    }
+
+    /// Every committed decision, in seq order, as it commits (a slow subscriber may lag and
+    /// miss rows; the chain itself never does).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Committed>> {
+        self.feed.subscribe()
     }
 
     pub fn head_loaded(&self) -> bool {
@@ -199,6 +224,7 @@ struct Conn {
 }
 
 struct Writer {
+    feed: tokio::sync::broadcast::Sender<Arc<Committed>>,
     pg_url: String,
     chain_id: String,
     key_id: String,
@@ -260,8 +286,29 @@ impl Writer {
             match result {
                 Ok(first_seq) => {
                     metrics::gauge!("aegis_dependency_up", "dependency" => "postgres").set(1.0);
+                    let watched = self.feed.receiver_count() > 0;
                     for (i, job) in batch.drain(..).enumerate() {
-                        let _ = job.done.send(Ok(first_seq + i as u64));
+                        let seq = first_seq + i as u64;
+                        if watched {
+                            let d = &job.draft;
+                            let _ = self.feed.send(Arc::new(Committed {
+                                seq,
+                                ts_unix_micros: d
+                                    .ts
+                                    .duration_since(UNIX_EPOCH)
+                                    .map(|t| t.as_micros() as i64)
+                                    .unwrap_or(0),
+                                trace_id: d.trace_id.clone(),
+                                decision: d.verdict.as_str(),
+                                reason: d.reason.clone(),
+                                user_name: d.user_name.clone(),
+                                agent: d.agent.clone(),
+                                workspace: d.workspace.clone(),
+                                method: d.method.clone(),
+                                path: d.path.clone(),
+                            }));
+                        }
+                        let _ = job.done.send(Ok(seq));
                     }
                 }
                 Err(e) => {
