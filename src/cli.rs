@@ -1,9 +1,10 @@
 //! The subcommands behind `src/main.rs`. Each returns the process exit code.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use crate::audit::verify;
+use crate::audit::checkpoint::{self, CheckpointSink, DirSink};
+use crate::audit::pg::PgTarget;
+use crate::audit::{schema, verify};
 use crate::config::{Config, ConfigErrors, ProcessEnv};
 use crate::secret::Key32;
 
@@ -73,25 +74,59 @@ pub async fn serve(path: &Path) -> i32 {
     }
 }
 
-async fn connect(cfg: &Config) -> Result<tokio_postgres::Client, String> {
-    let mut pg: tokio_postgres::Config = cfg
+async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
+    let target = PgTarget::parse(url)?;
+    target
+        .connect(std::time::Duration::from_secs(5), "aegis-cli")
+        .await
+        .map_err(|e| format!("cannot connect to postgres: {e}"))
+}
+
+/// `aegis migrate`: creates or upgrades the audit schema with an owner role
+/// (`postgres.migrate_url`, else `postgres.url`) and optionally grants the serving role exactly
+/// what it needs (append rows, move the head).
+pub async fn migrate(path: &Path, grant_to: Option<String>) -> i32 {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(errs) => {
+            print_config_errors(path, &errs);
+            return EXIT_BAD_CONFIG;
+        }
+    };
+    let url = cfg
         .postgres
-        .url
-        .parse()
-        .map_err(|_| "invalid postgres url".to_string())?;
-    pg.connect_timeout(std::time::Duration::from_secs(5));
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| {
-        format!(
-            "cannot connect to postgres: {}",
-            crate::audit::pg_error_text(&e)
-        )
-    })?;
-    tokio::spawn(conn);
-    Ok(client)
+        .migrate_url
+        .as_deref()
+        .unwrap_or(&cfg.postgres.url);
+    let client = match connect(url).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aegis migrate: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) = schema::migrate(&client).await {
+        eprintln!("aegis migrate: {e}");
+        return 1;
+    }
+    if let Some(role) = grant_to {
+        if let Err(e) = schema::grant_service_role(&client, &role).await {
+            eprintln!("aegis migrate: {e}");
+            return 1;
+        }
+        println!("granted {role}: SELECT, INSERT on aegis_audit; SELECT, INSERT, UPDATE on aegis_chain_head");
+    }
+    println!("audit schema is at version {}", schema::SCHEMA_VERSION);
+    0
 }
 
 /// `aegis audit verify`: exit 0 intact, 1 tamper found, 2 could not run.
-pub async fn audit_verify(path: &Path, json: bool, chain: Option<String>) -> i32 {
+pub async fn audit_verify(
+    path: &Path,
+    json: bool,
+    chain: Option<String>,
+    checkpoints: Option<std::path::PathBuf>,
+) -> i32 {
     let cfg = match load(path) {
         Ok(c) => c,
         Err(errs) => {
@@ -100,17 +135,28 @@ pub async fn audit_verify(path: &Path, json: bool, chain: Option<String>) -> i32
         }
     };
     let chain_id = chain.unwrap_or_else(|| cfg.audit.chain_id.clone());
-    let client = match connect(&cfg).await {
+    let client = match connect(&cfg.postgres.url).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("aegis audit verify: {e}");
             return 2;
         }
     };
-    let mut keys: HashMap<String, Key32> = HashMap::new();
-    keys.insert(cfg.audit.key_id.clone(), cfg.audit.hmac_key.clone());
+    let dir = checkpoints.unwrap_or_else(|| cfg.audit.checkpoint_dir.clone());
+    let found = match DirSink::new(&dir, "verify").list() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "aegis audit verify: cannot read checkpoints in {}: {e}",
+                dir.display()
+            );
+            return 2;
+        }
+    };
+    let public = checkpoint::public_key(&cfg.audit.checkpoint_signing_key);
     let started = std::time::Instant::now();
-    let report = match verify::verify(&client, &chain_id, &keys).await {
+    let report = match verify::verify(&client, &chain_id, &cfg.audit.keys(), &found, &public).await
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("aegis audit verify: {}", crate::audit::pg_error_text(&e));
@@ -124,9 +170,10 @@ pub async fn audit_verify(path: &Path, json: bool, chain: Option<String>) -> i32
         }
     } else if report.intact {
         println!(
-            "chain {}: intact, {} rows verified in {:.3}s, head {}",
+            "chain {}: intact, {} rows and {} checkpoint(s) verified in {:.3}s, head {}",
             report.chain_id,
             report.rows,
+            report.checkpoints,
             started.elapsed().as_secs_f64(),
             &report.head_mac[..16]
         );
@@ -155,7 +202,7 @@ pub async fn audit_export(path: &Path, since: u64) -> i32 {
             return 2;
         }
     };
-    let client = match connect(&cfg).await {
+    let client = match connect(&cfg.postgres.url).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("aegis audit export: {e}");
@@ -183,7 +230,15 @@ pub fn keys_generate() -> i32 {
     println!("# write each value to its own file (see README: keys)");
     println!("audit.key      = {}", Key32::generate().to_base64());
     println!("cache.key      = {}", Key32::generate().to_base64());
-    println!("checkpoint.key = {}", Key32::generate().to_base64());
+    let seed = Key32::generate();
+    println!("checkpoint.key = {}", seed.to_base64());
     println!("console.token  = {}", Key32::generate().to_base64());
+    println!(
+        "# checkpoint verification key (public, for auditors): {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            checkpoint::public_key(&seed)
+        )
+    );
     0
 }

@@ -143,13 +143,20 @@ impl fmt::Debug for RedisConfig {
 
 #[derive(Clone)]
 pub struct PostgresConfig {
+    /// The serving role's connection (INSERT-only on the audit table is enough).
     pub url: String,
+    /// An owner role's connection for `aegis migrate`; defaults to `url`.
+    pub migrate_url: Option<String>,
+    /// Create the schema at start when it is missing (needs an owner role in `url`).
+    pub migrate_on_start: bool,
 }
 
 impl fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresConfig")
             .field("url", &redact_url(&self.url))
+            .field("migrate_url", &self.migrate_url.as_deref().map(redact_url))
+            .field("migrate_on_start", &self.migrate_on_start)
             .finish()
     }
 }
@@ -162,6 +169,17 @@ pub struct AuditConfig {
     pub checkpoint_signing_key: Key32,
     pub checkpoint_dir: PathBuf,
     pub checkpoint_interval: Duration,
+    /// Retired HMAC keys by key id: old rows keep verifying after a rotation.
+    pub previous_keys: Vec<(String, Key32)>,
+}
+
+impl AuditConfig {
+    /// Every HMAC key by id: the current one and the retired ones.
+    pub fn keys(&self) -> HashMap<String, Key32> {
+        let mut keys: HashMap<String, Key32> = self.previous_keys.iter().cloned().collect();
+        keys.insert(self.key_id.clone(), self.hmac_key.clone());
+        keys
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +192,9 @@ pub struct IssuerConfig {
     pub username_claim: String,
     pub agent_claim: String,
     pub leeway: Duration,
+    /// How long a fetched key set may be used while the JWKS cannot be refreshed; past that,
+    /// tokens of this issuer are denied (`dependency_unavailable`). Default 24h.
+    pub max_key_age: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -532,7 +553,9 @@ impl Reader<'_> {
 
     fn env_name(path: &str, key: &str) -> String {
         let stem = key.strip_suffix("_file").unwrap_or(key);
-        format!("AEGIS_{}_{}", path, stem).to_ascii_uppercase()
+        format!("AEGIS_{}_{}", path, stem)
+            .to_ascii_uppercase()
+            .replace(['.', '-'], "_")
     }
 
     /// The content of a secret given as a `*_file` path or via its env variable.
@@ -735,18 +758,32 @@ impl Reader<'_> {
     }
 
     fn postgres(&mut self, t: &Table) -> Option<PostgresConfig> {
-        self.unknown_keys(t, "postgres", &["url"]);
-        let url = self.string(t, "url", "postgres", true)?;
-        match url.parse::<tokio_postgres::Config>() {
-            Ok(_) => Some(PostgresConfig { url }),
-            Err(_) => {
-                self.err(
-                    "postgres.url",
-                    "is not a valid postgres:// URL or key=value connection string",
-                );
-                None
+        self.unknown_keys(t, "postgres", &["url", "migrate_url", "migrate_on_start"]);
+        let check = |r: &mut Self, key: &str| -> Option<String> {
+            let url = r.string(t, key, "postgres", key == "url")?;
+            match crate::audit::pg::validate_url(&url) {
+                Ok(()) => Some(url),
+                Err(why) => {
+                    r.err(&format!("postgres.{key}"), why);
+                    None
+                }
             }
-        }
+        };
+        let url = check(self, "url");
+        let migrate_url = check(self, "migrate_url");
+        let migrate_on_start = match t.get("migrate_on_start") {
+            None => true,
+            Some(Value::Boolean(b)) => *b,
+            Some(_) => {
+                self.err("postgres.migrate_on_start", "must be true or false");
+                true
+            }
+        };
+        Some(PostgresConfig {
+            url: url?,
+            migrate_url,
+            migrate_on_start,
+        })
     }
 
     fn audit(&mut self, t: &Table) -> Option<AuditConfig> {
@@ -761,8 +798,10 @@ impl Reader<'_> {
                 "checkpoint_signing_key_file",
                 "checkpoint_dir",
                 "checkpoint_interval",
+                "previous_keys",
             ],
         );
+        let previous_keys = self.previous_keys(t);
         let hmac_key = self.key_file(t, "hmac_key_file", path, true);
         let key_id = self.ident(t, "key_id", path);
         let chain_id = self.ident(t, "chain_id", path);
@@ -782,7 +821,40 @@ impl Reader<'_> {
             checkpoint_signing_key: checkpoint_signing_key?,
             checkpoint_dir: checkpoint_dir?,
             checkpoint_interval,
+            previous_keys,
         })
+    }
+
+    /// `[audit.previous_keys]`: `key_id = "path/to/key"`, each key id unique.
+    fn previous_keys(&mut self, t: &Table) -> Vec<(String, Key32)> {
+        let Some(table) = self.table(t, "previous_keys", "audit") else {
+            return Vec::new();
+        };
+        let current = t.get("key_id").and_then(|v| v.as_str()).unwrap_or("");
+        let mut out = Vec::new();
+        for id in table.keys() {
+            let p = format!("audit.previous_keys.{id}");
+            let ok = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !ok {
+                self.err(
+                    &p,
+                    "a key id must be 1-64 characters of letters, digits, '_', '-', '.'",
+                );
+                continue;
+            }
+            if id == current {
+                self.err(&p, "is the current key_id; a retired key needs its own id");
+                continue;
+            }
+            if let Some(key) = self.key_file(table, id, "audit.previous_keys", true) {
+                out.push((id.clone(), key));
+            }
+        }
+        out
     }
 
     /// A short identifier: 1-64 chars of `[A-Za-z0-9_.-]`.
@@ -847,6 +919,7 @@ impl Reader<'_> {
                     "username_claim",
                     "agent_claim",
                     "leeway",
+                    "max_key_age",
                 ],
             );
             let name = self.ident(t, "name", &path);
@@ -882,6 +955,12 @@ impl Reader<'_> {
             if leeway > Duration::from_secs(300) {
                 self.err(&format!("{path}.leeway"), "must be at most 5m");
             }
+            let max_key_age =
+                self.duration(t, "max_key_age", &path, Duration::from_secs(24 * 3600));
+            if max_key_age < Duration::from_secs(1) || max_key_age > Duration::from_secs(30 * 86400)
+            {
+                self.err(&format!("{path}.max_key_age"), "must be between 1s and 30d");
+            }
             if let (
                 Some(name),
                 Some(issuer),
@@ -906,6 +985,7 @@ impl Reader<'_> {
                     username_claim,
                     agent_claim,
                     leeway,
+                    max_key_age,
                 });
             }
         }

@@ -32,6 +32,14 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Create or upgrade the audit schema with an owner role.
+    Migrate {
+        #[arg(long)]
+        config: PathBuf,
+        /// Grant this (serving) role exactly what `aegis serve` needs.
+        #[arg(long)]
+        grant_to: Option<String>,
+    },
     /// Key material.
     Keys {
         #[command(subcommand)]
@@ -59,6 +67,9 @@ enum AuditCommand {
         /// Chain to verify (default: audit.chain_id).
         #[arg(long)]
         chain: Option<String>,
+        /// Checkpoint directory (default: audit.checkpoint_dir).
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
     },
     /// Print the chain as JSON lines.
     Export {
@@ -106,8 +117,12 @@ fn main() {
                                 config,
                                 json,
                                 chain,
+                                checkpoints,
                             },
-                    } => aegis::cli::audit_verify(&config, json, chain).await,
+                    } => aegis::cli::audit_verify(&config, json, chain, checkpoints).await,
+                    Command::Migrate { config, grant_to } => {
+                        aegis::cli::migrate(&config, grant_to).await
+                    }
                     Command::Audit {
                         command: AuditCommand::Export { config, since },
                     } => aegis::cli::audit_export(&config, since).await,

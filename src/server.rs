@@ -8,7 +8,11 @@ use std::time::Duration;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tonic_health::ServingStatus;
 
+use crate::admin::console::Console;
+use crate::admin::live::{self, LiveOps};
 use crate::admin::{self, AdminState, Readiness, ReadyStatus};
+use crate::audit::checkpoint::{Checkpointer, DirSink};
+use crate::audit::pg::PgTarget;
 use crate::audit::{AuditChain, WriterOptions};
 use crate::authz::Pipeline;
 use crate::broker::redis::{RedisLink, Sealer};
@@ -16,7 +20,7 @@ use crate::broker::Broker;
 use crate::config::{Config, ListenAddr};
 use crate::grpc::AuthzService;
 use crate::identity::Validator;
-use crate::policy::Policy;
+use crate::policy::{AgentBlocklist, Policy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -25,6 +29,8 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("postgres.url: {0}")]
+    Postgres(String),
     #[error("invalid redis url: {0}")]
     Redis(String),
     #[error("cannot build the HTTP client: {0}")]
@@ -95,24 +101,45 @@ pub async fn run(
         Sealer::new(&cfg.redis.cache_key),
         http.clone(),
     ));
+    let target = PgTarget::parse(&cfg.postgres.url).map_err(ServeError::Postgres)?;
     let audit = AuditChain::start(
-        cfg.postgres.url.clone(),
+        target.clone(),
         cfg.audit.chain_id.clone(),
         cfg.audit.key_id.clone(),
         cfg.audit.hmac_key.clone(),
         cfg.server.instance_id.clone(),
-        WriterOptions::default(),
+        WriterOptions {
+            migrate_on_start: cfg.postgres.migrate_on_start,
+            ..WriterOptions::default()
+        },
     );
+    let checkpointer = Arc::new(Checkpointer::new(
+        target,
+        cfg.audit.chain_id.clone(),
+        cfg.audit.keys(),
+        cfg.audit.checkpoint_signing_key.clone(),
+        Arc::new(DirSink::new(
+            &cfg.audit.checkpoint_dir,
+            &cfg.server.instance_id,
+        )),
+    ));
+
+    // Agents blocked from the console: shared through Redis, re-read every 500 ms.
+    let blocklist = Arc::new(AgentBlocklist::unloaded());
+    tokio::spawn(blocklist.clone().keep_fresh(redis.clone()));
 
     let ready = Arc::new(AtomicBool::new(false));
-    let pipeline = Arc::new(Pipeline::new(
-        validator.clone(),
-        broker.clone(),
-        audit.clone(),
-        Arc::new(Policy::new(&cfg)),
-        ready.clone(),
-        cfg.server.check_timeout,
-    ));
+    let pipeline = Arc::new(
+        Pipeline::new(
+            validator.clone(),
+            broker.clone(),
+            audit.clone(),
+            Arc::new(Policy::new(&cfg)),
+            ready.clone(),
+            cfg.server.check_timeout,
+        )
+        .with_blocklist(blocklist.clone()),
+    );
 
     let components = Arc::new(Components {
         validator: validator.clone(),
@@ -132,6 +159,11 @@ pub async fn run(
         )
         .await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(
+        checkpointer
+            .clone()
+            .run(cfg.audit.checkpoint_interval, stop_rx.clone()),
+    );
     tokio::spawn(track_readiness(
         components.clone(),
         ready.clone(),
@@ -139,10 +171,40 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
-    // --- admin listener ---
+    // --- admin listener (and the console's dependency monitor, which feeds /metrics too) ---
+    let console_pg = PgTarget::parse(&cfg.postgres.url).map_err(ServeError::Postgres)?;
+    let last_cp = checkpointer.clone();
+    let ops = LiveOps::new(
+        &cfg,
+        live::Parts {
+            audit: audit.clone(),
+            broker: broker.clone(),
+            validator: validator.clone(),
+            redis: redis.clone(),
+            blocklist: blocklist.clone(),
+            readiness: components.clone(),
+            http: http.clone(),
+            keys: cfg.audit.keys(),
+            pg_connect: Arc::new(move || {
+                let target = console_pg.clone();
+                Box::pin(async move {
+                    target
+                        .connect(Duration::from_secs(2), "aegis-console")
+                        .await
+                })
+            }),
+            last_checkpoint: Arc::new(move || last_cp.last().map(|c| (c.size, c.ts))),
+        },
+    );
+    tokio::spawn(ops.clone().monitor(stop_rx.clone()));
     let admin_app = admin::app(AdminState {
         readiness: components.clone(),
         metrics,
+        console: cfg
+            .admin
+            .console_token
+            .clone()
+            .map(|token| Arc::new(Console::new(token, ops))),
     });
     let admin_listener = tokio::net::TcpListener::bind(cfg.server.admin_listen)
         .await
@@ -210,6 +272,19 @@ pub async fn run(
         .await;
     let _ = stop_tx.send(true);
     let grpc_result = tokio::time::timeout(Duration::from_secs(10), grpc_task).await;
+    // In-flight checks are done: commit what they queued, then pin the final head.
+    if tokio::time::timeout(Duration::from_secs(5), audit.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!("audit queue did not flush within 5s");
+    }
+    match tokio::time::timeout(Duration::from_secs(10), checkpointer.run_once()).await {
+        Ok(Ok(Some(cp))) => tracing::info!(size = cp.size, "final checkpoint written"),
+        Ok(Ok(None)) => tracing::info!("final checkpoint: head unchanged"),
+        Ok(Err(e)) => tracing::error!(error = %e, "final checkpoint not written"),
+        Err(_) => tracing::error!("final checkpoint timed out"),
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
     if let ListenAddr::Unix(path) = &cfg.server.grpc_listen {
         let _ = std::fs::remove_file(path);
@@ -231,10 +306,14 @@ async fn keep_keys_fresh(validator: Arc<Validator>) {
         for (issuer, error) in &failed {
             tracing::warn!(issuer = %issuer, error = %error, "could not load the issuer's signing keys");
         }
-        let wait = if validator.all_loaded() {
+        // A failed refresh is retried soon, so keys past their max_key_age come back as soon as
+        // the IdP does.
+        let wait = if !validator.all_loaded() {
+            Duration::from_secs(1)
+        } else if failed.is_empty() {
             Duration::from_secs(300)
         } else {
-            Duration::from_secs(1)
+            Duration::from_secs(5)
         };
         tokio::time::sleep(wait).await;
     }

@@ -7,6 +7,8 @@
 //! Only then are the waiting requests answered. If the queue is full or the commit fails, every
 //! waiter gets an error and the pipeline denies (503): never an allow without its row.
 
+pub mod checkpoint;
+pub mod pg;
 pub mod record;
 pub mod schema;
 pub mod verify;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use crate::authz::Audit;
 use crate::secret::Key32;
@@ -103,6 +105,9 @@ pub struct WriterOptions {
     pub max_batch: usize,
     pub commit_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Create or upgrade the schema when it is missing; otherwise refuse to serve until
+    /// `aegis migrate` has run (so the serving role needs no DDL rights).
+    pub migrate_on_start: bool,
 }
 
 impl Default for WriterOptions {
@@ -112,6 +117,7 @@ impl Default for WriterOptions {
             max_batch: 512,
             commit_timeout: Duration::from_millis(1500),
             connect_timeout: Duration::from_secs(1),
+            migrate_on_start: true,
         }
     }
 }
@@ -136,9 +142,15 @@ struct Job {
     done: oneshot::Sender<Result<u64, AuditError>>,
 }
 
+enum Msg {
+    Append(Job),
+    /// Answered once everything queued before it has been committed (or failed).
+    Flush(oneshot::Sender<()>),
+}
+
 /// The handle requests append through.
 pub struct AuditChain {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
     feed: tokio::sync::broadcast::Sender<Arc<Committed>>,
     head_loaded: Arc<AtomicBool>,
     size: Arc<AtomicU64>,
@@ -148,7 +160,7 @@ impl AuditChain {
     /// Starts the writer task. The chain head is loaded (and the schema migrated) by the writer
     /// on its first successful connection; [`AuditChain::head_loaded`] tells when.
     pub fn start(
-        pg_url: String,
+        target: pg::PgTarget,
         chain_id: String,
         key_id: String,
         key: Key32,
@@ -161,7 +173,7 @@ impl AuditChain {
         let (feed, _) = tokio::sync::broadcast::channel(1024);
         let writer = Writer {
             feed: feed.clone(),
-            pg_url,
+            target,
             chain_id,
             key_id,
             key,
@@ -200,12 +212,22 @@ impl AuditChain {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
+    /// Waits until every decision queued so far is committed or failed (used on shutdown).
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
     pub async fn append(&self, draft: Draft) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
-        self.tx.try_send(Job { draft, done }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => AuditError::WriterGone,
-        })?;
+        self.tx
+            .try_send(Msg::Append(Job { draft, done }))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => AuditError::WriterGone,
+            })?;
         wait.await.map_err(|_| AuditError::WriterGone)?
     }
 }
@@ -225,7 +247,7 @@ struct Conn {
 
 struct Writer {
     feed: tokio::sync::broadcast::Sender<Arc<Committed>>,
-    pg_url: String,
+    target: pg::PgTarget,
     chain_id: String,
     key_id: String,
     key: Key32,
@@ -245,7 +267,7 @@ const INSERT_SQL: &str = "INSERT INTO aegis_audit (chain_id, seq, ts, trace_id, 
     $21::bytea[], $22::text[]) AS u";
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         // Load the head as soon as possible so readiness does not wait for the first request.
         loop {
             match self.ensure_conn().await {
@@ -255,9 +277,10 @@ impl Writer {
                     metrics::gauge!("aegis_dependency_up", "dependency" => "postgres").set(0.0);
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        job = rx.recv() => match job {
+                        msg = rx.recv() => match msg {
                             // Requests that arrive before the store is reachable are refused.
-                            Some(job) => { let _ = job.done.send(Err(AuditError::Store("not connected".into()))); }
+                            Some(Msg::Append(job)) => { let _ = job.done.send(Err(AuditError::Store("not connected".into()))); }
+                            Some(Msg::Flush(done)) => { let _ = done.send(()); }
                             None => return,
                         }
                     }
@@ -265,11 +288,22 @@ impl Writer {
             }
         }
         let mut batch: Vec<Job> = Vec::with_capacity(self.opts.max_batch);
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
+        while let Some(msg) = rx.recv().await {
+            let mut flush = None;
+            match msg {
+                Msg::Append(job) => batch.push(job),
+                Msg::Flush(done) => {
+                    let _ = done.send(());
+                    continue;
+                }
+            }
             while batch.len() < self.opts.max_batch {
                 match rx.try_recv() {
-                    Ok(j) => batch.push(j),
+                    Ok(Msg::Append(job)) => batch.push(job),
+                    Ok(Msg::Flush(done)) => {
+                        flush = Some(done);
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -322,6 +356,9 @@ impl Writer {
                     }
                 }
             }
+            if let Some(done) = flush {
+                let _ = done.send(());
+            }
         }
     }
 
@@ -332,24 +369,14 @@ impl Writer {
             }
         }
         self.conn = None;
-        let mut cfg: tokio_postgres::Config = self
-            .pg_url
-            .parse()
-            .map_err(|_| AuditError::Store("invalid postgres url".into()))?;
-        cfg.connect_timeout(self.opts.connect_timeout);
-        cfg.application_name("aegis");
-        let (client, connection) =
-            tokio::time::timeout(self.opts.connect_timeout, cfg.connect(NoTls))
-                .await
-                .map_err(|_| AuditError::Store("connect timed out".into()))?
-                .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %pg_error_text(&e), "postgres connection closed");
-            }
-        });
+        let client = self
+            .target
+            .connect(self.opts.connect_timeout, "aegis")
+            .await
+            .map_err(AuditError::Store)?;
+        let migrate = self.opts.migrate_on_start;
         let prepared = async {
-            schema::migrate(&client).await?;
+            schema::ensure(&client, migrate).await?;
             let size = schema::load_head(&client, &self.chain_id).await?;
             let lock_head = client
                 .prepare(

@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS aegis_chain_head (
     head_mac   bytea       NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS aegis_schema_version (
+    version    integer     PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
 CREATE OR REPLACE FUNCTION aegis_audit_refuse_change() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
@@ -59,7 +63,65 @@ CREATE TRIGGER aegis_audit_no_update_delete BEFORE UPDATE OR DELETE ON aegis_aud
 DROP TRIGGER IF EXISTS aegis_audit_no_truncate ON aegis_audit;
 CREATE TRIGGER aegis_audit_no_truncate BEFORE TRUNCATE ON aegis_audit
     FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse_change();
+INSERT INTO aegis_schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
 "#;
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The installed schema version, `None` when aegis' tables are absent.
+pub async fn installed_version(client: &Client) -> Result<Option<i32>, SchemaError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('aegis_schema_version') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt("SELECT max(version) FROM aegis_schema_version", &[])
+        .await?;
+    Ok(row.and_then(|r| r.get::<_, Option<i32>>(0)))
+}
+
+/// Makes sure the schema is current: migrates when allowed, else explains what to run.
+pub async fn ensure(client: &Client, migrate_allowed: bool) -> Result<(), SchemaError> {
+    match installed_version(client).await? {
+        Some(v) if v == SCHEMA_VERSION => Ok(()),
+        Some(v) if v > SCHEMA_VERSION => Err(SchemaError::Inconsistent(format!(
+            "the audit schema is version {v}, newer than this build ({SCHEMA_VERSION})"
+        ))),
+        _ if migrate_allowed => migrate(client).await,
+        _ => Err(SchemaError::Inconsistent(
+            "the audit schema is missing or outdated; run `aegis migrate` with an owner role"
+                .into(),
+        )),
+    }
+}
+
+/// Lets `role` serve: append to the chain and move its head, nothing else.
+pub async fn grant_service_role(client: &Client, role: &str) -> Result<(), SchemaError> {
+    let ok = !role.is_empty()
+        && role.len() <= 63
+        && role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !ok {
+        return Err(SchemaError::Inconsistent(format!(
+            "role name {role:?} must be letters, digits and '_'"
+        )));
+    }
+    client
+        .batch_execute(&format!(
+            "REVOKE ALL ON aegis_audit, aegis_chain_head, aegis_schema_version FROM {role}; \
+             GRANT SELECT, INSERT ON aegis_audit TO {role}; \
+             GRANT SELECT, INSERT, UPDATE ON aegis_chain_head TO {role}; \
+             GRANT SELECT ON aegis_schema_version TO {role};"
+        ))
+        .await?;
+    Ok(())
+}
 
 /// Creates or updates the schema. On error the session is left mid-transaction; callers drop
 /// the connection.

@@ -5,12 +5,13 @@
 //! `mac`, and the MAC recomputed over the canonical record with the row's key matches. At the
 //! end the head row must agree with the last row.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use futures_util::{pin_mut, TryStreamExt};
 use serde::Serialize;
 use tokio_postgres::{Client, Row};
 
+use super::checkpoint::Checkpoint;
 use super::record::{AuditRecord, Decision, GENESIS_MAC};
 use crate::secret::Key32;
 
@@ -21,10 +22,13 @@ pub struct VerifyReport {
     pub intact: bool,
     /// Rows walked.
     pub rows: u64,
+    /// Checkpoints checked.
+    pub checkpoints: u64,
     /// The first seq at which something is wrong.
     pub first_bad_seq: Option<u64>,
     /// What kind of tamper: `gap`, `broken_link`, `bad_mac`, `unknown_key`, `bad_row`,
-    /// `head_mismatch`.
+    /// `head_mismatch`, `truncated`, `checkpoint_mismatch`, `forged_checkpoint`,
+    /// `conflicting_checkpoints`, `checkpoint_rollback`.
     pub problem: Option<String>,
     pub detail: Option<String>,
     /// Hex of the last row's mac.
@@ -34,6 +38,106 @@ pub struct VerifyReport {
 const SELECT: &str = "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
     user_name, agent, workspace, method, path, token_source, token_fp, key_id, instance_id, \
     version, prev_mac, mac, chain_id, actor_chain FROM aegis_audit WHERE chain_id = $1 AND seq > $2 ORDER BY seq";
+
+/// Rows `$2 < seq <= $3` of chain `$1`, in order.
+pub const SELECT_RANGE: &str = "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
+    user_name, agent, workspace, method, path, token_source, token_fp, key_id, instance_id, \
+    version, prev_mac, mac, chain_id, actor_chain FROM aegis_audit WHERE chain_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq";
+
+/// A problem found at one row.
+#[derive(Debug, Clone)]
+pub struct Bad {
+    pub seq: u64,
+    pub problem: &'static str,
+    pub detail: String,
+}
+
+/// The row-by-row chain check shared by the verifier and the checkpointer.
+pub struct Walk {
+    expected: u64,
+    prev: Vec<u8>,
+}
+
+impl Walk {
+    pub fn new() -> Walk {
+        Walk::resume(1, GENESIS_MAC.to_vec())
+    }
+
+    /// Continues a walk at `next_seq`, whose `prev_mac` must be `prev`.
+    pub fn resume(next_seq: u64, prev: Vec<u8>) -> Walk {
+        Walk {
+            expected: next_seq,
+            prev,
+        }
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.expected
+    }
+
+    pub fn head(&self) -> &[u8] {
+        &self.prev
+    }
+
+    /// Checks one row: the next seq, linked to the previous mac, with a MAC that verifies.
+    pub fn step(
+        &mut self,
+        rec: &AuditRecord,
+        mac: &[u8],
+        keys: &HashMap<String, Key32>,
+    ) -> Result<(), Bad> {
+        if rec.seq != self.expected {
+            let detail = if rec.seq > self.expected {
+                format!(
+                    "expected seq {}, found {} (rows missing)",
+                    self.expected, rec.seq
+                )
+            } else {
+                format!(
+                    "expected seq {}, found {} (out of order)",
+                    self.expected, rec.seq
+                )
+            };
+            return Err(Bad {
+                seq: self.expected.min(rec.seq),
+                problem: "gap",
+                detail,
+            });
+        }
+        if rec.prev_mac != self.prev {
+            return Err(Bad {
+                seq: rec.seq,
+                problem: "broken_link",
+                detail: "prev_mac is not the previous row's mac (a row was removed, inserted or reordered)"
+                    .to_string(),
+            });
+        }
+        let Some(key) = keys.get(&rec.key_id) else {
+            return Err(Bad {
+                seq: rec.seq,
+                problem: "unknown_key",
+                detail: format!("no key with id {:?} is configured", rec.key_id),
+            });
+        };
+        if !rec.verify_mac(key.expose(), mac) {
+            return Err(Bad {
+                seq: rec.seq,
+                problem: "bad_mac",
+                detail: "the row's contents do not match its mac (a field was modified, or the row was forged)"
+                    .to_string(),
+            });
+        }
+        self.prev = mac.to_vec();
+        self.expected += 1;
+        Ok(())
+    }
+}
+
+impl Default for Walk {
+    fn default() -> Self {
+        Walk::new()
+    }
+}
 
 /// Rebuilds the canonical record of a row.
 pub fn record_of(row: &Row) -> Result<(AuditRecord, Vec<u8>), String> {
@@ -79,89 +183,169 @@ pub fn record_of(row: &Row) -> Result<(AuditRecord, Vec<u8>), String> {
     Ok((rec, mac))
 }
 
-/// Walks a chain. `keys` maps key ids to HMAC keys.
+/// Checks the checkpoints among themselves: signatures, one head per size, sizes that never
+/// shrink over time. Returns the valid ones by size, or the first problem.
+fn check_checkpoints(
+    chain_id: &str,
+    checkpoints: &[Result<Checkpoint, String>],
+    public_key: &[u8; 32],
+) -> Result<BTreeMap<u64, [u8; 32]>, Bad> {
+    let mut mine = Vec::new();
+    for c in checkpoints {
+        match c {
+            Err(why) => {
+                return Err(Bad {
+                    seq: 0,
+                    problem: "forged_checkpoint",
+                    detail: format!("unreadable checkpoint {why}"),
+                })
+            }
+            Ok(c) if c.chain_id != chain_id => {}
+            Ok(c) => {
+                if !c.verify(public_key) {
+                    return Err(Bad {
+                        seq: c.size,
+                        problem: "forged_checkpoint",
+                        detail: format!(
+                            "the checkpoint for size {} is not signed by the configured key",
+                            c.size
+                        ),
+                    });
+                }
+                mine.push(c);
+            }
+        }
+    }
+    let mut by_size: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
+    for c in &mine {
+        if let Some(other) = by_size.insert(c.size, c.head_mac) {
+            if other != c.head_mac {
+                return Err(Bad {
+                    seq: c.size,
+                    problem: "conflicting_checkpoints",
+                    detail: format!(
+                        "two signed checkpoints of size {} name different heads",
+                        c.size
+                    ),
+                });
+            }
+        }
+    }
+    mine.sort_by_key(|c| (c.ts, c.size));
+    for pair in mine.windows(2) {
+        if pair[1].size < pair[0].size && pair[1].ts > pair[0].ts {
+            return Err(Bad {
+                seq: pair[1].size,
+                problem: "checkpoint_rollback",
+                detail: format!(
+                    "a checkpoint of size {} was signed after one of size {}",
+                    pair[1].size, pair[0].size
+                ),
+            });
+        }
+    }
+    Ok(by_size)
+}
+
+/// Walks a chain. `keys` maps key ids to HMAC keys; `checkpoints` are every checkpoint found in
+/// the sink and `public_key` the signing key they must verify under.
 pub async fn verify(
     client: &Client,
     chain_id: &str,
     keys: &HashMap<String, Key32>,
+    checkpoints: &[Result<Checkpoint, String>],
+    public_key: &[u8; 32],
 ) -> Result<VerifyReport, tokio_postgres::Error> {
     let mut report = VerifyReport {
         chain_id: chain_id.to_string(),
         intact: true,
         rows: 0,
+        checkpoints: 0,
         first_bad_seq: None,
         problem: None,
         detail: None,
         head_mac: hex::encode(GENESIS_MAC),
     };
-    let fail = |report: &mut VerifyReport, seq: u64, problem: &str, detail: String| {
+    let fail = |report: &mut VerifyReport, bad: Bad| {
         if report.intact {
             report.intact = false;
-            report.first_bad_seq = Some(seq);
-            report.problem = Some(problem.to_string());
-            report.detail = Some(detail);
+            report.first_bad_seq = Some(bad.seq);
+            report.problem = Some(bad.problem.to_string());
+            report.detail = Some(bad.detail);
         }
     };
+
+    let pinned = match check_checkpoints(chain_id, checkpoints, public_key) {
+        Ok(p) => p,
+        Err(bad) => {
+            fail(&mut report, bad);
+            return Ok(report);
+        }
+    };
+    report.checkpoints = pinned.len() as u64;
 
     let stmt = client.prepare(SELECT).await?;
     let from: i64 = 0;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&chain_id, &from];
     let rows = client.query_raw(&stmt, params).await?;
     pin_mut!(rows);
-    let mut expected: u64 = 1;
-    let mut prev = GENESIS_MAC.to_vec();
+    let mut walk = Walk::new();
     while let Some(row) = rows.try_next().await? {
         report.rows += 1;
         let (rec, mac) = match record_of(&row) {
             Ok(x) => x,
             Err(e) => {
-                fail(&mut report, expected, "bad_row", e);
+                fail(
+                    &mut report,
+                    Bad {
+                        seq: walk.next_seq(),
+                        problem: "bad_row",
+                        detail: e,
+                    },
+                );
                 break;
             }
         };
-        if rec.seq != expected {
-            let detail = if rec.seq > expected {
-                format!("expected seq {expected}, found {} (rows missing)", rec.seq)
-            } else {
-                format!("expected seq {expected}, found {} (out of order)", rec.seq)
-            };
-            fail(&mut report, expected.min(rec.seq), "gap", detail);
+        if let Err(bad) = walk.step(&rec, &mac, keys) {
+            fail(&mut report, bad);
             break;
         }
-        if rec.prev_mac != prev {
-            fail(
-                &mut report,
-                rec.seq,
-                "broken_link",
-                "prev_mac is not the previous row's mac (a row was removed, inserted or reordered)"
-                    .to_string(),
-            );
-            break;
+        if let Some(pinned_head) = pinned.get(&rec.seq) {
+            if pinned_head.as_slice() != mac.as_slice() {
+                fail(
+                    &mut report,
+                    Bad {
+                        seq: rec.seq,
+                        problem: "checkpoint_mismatch",
+                        detail: format!(
+                            "row {} does not match the signed checkpoint of that size (the chain was rewritten or restored)",
+                            rec.seq
+                        ),
+                    },
+                );
+                break;
+            }
         }
-        let Some(key) = keys.get(&rec.key_id) else {
-            fail(
-                &mut report,
-                rec.seq,
-                "unknown_key",
-                format!("no key with id {:?} is configured", rec.key_id),
-            );
-            break;
-        };
-        if !rec.verify_mac(key.expose(), &mac) {
-            fail(
-                &mut report,
-                rec.seq,
-                "bad_mac",
-                "the row's contents do not match its mac (a field was modified, or the row was forged)"
-                    .to_string(),
-            );
-            break;
-        }
-        prev = mac;
-        expected += 1;
     }
-    report.head_mac = hex::encode(&prev);
+    report.head_mac = hex::encode(walk.head());
+    let rows = report.rows;
 
+    if report.intact {
+        if let Some((&max, _)) = pinned.iter().next_back() {
+            if rows < max {
+                fail(
+                    &mut report,
+                    Bad {
+                        seq: rows + 1,
+                        problem: "truncated",
+                        detail: format!(
+                            "the table holds {rows} rows but a signed checkpoint says the chain had {max} (tail rows deleted or the table rolled back)"
+                        ),
+                    },
+                );
+            }
+        }
+    }
     if report.intact {
         let head = client
             .query_opt(
@@ -173,15 +357,16 @@ pub async fn verify(
             Some(r) => (r.get::<_, i64>(0) as u64, r.get::<_, Vec<u8>>(1)),
             None => (0, GENESIS_MAC.to_vec()),
         };
-        let rows = report.rows;
-        if size != rows || head_mac != prev {
+        if size != rows || head_mac != walk.head() {
             fail(
                 &mut report,
-                size.min(rows) + 1,
-                "head_mismatch",
-                format!(
-                    "the head row says size {size} but the table holds {rows} rows (tail rows deleted or a table restored)"
-                ),
+                Bad {
+                    seq: size.min(rows) + 1,
+                    problem: "head_mismatch",
+                    detail: format!(
+                        "the head row says size {size} but the table holds {rows} rows (tail rows deleted or a table restored)"
+                    ),
+                },
             );
         }
     }

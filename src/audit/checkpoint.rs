@@ -1,0 +1,435 @@
+//! Signed checkpoints: the chain's head (chain id, size, head mac, time) signed with Ed25519 and
+//! written outside PostgreSQL, like a Certificate Transparency checkpoint.
+//!
+//! A plain HMAC chain cannot show that rows were cut off its tail, that the table was rolled back
+//! to a backup, or that someone holding the HMAC key rewrote it consistently. A checkpoint pins
+//! "the chain had N rows and its head was H" in a place the database's users cannot rewrite; the
+//! verifier then checks the table against every checkpoint.
+//!
+//! Writers never sign an inconsistent checkpoint: before signing size N, the checkpointer
+//! re-walks every row since the previous checkpoint (links, seqs, MACs) and requires the walk to
+//! end exactly at the head it is about to sign.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use futures_util::{pin_mut, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use super::pg::PgTarget;
+use super::record::GENESIS_MAC;
+use super::verify::{record_of, Walk, SELECT_RANGE};
+use crate::secret::Key32;
+
+const DOMAIN: &str = "aegis.checkpoint.v1";
+
+/// One signed head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub chain_id: String,
+    pub size: u64,
+    pub head_mac: [u8; 32],
+    /// Seconds since the epoch.
+    pub ts: i64,
+    pub public_key: [u8; 32],
+    pub signature: [u8; 64],
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointFile {
+    version: u32,
+    chain_id: String,
+    size: u64,
+    head_mac: String,
+    ts: i64,
+    public_key: String,
+    signature: String,
+}
+
+/// The public half of the checkpoint signing key.
+pub fn public_key(seed: &Key32) -> [u8; 32] {
+    SigningKey::from_bytes(seed.expose())
+        .verifying_key()
+        .to_bytes()
+}
+
+impl Checkpoint {
+    /// The signed bytes: one field per line, like a transparency-log note.
+    pub fn message(chain_id: &str, size: u64, head_mac: &[u8; 32], ts: i64) -> Vec<u8> {
+        format!(
+            "{DOMAIN}\n{chain_id}\n{size}\n{}\n{ts}\n",
+            hex::encode(head_mac)
+        )
+        .into_bytes()
+    }
+
+    pub fn sign(
+        chain_id: &str,
+        size: u64,
+        head_mac: [u8; 32],
+        ts: i64,
+        seed: &Key32,
+    ) -> Checkpoint {
+        let key = SigningKey::from_bytes(seed.expose());
+        let sig = key.sign(&Self::message(chain_id, size, &head_mac, ts));
+        Checkpoint {
+            chain_id: chain_id.to_string(),
+            size,
+            head_mac,
+            ts,
+            public_key: key.verifying_key().to_bytes(),
+            signature: sig.to_bytes(),
+        }
+    }
+
+    /// True when signed by `expected` (the configured signing key's public half).
+    pub fn verify(&self, expected: &[u8; 32]) -> bool {
+        if &self.public_key != expected {
+            return false;
+        }
+        let Ok(key) = VerifyingKey::from_bytes(expected) else {
+            return false;
+        };
+        let sig = ed25519_dalek::Signature::from_bytes(&self.signature);
+        key.verify(
+            &Self::message(&self.chain_id, self.size, &self.head_mac, self.ts),
+            &sig,
+        )
+        .is_ok()
+    }
+
+    pub fn to_json(&self) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let file = CheckpointFile {
+            version: 1,
+            chain_id: self.chain_id.clone(),
+            size: self.size,
+            head_mac: hex::encode(self.head_mac),
+            ts: self.ts,
+            public_key: b64.encode(self.public_key),
+            signature: b64.encode(self.signature),
+        };
+        serde_json::to_string_pretty(&file).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Result<Checkpoint, String> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let f: CheckpointFile =
+            serde_json::from_str(text).map_err(|e| format!("not a checkpoint: {e}"))?;
+        if f.version != 1 {
+            return Err(format!("unknown checkpoint version {}", f.version));
+        }
+        let head_mac: [u8; 32] = hex::decode(&f.head_mac)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or("head_mac is not 32 bytes of hex")?;
+        let public_key: [u8; 32] = b64
+            .decode(&f.public_key)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or("public_key is not 32 bytes of base64")?;
+        let signature: [u8; 64] = b64
+            .decode(&f.signature)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or("signature is not 64 bytes of base64")?;
+        Ok(Checkpoint {
+            chain_id: f.chain_id,
+            size: f.size,
+            head_mac,
+            ts: f.ts,
+            public_key,
+            signature,
+        })
+    }
+}
+
+// === Sinks ===
+
+/// Where checkpoints go. The directory sink is the default; object storage with retention
+/// (S3 Object Lock, GCS retention) can implement the same trait.
+pub trait CheckpointSink: Send + Sync + 'static {
+    fn write(&self, cp: &Checkpoint) -> std::io::Result<()>;
+    /// Every stored checkpoint, or why one could not be read (the verifier treats an unreadable
+    /// checkpoint as tampering, never skips it).
+    fn list(&self) -> std::io::Result<Vec<Result<Checkpoint, String>>>;
+}
+
+/// Checkpoints as files `checkpoint-<chain>-<size>-<ts>-<instance>.json` in one directory.
+pub struct DirSink {
+    dir: PathBuf,
+    instance: String,
+}
+
+impl DirSink {
+    pub fn new(dir: impl Into<PathBuf>, instance: &str) -> DirSink {
+        let instance = instance
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        DirSink {
+            dir: dir.into(),
+            instance,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl CheckpointSink for DirSink {
+    fn write(&self, cp: &Checkpoint) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let name = format!(
+            "checkpoint-{}-{:020}-{}-{}.json",
+            cp.chain_id, cp.size, cp.ts, self.instance
+        );
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(cp.to_json().as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.dir.join(&name))?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> std::io::Result<Vec<Result<Checkpoint, String>>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with("checkpoint-") && name.ends_with(".json")) {
+                continue;
+            }
+            let parsed = std::fs::read_to_string(entry.path())
+                .map_err(|e| format!("{name}: {e}"))
+                .and_then(|t| Checkpoint::from_json(&t).map_err(|e| format!("{name}: {e}")));
+            out.push(parsed);
+        }
+        Ok(out)
+    }
+}
+
+// === The checkpointer ===
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("audit store unavailable: {0}")]
+    Store(String),
+    #[error("refusing to sign an inconsistent chain: {0}")]
+    Inconsistent(String),
+    #[error("cannot write the checkpoint: {0}")]
+    Sink(String),
+}
+
+/// Signs the chain head periodically.
+pub struct Checkpointer {
+    target: PgTarget,
+    chain_id: String,
+    keys: HashMap<String, Key32>,
+    signing: Key32,
+    sink: Arc<dyn CheckpointSink>,
+    last: Mutex<Option<Checkpoint>>,
+}
+
+impl Checkpointer {
+    pub fn new(
+        target: PgTarget,
+        chain_id: String,
+        keys: HashMap<String, Key32>,
+        signing: Key32,
+        sink: Arc<dyn CheckpointSink>,
+    ) -> Checkpointer {
+        Checkpointer {
+            target,
+            chain_id,
+            keys,
+            signing,
+            sink,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// The newest checkpoint this process knows (signed here or found in the sink).
+    pub fn last(&self) -> Option<Checkpoint> {
+        self.last.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn newest_in_sink(&self) -> Option<Checkpoint> {
+        let public = public_key(&self.signing);
+        self.sink
+            .list()
+            .ok()?
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|c| c.chain_id == self.chain_id && c.verify(&public))
+            .max_by_key(|c| (c.size, c.ts))
+    }
+
+    /// Signs the current head if it moved and is consistent; returns the new checkpoint.
+    pub async fn run_once(&self) -> Result<Option<Checkpoint>, CheckpointError> {
+        let client = self
+            .target
+            .connect(Duration::from_secs(2), "aegis-checkpoint")
+            .await
+            .map_err(CheckpointError::Store)?;
+        let pg = |e: tokio_postgres::Error| CheckpointError::Store(super::pg_error_text(&e));
+        let head = client
+            .query_opt(
+                "SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1",
+                &[&self.chain_id],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(head) = head else {
+            return Ok(None);
+        };
+        let size = head.get::<_, i64>(0) as u64;
+        let head_mac: [u8; 32] = head
+            .get::<_, Vec<u8>>(1)
+            .try_into()
+            .map_err(|_| CheckpointError::Inconsistent("head mac is not 32 bytes".into()))?;
+        let last = match self.last() {
+            Some(c) => Some(c),
+            None => self.newest_in_sink(),
+        };
+        let (from, from_mac) = match &last {
+            Some(c) if c.size == size && c.head_mac == head_mac => return Ok(None),
+            Some(c) if c.size > size => {
+                return Err(CheckpointError::Inconsistent(format!(
+                    "the chain has {size} rows but checkpoint {} was signed for {} rows",
+                    c.chain_id, c.size
+                )))
+            }
+            Some(c) => (c.size, c.head_mac),
+            None => (0, GENESIS_MAC),
+        };
+        if size == 0 {
+            return Ok(None);
+        }
+
+        // Re-walk every row since the last checkpoint; sign only what the walk proves.
+        let stmt = client.prepare(SELECT_RANGE).await.map_err(pg)?;
+        let (lo, hi) = (from as i64, size as i64);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&self.chain_id, &lo, &hi];
+        let rows = client.query_raw(&stmt, params).await.map_err(pg)?;
+        pin_mut!(rows);
+        let mut walk = Walk::resume(from + 1, from_mac.to_vec());
+        while let Some(row) = rows.try_next().await.map_err(pg)? {
+            let (rec, mac) = record_of(&row).map_err(CheckpointError::Inconsistent)?;
+            if let Err(bad) = walk.step(&rec, &mac, &self.keys) {
+                return Err(CheckpointError::Inconsistent(format!(
+                    "seq {}: {} ({})",
+                    bad.seq, bad.problem, bad.detail
+                )));
+            }
+        }
+        if walk.next_seq() != size + 1 || walk.head() != head_mac.as_slice() {
+            return Err(CheckpointError::Inconsistent(format!(
+                "the rows end at seq {} but the head row says {size}",
+                walk.next_seq() - 1
+            )));
+        }
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let cp = Checkpoint::sign(&self.chain_id, size, head_mac, ts, &self.signing);
+        self.sink
+            .write(&cp)
+            .map_err(|e| CheckpointError::Sink(e.to_string()))?;
+        metrics::gauge!("aegis_checkpoint_size").set(size as f64);
+        metrics::gauge!("aegis_checkpoint_timestamp_seconds").set(ts as f64);
+        if let Ok(mut g) = self.last.lock() {
+            *g = Some(cp.clone());
+        }
+        Ok(Some(cp))
+    }
+
+    /// Checkpoints every `interval` until `stop` turns true.
+    pub async fn run(
+        self: Arc<Self>,
+        interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match self.run_once().await {
+                Ok(Some(cp)) => tracing::debug!(size = cp.size, "checkpoint signed"),
+                Ok(None) => {}
+                Err(e @ CheckpointError::Inconsistent(_)) => {
+                    metrics::counter!("aegis_checkpoint_failures_total", "kind" => "inconsistent")
+                        .increment(1);
+                    tracing::error!(error = %e, "audit chain inconsistency: checkpoint not signed");
+                }
+                Err(e) => {
+                    metrics::counter!("aegis_checkpoint_failures_total", "kind" => "unavailable")
+                        .increment(1);
+                    tracing::warn!(error = %e, "checkpoint not written");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_bind_every_field() {
+        let seed = Key32::generate();
+        let public = public_key(&seed);
+        let cp = Checkpoint::sign("main", 42, [7u8; 32], 1_700_000_000, &seed);
+        assert!(cp.verify(&public));
+        let back = Checkpoint::from_json(&cp.to_json()).unwrap();
+        assert_eq!(back, cp);
+        for tamper in [
+            Checkpoint {
+                size: 41,
+                ..cp.clone()
+            },
+            Checkpoint {
+                head_mac: [8u8; 32],
+                ..cp.clone()
+            },
+            Checkpoint {
+                chain_id: "other".into(),
+                ..cp.clone()
+            },
+            Checkpoint {
+                ts: 1,
+                ..cp.clone()
+            },
+        ] {
+            assert!(!tamper.verify(&public));
+        }
+        let other = public_key(&Key32::generate());
+        assert!(!cp.verify(&other));
+    }
+}
