@@ -41,8 +41,9 @@ use crate::{Sandbox, SandboxOptions};
 
 pub use self::aegis::{AegisProcess, READY_TIMEOUT};
 pub use self::envoy::{
-    dev_envoy_yaml, render_envoy_yaml, validate_envoy_config, EnvoyProcess, EnvoyUpstreams,
-    TEMPLATE_ADMIN_PORT, TEMPLATE_AEGIS_PORT, TEMPLATE_DATABRICKS_PORT, TEMPLATE_LISTENER_PORT,
+    dev_envoy_yaml, render_aegis_socket, render_envoy_yaml, validate_envoy_config, EnvoyProcess,
+    EnvoyUpstreams, TEMPLATE_ADMIN_PORT, TEMPLATE_AEGIS_PORT, TEMPLATE_AEGIS_SOCKET,
+    TEMPLATE_DATABRICKS_PORT, TEMPLATE_LISTENER_PORT,
 };
 pub use self::postgres::{postgres_can_use, PostgresServer};
 pub use self::process::{
@@ -249,6 +250,11 @@ impl Stack {
             let upstreams = EnvoyUpstreams {
                 databricks_port,
                 aegis_port: grpc_port(&config)?,
+            };
+            // aegis on a Unix socket: the template's `aegis` cluster names the socket instead.
+            let template = match grpc_socket(&config) {
+                Some(socket) => render_aegis_socket(&template, Path::new(socket)),
+                None => template.clone(),
             };
             match tokio::try_join!(
                 AegisProcess::start(&aegis_bin, &config_path),
@@ -474,8 +480,21 @@ fn url_port(url: &str, what: &'static str) -> Result<u16, StackError> {
         .ok_or_else(|| StackError::new(ErrorKind::Config, what, format!("no port in {url}")))
 }
 
-/// The TCP port of `server.grpc_listen`, which Envoy's `aegis` cluster points at.
+/// The path of `server.grpc_listen` when it is `unix:<path>`.
+fn grpc_socket(config: &toml::Table) -> Option<&str> {
+    config
+        .get("server")
+        .and_then(|s| s.get("grpc_listen"))
+        .and_then(|v| v.as_str())
+        .and_then(|listen| listen.strip_prefix("unix:"))
+}
+
+/// The TCP port of `server.grpc_listen`, which Envoy's `aegis` cluster points at (the
+/// template's own port, left as it is, when aegis listens on a Unix socket).
 fn grpc_port(config: &toml::Table) -> Result<u16, StackError> {
+    if grpc_socket(config).is_some() {
+        return Ok(TEMPLATE_AEGIS_PORT);
+    }
     let listen = config
         .get("server")
         .and_then(|s| s.get("grpc_listen"))

@@ -1,8 +1,10 @@
 //! The aegis binary under test, run as `aegis serve --config <file>`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
 
 use super::process::{http_client, read_log, Child, ErrorKind, StackError};
 
@@ -132,6 +134,15 @@ impl AegisProcess {
         self.child
             .as_mut()
             .is_some_and(|c| c.exit_status().is_none())
+    }
+
+    /// Sends SIGTERM (a graceful shutdown) and waits up to `timeout` for aegis to exit: its
+    /// exit status, or None when it is still running then (or was not running).
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        child.signal(Signal::TERM);
+        child.wait_exit(timeout).await;
+        child.exit_status()
     }
 
     /// SIGKILL.

@@ -22,6 +22,9 @@ pub const TEMPLATE_ADMIN_PORT: u16 = 9901;
 pub const TEMPLATE_DATABRICKS_PORT: u16 = 8080;
 /// `port_value` of the `aegis` cluster (ext_authz gRPC) in the templates.
 pub const TEMPLATE_AEGIS_PORT: u16 = 9191;
+/// `path` of the `aegis` cluster's Unix socket in the templates that reach aegis over one
+/// (`envoy/sidecar.yaml`); [`render_aegis_socket`] replaces it.
+pub const TEMPLATE_AEGIS_SOCKET: &str = "/run/aegis/authz.sock";
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -68,6 +71,14 @@ pub fn render_envoy_yaml(
         text = text.replace(&needle, &format!("port_value: {to}"));
     }
     Ok(text)
+}
+
+/// Points the template's `aegis` Unix socket ([`TEMPLATE_AEGIS_SOCKET`]) at `socket`.
+pub fn render_aegis_socket(template: &str, socket: &Path) -> String {
+    template.replace(
+        &format!("path: {TEMPLATE_AEGIS_SOCKET}"),
+        &format!("path: {}", socket.display()),
+    )
 }
 
 /// Runs `envoy --mode validate` on `yaml` (written to `<dir>/validate.yaml`).
