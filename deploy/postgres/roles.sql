@@ -1,5 +1,7 @@
 -- PostgreSQL roles for aegis in production. Run as an administrator of the `aegis` database,
--- once; aegis' own schema migration (tables, the append-only trigger) runs as aegis_owner.
+-- once. The schema (tables, the append-only trigger) is then created by
+-- `aegis migrate --config aegis.toml --grant-to aegis_service`, connecting as aegis_owner through
+-- `postgres.migrate_url`; its --grant-to applies the same grants as the last section below.
 --
 --   aegis_owner    owns the tables; used only to migrate, never by the running service
 --   aegis_service  what `[postgres] url` names: appends audit rows and moves the chain head,
