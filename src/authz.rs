@@ -8,6 +8,7 @@
 //! Invariant: an [`Decision::Allow`] is only ever returned after the audit row for it committed.
 
 pub mod headers;
+pub mod prm;
 pub mod reason;
 
 use std::collections::HashMap;
@@ -279,6 +280,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         draft.subject = identity.subject.clone();
         draft.user_name = identity.user_name.clone();
         draft.agent = identity.agent.clone().unwrap_or_default();
+        draft.actor_chain = clean(&identity.actor_chain, 1024);
 
         // 2. route
         let Some(workspace) = self.policy.route(input.context_workspace, input.authority) else {

@@ -16,7 +16,7 @@ use envoy_types::ext_authz::v3::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::authz::{Audit, CheckInput, Decision, Deny, Identify, Pipeline, Reason, Tokens};
+use crate::authz::{prm, Audit, CheckInput, Decision, Deny, Identify, Pipeline, Reason, Tokens};
 
 pub struct AuthzService<I, T, A> {
     pipeline: Arc<Pipeline<I, T, A>>,
@@ -64,6 +64,16 @@ pub async fn check<I: Identify, T: Tokens, A: Audit>(
     let context_workspace = attrs
         .and_then(|a| a.context_extensions.get("workspace"))
         .map(String::as_str);
+    // RFC 9728 metadata for MCP clients: answered here, needs no credentials.
+    if let Some(doc) = prm::document(
+        &http.method,
+        &http.path,
+        &http.scheme,
+        &http.host,
+        pipeline.policy().authorization_servers(),
+    ) {
+        return metadata_response(doc);
+    }
     let input = CheckInput {
         method: &http.method,
         path: &http.path,
@@ -72,7 +82,29 @@ pub async fn check<I: Identify, T: Tokens, A: Audit>(
         context_workspace,
         request_id: &http.id,
     };
-    respond(pipeline.check(&input).await)
+    let decision = pipeline.check(&input).await;
+    let resource_metadata = match &decision {
+        Decision::Deny(d) if d.reason.is_credential_problem() => {
+            prm::metadata_url(&http.path, &http.scheme, &http.host)
+        }
+        _ => None,
+    };
+    respond_with(decision, resource_metadata.as_deref())
+}
+
+/// The Protected Resource Metadata document as a direct 200 answer (a denied response with
+/// status 200 is how ext_authz answers a request itself).
+fn metadata_response(doc: String) -> CheckResponse {
+    let trace = crate::authz::TraceId::random();
+    let mut d = DeniedHttpResponseBuilder::new();
+    d.set_http_status(HttpStatusCode::Ok)
+        .add_header("content-type", "application/json", OVERWRITE, false)
+        .add_header("cache-control", "no-cache", OVERWRITE, false)
+        .add_header("x-aegis-trace-id", trace.as_str(), OVERWRITE, false)
+        .set_body(doc);
+    let mut resp = CheckResponse::with_status(Status::permission_denied("resource_metadata"));
+    resp.set_http_response(d);
+    resp
 }
 
 /// Headers from `header_map` (when Envoy sends raw headers), lower-cased and comma-joined the
@@ -103,6 +135,11 @@ const OVERWRITE: Option<HeaderAppendAction> = Some(HeaderAppendAction::Overwrite
 
 /// Turns a decision into Envoy's response.
 pub fn respond(decision: Decision) -> CheckResponse {
+    respond_with(decision, None)
+}
+
+/// Same, with the RFC 9728 metadata URL to name in a 401's challenge (MCP paths).
+pub fn respond_with(decision: Decision, resource_metadata: Option<&str>) -> CheckResponse {
     match decision {
         Decision::Allow(allow) => {
             let trace = allow.trace_id.as_str();
@@ -132,7 +169,7 @@ pub fn respond(decision: Decision) -> CheckResponse {
             if reason.is_credential_problem() {
                 d.add_header(
                     "www-authenticate",
-                    www_authenticate(reason),
+                    www_authenticate(reason, resource_metadata),
                     OVERWRITE,
                     false,
                 );
@@ -163,16 +200,22 @@ pub fn deny_body(reason: Reason, trace_id: &str) -> String {
     .to_string()
 }
 
-/// RFC 6750 challenge.
-fn www_authenticate(reason: Reason) -> String {
-    match reason {
+/// RFC 6750 challenge, with RFC 9728 `resource_metadata` when given.
+fn www_authenticate(reason: Reason, resource_metadata: Option<&str>) -> String {
+    let mut challenge = match reason {
         Reason::MissingCredentials => "Bearer realm=\"aegis\"".to_string(),
         Reason::TokenExpired | Reason::InvalidToken | Reason::UntrustedIssuer => format!(
             "Bearer realm=\"aegis\", error=\"invalid_token\", error_description=\"{}\"",
             reason.code()
         ),
         other => format!("Bearer realm=\"aegis\", error=\"{}\"", other.code()),
+    };
+    if let Some(url) = resource_metadata {
+        challenge.push_str(", resource_metadata=\"");
+        challenge.push_str(url);
+        challenge.push('"');
     }
+    challenge
 }
 
 fn status_code(status: u16) -> HttpStatusCode {

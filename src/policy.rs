@@ -69,6 +69,9 @@ pub struct Policy {
     defaults: Vec<Rule>,
     deny: Vec<Rule>,
     allow: Vec<Rule>,
+    /// The configured issuers' `issuer` URLs, the OAuth authorization servers MCP clients are
+    /// sent to by the Protected Resource Metadata (RFC 9728).
+    authorization_servers: Vec<String>,
 }
 
 impl Rule {
@@ -148,7 +151,13 @@ impl Policy {
                 .collect(),
             deny: cfg.policy.deny.iter().map(Rule::from_config).collect(),
             allow: cfg.policy.allow.iter().map(Rule::from_config).collect(),
+            authorization_servers: cfg.issuers.iter().map(|i| i.issuer.clone()).collect(),
         }
+    }
+
+    /// The issuers MCP clients should sign in with, in configuration order.
+    pub fn authorization_servers(&self) -> &[String] {
+        &self.authorization_servers
     }
 
     pub fn workspaces(&self) -> &[WorkspaceConfig] {

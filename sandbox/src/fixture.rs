@@ -170,6 +170,10 @@ pub struct Table {
     pub rows: Vec<Vec<Value>>,
     pub row_filter: Option<RowFilter>,
     pub column_masks: Vec<ColumnMask>,
+    /// A view's defining query. A view is read with its owner's privileges on what it
+    /// references, while row filters and column masks still apply to the caller, as in Unity
+    /// Catalog; the caller needs `SELECT` on the view itself.
+    pub view_definition: Option<String>,
 }
 
 impl Table {
@@ -189,6 +193,98 @@ pub struct Catalog {
     pub name: String,
     pub owner: String,
     pub comment: Option<String>,
+    /// Set for a federated (foreign) catalog: the Lakehouse Federation connection it mirrors.
+    pub connection_name: Option<String>,
+}
+
+impl Catalog {
+    /// `catalog_type` as the Unity Catalog API reports it.
+    pub fn catalog_type(&self) -> &'static str {
+        if self.connection_name.is_some() {
+            "FOREIGN_CATALOG"
+        } else {
+            "MANAGED_CATALOG"
+        }
+    }
+}
+
+/// A Unity Catalog SQL table function: `sql` is a query whose `:name` markers are the
+/// parameters. It runs with the caller's privileges (so grants, row filters and masks apply to
+/// the caller); calling it needs `EXECUTE` on it.
+#[derive(Clone, Debug)]
+pub struct Function {
+    pub catalog: String,
+    pub schema: String,
+    pub name: String,
+    pub owner: String,
+    pub comment: String,
+    /// (name, type, comment)
+    pub params: Vec<(String, DataType, String)>,
+    pub sql: String,
+}
+
+impl Function {
+    pub fn full_name(&self) -> String {
+        format!("{}.{}.{}", self.catalog, self.schema, self.name)
+    }
+}
+
+/// A canned question a Genie space knows how to answer: every keyword must appear in the
+/// question (case-insensitive). The sandbox has no language model; this is its "instructions".
+#[derive(Clone, Debug)]
+pub struct GenieQuestion {
+    pub keywords: Vec<String>,
+    pub title: String,
+    pub description: String,
+    pub sql: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenieSpace {
+    pub id: String,
+    pub title: String,
+    pub description: String,
+    pub warehouse_id: String,
+    /// Principals with CAN_RUN (or better) on the space.
+    pub can_run: Vec<String>,
+    pub questions: Vec<GenieQuestion>,
+}
+
+impl GenieSpace {
+    pub fn answer(&self, question: &str) -> Option<&GenieQuestion> {
+        let q = question.to_lowercase();
+        self.questions
+            .iter()
+            .find(|g| g.keywords.iter().all(|k| q.contains(k.as_str())))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectType {
+    Directory,
+    Notebook,
+}
+
+impl ObjectType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectType::Directory => "DIRECTORY",
+            ObjectType::Notebook => "NOTEBOOK",
+        }
+    }
+}
+
+/// A workspace file-tree object. Read access: workspace admins (`admins`), the owner, or a
+/// principal named in the ACL of the object or of any directory above it.
+#[derive(Clone, Debug)]
+pub struct WorkspaceObject {
+    pub object_id: i64,
+    pub path: String,
+    pub object_type: ObjectType,
+    pub language: Option<&'static str>,
+    pub owner: Option<String>,
+    /// Principals with CAN_READ or better.
+    pub readers: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -205,6 +301,7 @@ pub enum Securable {
     Catalog(String),
     Schema(String, String),
     Table(String, String, String),
+    Function(String, String, String),
 }
 
 impl Securable {
@@ -213,11 +310,21 @@ impl Securable {
         match self {
             Securable::Catalog(_) => vec![self.clone()],
             Securable::Schema(c, _) => vec![self.clone(), Securable::Catalog(c.clone())],
-            Securable::Table(c, s, _) => vec![
+            Securable::Table(c, s, _) | Securable::Function(c, s, _) => vec![
                 self.clone(),
                 Securable::Schema(c.clone(), s.clone()),
                 Securable::Catalog(c.clone()),
             ],
+        }
+    }
+
+    /// The `securable_type` of the Unity Catalog permissions API.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Securable::Catalog(_) => "CATALOG",
+            Securable::Schema(..) => "SCHEMA",
+            Securable::Table(..) => "TABLE",
+            Securable::Function(..) => "FUNCTION",
         }
     }
 
@@ -227,6 +334,7 @@ impl Securable {
             Securable::Catalog(_) => "Catalog",
             Securable::Schema(..) => "Schema",
             Securable::Table(..) => "Table",
+            Securable::Function(..) => "Function",
         }
     }
 }
@@ -236,7 +344,9 @@ impl fmt::Display for Securable {
         match self {
             Securable::Catalog(c) => write!(f, "{c}"),
             Securable::Schema(c, s) => write!(f, "{c}.{s}"),
-            Securable::Table(c, s, t) => write!(f, "{c}.{s}.{t}"),
+            Securable::Table(c, s, t) | Securable::Function(c, s, t) => {
+                write!(f, "{c}.{s}.{t}")
+            }
         }
     }
 }
@@ -249,6 +359,7 @@ pub enum Privilege {
     Select,
     Modify,
     Browse,
+    Execute,
 }
 
 impl Privilege {
@@ -260,8 +371,29 @@ impl Privilege {
             Privilege::Select => "SELECT",
             Privilege::Modify => "MODIFY",
             Privilege::Browse => "BROWSE",
+            Privilege::Execute => "EXECUTE",
         }
     }
+
+    /// The name in the Unity Catalog REST API (`USE_CATALOG`, `ALL_PRIVILEGES`, ...).
+    pub fn api_name(self) -> &'static str {
+        match self {
+            Privilege::AllPrivileges => "ALL_PRIVILEGES",
+            Privilege::UseCatalog => "USE_CATALOG",
+            Privilege::UseSchema => "USE_SCHEMA",
+            other => other.as_str(),
+        }
+    }
+
+    pub const ALL: [Privilege; 7] = [
+        Privilege::AllPrivileges,
+        Privilege::UseCatalog,
+        Privilege::UseSchema,
+        Privilege::Select,
+        Privilege::Modify,
+        Privilege::Browse,
+        Privilege::Execute,
+    ];
 }
 
 #[derive(Clone, Debug)]
@@ -291,6 +423,9 @@ pub struct Fixture {
     pub tables: Vec<Table>,
     pub grants: Vec<Grant>,
     pub warehouses: Vec<Warehouse>,
+    pub functions: Vec<Function>,
+    pub genie_spaces: Vec<GenieSpace>,
+    pub objects: Vec<WorkspaceObject>,
 }
 
 /// Display names the dev IdP and the workspace directory agree on.
@@ -301,6 +436,62 @@ pub fn known_person(short: &str) -> Option<(&'static str, &'static str)> {
         "carol" => Some(("Carol", "Chen")),
         _ => None,
     }
+}
+
+/// The Genie space every user may run (its data still follows each user's grants).
+pub const GENIE_SALES_SPACE: &str = "01f0a1b2c3d4e5f60718293a4b5c6d7e";
+/// The Genie space only `admins` may run.
+pub const GENIE_HR_SPACE: &str = "01f0ffeeddccbbaa0099887766554433";
+
+fn workspace_objects() -> Vec<WorkspaceObject> {
+    let mut next_id = 1_000_000_000_000_i64;
+    let mut obj = |path: &str, nb: Option<&'static str>, owner: Option<&str>, readers: &[&str]| {
+        next_id += 1;
+        WorkspaceObject {
+            object_id: next_id,
+            path: path.to_string(),
+            object_type: if nb.is_some() {
+                ObjectType::Notebook
+            } else {
+                ObjectType::Directory
+            },
+            language: nb,
+            owner: owner.map(str::to_string),
+            readers: readers.iter().map(|r| r.to_string()).collect(),
+        }
+    };
+    let mut objects = vec![
+        obj("/", None, None, &[ALL_USERS_GROUP]),
+        obj("/Users", None, None, &[ALL_USERS_GROUP]),
+        obj("/Shared", None, None, &[ALL_USERS_GROUP]),
+        obj(
+            "/Shared/team_queries",
+            Some("SQL"),
+            None,
+            &[ALL_USERS_GROUP],
+        ),
+        obj("/Shared/finance", None, Some("carol@example.com"), &[]),
+        obj("/Shared/finance/forecast", Some("PYTHON"), None, &[]),
+    ];
+    for (user, notebooks) in [
+        ("alice", &["churn_analysis", "private_notes"][..]),
+        ("bob", &["scratch"][..]),
+        ("carol", &["payroll_review"][..]),
+    ] {
+        let home = format!("/Users/{user}@example.com");
+        let owner = format!("{user}@example.com");
+        objects.push(obj(&home, None, Some(&owner), &[]));
+        for nb in notebooks {
+            // alice shares one notebook with bob; the rest stay private.
+            let readers: &[&str] = if *nb == "churn_analysis" {
+                &["bob@example.com"]
+            } else {
+                &[]
+            };
+            objects.push(obj(&format!("{home}/{nb}"), Some("PYTHON"), None, readers));
+        }
+    }
+    objects
 }
 
 fn user(id: &str, short: &str, groups: &[&str]) -> User {
@@ -351,7 +542,7 @@ impl Fixture {
         use Privilege::*;
         let users = vec![
             user("7001000000000001", "alice", &["analysts", "emea"]),
-            user("7001000000000002", "bob", &["contractors"]),
+            user("7001000000000002", "bob", &["contractors", "amer"]),
             user("7001000000000003", "carol", &["admins", "pii_readers"]),
         ];
         let groups = [
@@ -413,6 +604,7 @@ impl Fixture {
                        THEN customer_email ELSE '***' END"
                     .into(),
             }],
+            view_definition: None,
         };
         let salaries = Table {
             catalog: "main".into(),
@@ -430,26 +622,93 @@ impl Fixture {
                 .collect(),
             row_filter: None,
             column_masks: vec![],
+            view_definition: None,
+        };
+        // A view over orders, owned by admins: readers need SELECT on the view only, and the
+        // orders row filter still applies to them.
+        let region_totals = Table {
+            catalog: "main".into(),
+            schema: "sales".into(),
+            name: "region_totals".into(),
+            owner: "admins".into(),
+            comment: Some("Order count and amount per region".into()),
+            columns: vec![
+                col("region", DataType::String),
+                col("orders", DataType::BigInt),
+                col("total_amount", DataType::Double),
+            ],
+            rows: vec![],
+            row_filter: None,
+            column_masks: vec![],
+            view_definition: Some(
+                "SELECT region, COUNT(*) AS orders, SUM(amount) AS total_amount \
+                 FROM main.sales.orders GROUP BY region"
+                    .into(),
+            ),
+        };
+        // The federated catalog's table: each user sees only their own events.
+        let web_events = Table {
+            catalog: "snowflake_fed".into(),
+            schema: "analytics".into(),
+            name: "web_events".into(),
+            owner: "admins".into(),
+            comment: Some("Web events, federated from Snowflake".into()),
+            columns: vec![
+                col("event_id", DataType::Int),
+                col("user_email", DataType::String),
+                col("page", DataType::String),
+                col("duration_ms", DataType::BigInt),
+            ],
+            rows: [
+                (1, "alice@example.com", "/pricing", 5200),
+                (2, "alice@example.com", "/docs", 31000),
+                (3, "bob@example.com", "/careers", 1200),
+                (4, "carol@example.com", "/admin", 800),
+                (5, "alice@example.com", "/blog", 9400),
+            ]
+            .iter()
+            .map(|(id, who, page, ms)| vec![Value::Int(*id), s(who), s(page), Value::Int(*ms)])
+            .collect(),
+            row_filter: Some(RowFilter {
+                function: "snowflake_fed.analytics.own_events".into(),
+                expr: "is_account_group_member('admins') OR user_email = current_user()".into(),
+            }),
+            column_masks: vec![],
+            view_definition: None,
         };
 
         Fixture {
             users,
             groups,
-            catalogs: vec![Catalog {
-                name: "main".into(),
-                owner: "admins".into(),
-                comment: Some("Main catalog".into()),
-            }],
-            schemas: ["default", "sales", "hr"]
-                .iter()
-                .map(|name| Schema {
-                    catalog: "main".into(),
-                    name: name.to_string(),
+            catalogs: vec![
+                Catalog {
+                    name: "main".into(),
                     owner: "admins".into(),
-                    comment: None,
-                })
-                .collect(),
-            tables: vec![orders, salaries],
+                    comment: Some("Main catalog".into()),
+                    connection_name: None,
+                },
+                Catalog {
+                    name: "snowflake_fed".into(),
+                    owner: "admins".into(),
+                    comment: Some("Lakehouse Federation: the Snowflake analytics account".into()),
+                    connection_name: Some("snowflake_conn".into()),
+                },
+            ],
+            schemas: [
+                ("main", "default"),
+                ("main", "sales"),
+                ("main", "hr"),
+                ("snowflake_fed", "analytics"),
+            ]
+            .iter()
+            .map(|(catalog, name)| Schema {
+                catalog: catalog.to_string(),
+                name: name.to_string(),
+                owner: "admins".into(),
+                comment: None,
+            })
+            .collect(),
+            tables: vec![orders, salaries, region_totals, web_events],
             grants: vec![
                 grant("admins", cat("main"), &[AllPrivileges]),
                 grant("alice@example.com", cat("main"), &[UseCatalog]),
@@ -461,12 +720,99 @@ impl Fixture {
                 ),
                 grant("bob@example.com", cat("main"), &[UseCatalog]),
                 grant("bob@example.com", sch("main", "sales"), &[UseSchema]),
+                grant(
+                    "bob@example.com",
+                    tbl("main", "sales", "region_totals"),
+                    &[Select],
+                ),
+                grant("analysts", cat("snowflake_fed"), &[UseCatalog]),
+                grant("analysts", sch("snowflake_fed", "analytics"), &[UseSchema]),
+                grant(
+                    "analysts",
+                    tbl("snowflake_fed", "analytics", "web_events"),
+                    &[Select],
+                ),
+                grant(
+                    ALL_USERS_GROUP,
+                    Securable::Function("main".into(), "sales".into(), "orders_in_region".into()),
+                    &[Execute],
+                ),
             ],
             warehouses: vec![Warehouse {
                 id: WAREHOUSE_ID.into(),
                 name: "Sandbox Serverless Warehouse".into(),
                 can_use: vec![ALL_USERS_GROUP.into()],
             }],
+            functions: vec![
+                Function {
+                    catalog: "main".into(),
+                    schema: "sales".into(),
+                    name: "orders_in_region".into(),
+                    owner: "admins".into(),
+                    comment: "The orders of one region (EMEA, AMER or APAC)".into(),
+                    params: vec![(
+                        "region_name".into(),
+                        DataType::String,
+                        "EMEA, AMER or APAC".into(),
+                    )],
+                    sql: "SELECT order_id, region, customer_email, amount \
+                          FROM main.sales.orders WHERE region = :region_name ORDER BY order_id"
+                        .into(),
+                },
+                Function {
+                    catalog: "main".into(),
+                    schema: "hr".into(),
+                    name: "salary_of".into(),
+                    owner: "admins".into(),
+                    comment: "One employee's salary".into(),
+                    params: vec![("employee_name".into(), DataType::String, "Employee".into())],
+                    sql: "SELECT employee, salary FROM main.hr.salaries \
+                          WHERE employee = :employee_name"
+                        .into(),
+                },
+            ],
+            genie_spaces: vec![
+                GenieSpace {
+                    id: GENIE_SALES_SPACE.into(),
+                    title: "Sales analytics".into(),
+                    description: "Orders, regions and customers".into(),
+                    warehouse_id: WAREHOUSE_ID.into(),
+                    can_run: vec![ALL_USERS_GROUP.into()],
+                    questions: vec![
+                        GenieQuestion {
+                            keywords: vec!["orders".into(), "region".into()],
+                            title: "Orders by region".into(),
+                            description: "Counts orders and sums their amounts per region.".into(),
+                            sql: "SELECT region, COUNT(*) AS orders, SUM(amount) AS total_amount \
+                                  FROM main.sales.orders GROUP BY region ORDER BY region"
+                                .into(),
+                        },
+                        GenieQuestion {
+                            keywords: vec!["customer".into()],
+                            title: "Largest customers".into(),
+                            description: "The five largest orders and their customers.".into(),
+                            sql: "SELECT customer_email, amount FROM main.sales.orders \
+                                  ORDER BY amount DESC LIMIT 5"
+                                .into(),
+                        },
+                    ],
+                },
+                GenieSpace {
+                    id: GENIE_HR_SPACE.into(),
+                    title: "People analytics".into(),
+                    description: "Salaries".into(),
+                    warehouse_id: WAREHOUSE_ID.into(),
+                    can_run: vec!["admins".into()],
+                    questions: vec![GenieQuestion {
+                        keywords: vec!["salar".into()],
+                        title: "Salaries".into(),
+                        description: "Every employee's salary.".into(),
+                        sql: "SELECT employee, salary FROM main.hr.salaries ORDER BY employee"
+                            .into(),
+                    }],
+                },
+            ],
+            objects: workspace_objects(),
         }
     }
 
@@ -509,6 +855,42 @@ impl Fixture {
         })
     }
 
+    pub fn function(&self, catalog: &str, schema: &str, name: &str) -> Option<&Function> {
+        self.functions.iter().find(|f| {
+            f.catalog.eq_ignore_ascii_case(catalog)
+                && f.schema.eq_ignore_ascii_case(schema)
+                && f.name.eq_ignore_ascii_case(name)
+        })
+    }
+
+    pub fn genie_space(&self, id: &str) -> Option<&GenieSpace> {
+        self.genie_spaces.iter().find(|g| g.id == id)
+    }
+
+    pub fn object(&self, path: &str) -> Option<&WorkspaceObject> {
+        self.objects.iter().find(|o| o.path == path)
+    }
+
+    /// Whether `who` may read the workspace object at `path` (see [`WorkspaceObject`]).
+    /// Permissions granted on a directory are inherited by everything below it, except on the
+    /// top-level directories (`/`, `/Users`, `/Shared`), where they cover only the directory:
+    /// everyone can open `/Users`, nobody else can read a user's home.
+    pub fn can_read_object(&self, who: &Principal, path: &str) -> bool {
+        if who.is_member("admins") {
+            return true;
+        }
+        let grants = |o: &WorkspaceObject| {
+            o.owner.as_deref().is_some_and(|owner| who.matches(owner))
+                || o.readers.iter().any(|r| who.matches(r))
+        };
+        self.objects.iter().any(|o| {
+            let top = matches!(o.path.as_str(), "/" | "/Users" | "/Shared");
+            let covers = o.path == path
+                || (!top && path.starts_with(&o.path) && path[o.path.len()..].starts_with('/'));
+            covers && grants(o)
+        })
+    }
+
     pub fn warehouse(&self, id: &str) -> Option<&Warehouse> {
         self.warehouses.iter().find(|w| w.id == id)
     }
@@ -518,6 +900,7 @@ impl Fixture {
             Securable::Catalog(c) => self.catalog(c).map(|c| c.owner.as_str()),
             Securable::Schema(c, s) => self.schema(c, s).map(|s| s.owner.as_str()),
             Securable::Table(c, s, t) => self.table(c, s, t).map(|t| t.owner.as_str()),
+            Securable::Function(c, s, f) => self.function(c, s, f).map(|f| f.owner.as_str()),
         }
     }
 

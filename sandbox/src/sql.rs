@@ -187,6 +187,7 @@ fn plan<'f>(
         prefix,
         ctes: HashSet::new(),
         loads: Vec::new(),
+        depth: 0,
     };
     if let ControlFlow::Break(e) = statement.visit(&mut rewriter) {
         return Err(e);
@@ -207,7 +208,12 @@ struct Rewriter<'a, 'f> {
     /// Names introduced by WITH clauses anywhere in the statement (lower-case).
     ctes: HashSet<String>,
     loads: Vec<(String, &'f Table)>,
+    /// How many views deep this rewriter is.
+    depth: usize,
 }
+
+/// Views over views deeper than this are refused (no view may reference itself either).
+const MAX_VIEW_DEPTH: usize = 8;
 
 impl VisitorMut for Rewriter<'_, '_> {
     type Break = SqlError;
@@ -281,6 +287,21 @@ impl<'f> Rewriter<'_, 'f> {
             return Err(not_found(name));
         };
         authorize(self.fixture, self.who, table)?;
+        let alias = alias.unwrap_or_else(|| TableAlias {
+            explicit: true,
+            name: parts[parts.len() - 1].clone(),
+            columns: vec![],
+            at: None,
+        });
+        if let Some(definition) = &table.view_definition {
+            let subquery = self.expand_view(table, definition)?;
+            return Ok(TableFactor::Derived {
+                lateral: false,
+                subquery: Box::new(subquery),
+                alias: Some(alias),
+                sample: None,
+            });
+        }
 
         let physical = match self.loads.iter().find(|(_, t)| std::ptr::eq(*t, table)) {
             Some((p, _)) => p.clone(),
@@ -291,18 +312,59 @@ impl<'f> Rewriter<'_, 'f> {
             }
         };
         let subquery = secured_view(table, &physical)?;
-        let alias = alias.unwrap_or_else(|| TableAlias {
-            explicit: true,
-            name: parts[parts.len() - 1].clone(),
-            columns: vec![],
-            at: None,
-        });
         Ok(TableFactor::Derived {
             lateral: false,
             subquery: Box::new(subquery),
             alias: Some(alias),
             sample: None,
         })
+    }
+}
+
+impl<'f> Rewriter<'_, 'f> {
+    /// A view's query, with its references resolved relative to the view's schema and
+    /// authorized against the view's owner. The engine's `current_user()` and group functions
+    /// still answer for the caller, so row filters and masks apply to the caller.
+    fn expand_view(&mut self, view: &Table, definition: &str) -> Result<Query, SqlError> {
+        if self.depth >= MAX_VIEW_DEPTH {
+            return Err(internal_sql(format!(
+                "the view {} is nested too deeply",
+                view.full_name()
+            )));
+        }
+        let mut parsed = Parser::parse_sql(&DatabricksDialect {}, definition).map_err(|e| {
+            internal_sql(format!("the view {} does not parse: {e}", view.full_name()))
+        })?;
+        let mut query = match parsed.pop() {
+            Some(Statement::Query(q)) if parsed.is_empty() => q,
+            _ => {
+                return Err(internal_sql(format!(
+                    "the view {} is not a query",
+                    view.full_name()
+                )))
+            }
+        };
+        let owner = Principal {
+            user_name: view.owner.clone(),
+            groups: vec![view.owner.clone()],
+        };
+        let mut nested = Rewriter {
+            fixture: self.fixture,
+            who: &owner,
+            catalog: &view.catalog,
+            schema: &view.schema,
+            prefix: self.prefix,
+            ctes: HashSet::new(),
+            loads: std::mem::take(&mut self.loads),
+            depth: self.depth + 1,
+        };
+        let outcome = query.visit(&mut nested);
+        self.loads = nested.loads;
+        self.ctes.extend(nested.ctes);
+        match outcome {
+            ControlFlow::Break(e) => Err(e),
+            ControlFlow::Continue(()) => Ok(*query),
+        }
     }
 }
 

@@ -50,3 +50,23 @@ pub fn uuid_v4() -> String {
         &h[20..32]
     )
 }
+
+/// A stable UUID-shaped id derived from a name (a name-based id, like version 5 but over
+/// SHA-256), so fixture objects keep their ids across starts.
+pub fn uuid_from(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(name.as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    b[6] = (b[6] & 0x0f) | 0x50;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}

@@ -21,6 +21,7 @@ impl Identify for FakeIdentity {
                 user_name: "alice@example.com".into(),
                 agent: Some("copilot".into()),
                 expires_at: i64::MAX / 2,
+                actor_chain: String::new(),
             })),
             "joule" => Ok(Arc::new(Identity {
                 issuer_name: Arc::from("dev"),
@@ -29,6 +30,7 @@ impl Identify for FakeIdentity {
                 user_name: "bob@example.com".into(),
                 agent: Some("joule".into()),
                 expires_at: i64::MAX / 2,
+                actor_chain: String::new(),
             })),
             "expired" => Err(IdentityError::Expired),
             "nokeys" => Err(IdentityError::KeysUnavailable),

@@ -41,6 +41,9 @@ pub struct Identity {
     pub agent: Option<String>,
     /// The token's `exp`, seconds since the epoch.
     pub expires_at: i64,
+    /// The RFC 8693 `act` chain: the current actor's `sub` first, then each prior actor's,
+    /// joined by " > "; empty when the token has no `act` claim.
+    pub actor_chain: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -330,6 +333,7 @@ impl Validator {
             Some(serde_json::Value::String(s)) => Some(plain(s, "agent")?),
             Some(_) => return Err(Rejected("the agent claim is not a string")),
         };
+        let actor_chain = actor_chain(claims.get("act"))?;
         Ok(Identity {
             issuer_name: issuer.name.clone(),
             issuer: issuer.iss.clone(),
@@ -337,6 +341,7 @@ impl Validator {
             user_name,
             agent,
             expires_at: exp,
+            actor_chain,
         })
     }
 }
@@ -348,6 +353,39 @@ impl Identify for Arc<Validator> {
 }
 
 /// A claim value that will end up in an audit row or a header: bounded, no control characters.
+/// Nested `act` claims deeper than this are refused rather than cut short: a chain we could
+/// not record whole is not one we vouch for.
+const MAX_ACTOR_DEPTH: usize = 8;
+
+/// The RFC 8693 delegation chain, outermost (current) actor first. `act` must be an object
+/// holding a string `sub` and optionally a nested `act`; anything else rejects the token.
+fn actor_chain(act: Option<&serde_json::Value>) -> Result<String, IdentityError> {
+    let mut chain = String::new();
+    let mut next = act;
+    let mut depth = 0;
+    while let Some(value) = next {
+        depth += 1;
+        if depth > MAX_ACTOR_DEPTH {
+            return Err(IdentityError::Rejected(
+                "the act claim is nested too deeply",
+            ));
+        }
+        let serde_json::Value::Object(actor) = value else {
+            return Err(IdentityError::Rejected("the act claim is not an object"));
+        };
+        let sub = match actor.get("sub") {
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => plain(s, "act.sub")?,
+            _ => return Err(IdentityError::Rejected("an act claim has no string sub")),
+        };
+        if !chain.is_empty() {
+            chain.push_str(" > ");
+        }
+        chain.push_str(&sub);
+        next = actor.get("act");
+    }
+    Ok(chain)
+}
+
 fn plain(s: &str, _what: &'static str) -> Result<String, IdentityError> {
     if s.len() > 256 || s.chars().any(|c| c.is_control()) {
         return Err(IdentityError::Rejected(
@@ -415,5 +453,25 @@ mod tests {
         assert!(strict_object(br#"{"email":"a","email":"b"}"#).is_err());
         assert!(strict_object(br#"{"email":"a"}"#).is_ok());
         assert!(strict_object(br#"[1]"#).is_err());
+    }
+
+    #[test]
+    fn actor_chains_are_read_outermost_first_and_bounded() {
+        let v = serde_json::json!({"sub": "copilot", "act": {"sub": "orchestrator"}});
+        assert_eq!(actor_chain(Some(&v)).unwrap(), "copilot > orchestrator");
+        assert_eq!(actor_chain(None).unwrap(), "");
+        for bad in [
+            serde_json::json!("copilot"),
+            serde_json::json!({"act": {"sub": "x"}}),
+            serde_json::json!({"sub": 7}),
+            serde_json::json!({"sub": "a\nb"}),
+        ] {
+            assert!(actor_chain(Some(&bad)).is_err(), "{bad}");
+        }
+        let mut deep = serde_json::json!({"sub": "last"});
+        for i in 0..MAX_ACTOR_DEPTH {
+            deep = serde_json::json!({"sub": format!("a{i}"), "act": deep});
+        }
+        assert!(actor_chain(Some(&deep)).is_err());
     }
 }

@@ -7,12 +7,18 @@
 //! `system.access.audit`. Handlers then enforce permissions themselves.
 //!
 //! Code map: `oauth` (token endpoint and discovery documents), `scim` (`Me`), `statements` (SQL
-//! Statement Execution API and warehouses). The data and the grants live in [`crate::fixture`],
+//! Statement Execution API and warehouses), `unity_catalog` (UC listings and permissions),
+//! `genie` (conversations), `objects` (Workspace API with notebook ACLs), `mcp` (managed MCP
+//! servers). The data and the grants live in [`crate::fixture`],
 //! the SQL engine in [`crate::sql`].
 
+mod genie;
+mod mcp;
 mod oauth;
+mod objects;
 mod scim;
 mod statements;
+mod unity_catalog;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,6 +57,7 @@ pub(crate) struct WorkspaceState {
     exchanges: Mutex<HashMap<String, u64>>,
     log: Mutex<VecDeque<RequestRecord>>,
     statements: statements::Statements,
+    genie: genie::Conversations,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -71,6 +78,7 @@ impl WorkspaceState {
             exchanges: Mutex::new(HashMap::new()),
             log: Mutex::new(VecDeque::new()),
             statements: statements::Statements::default(),
+            genie: genie::Conversations::default(),
         }
     }
 
@@ -95,6 +103,7 @@ impl WorkspaceState {
         self.clear_requests();
         lock(&self.exchanges).clear();
         self.statements.clear();
+        self.genie.clear();
     }
 
     fn record(&self, rec: RequestRecord) {
@@ -218,6 +227,71 @@ pub(crate) fn router(state: Arc<WorkspaceState>) -> Router {
             "/api/2.0/sql/warehouses/{id}",
             get(statements::get_warehouse),
         )
+        .route("/api/2.1/unity-catalog/catalogs", get(unity_catalog::list_catalogs))
+        .route(
+            "/api/2.1/unity-catalog/catalogs/{name}",
+            get(unity_catalog::get_catalog),
+        )
+        .route("/api/2.1/unity-catalog/schemas", get(unity_catalog::list_schemas))
+        .route(
+            "/api/2.1/unity-catalog/schemas/{full_name}",
+            get(unity_catalog::get_schema),
+        )
+        .route("/api/2.1/unity-catalog/tables", get(unity_catalog::list_tables))
+        .route(
+            "/api/2.1/unity-catalog/tables/{full_name}",
+            get(unity_catalog::get_table),
+        )
+        .route(
+            "/api/2.1/unity-catalog/permissions/{securable_type}/{full_name}",
+            get(unity_catalog::get_permissions),
+        )
+        .route(
+            "/api/2.1/unity-catalog/effective-permissions/{securable_type}/{full_name}",
+            get(unity_catalog::get_effective_permissions),
+        )
+        .route("/api/2.0/genie/spaces", get(genie::list_spaces))
+        .route("/api/2.0/genie/spaces/{space_id}", get(genie::get_space))
+        .route(
+            "/api/2.0/genie/spaces/{space_id}/start-conversation",
+            post(genie::start_conversation),
+        )
+        .route(
+            "/api/2.0/genie/spaces/{space_id}/conversations/{conversation_id}/messages",
+            post(genie::create_message),
+        )
+        .route(
+            "/api/2.0/genie/spaces/{space_id}/conversations/{conversation_id}/messages/{message_id}",
+            get(genie::get_message),
+        )
+        .route(
+            "/api/2.0/genie/spaces/{space_id}/conversations/{conversation_id}/messages/{message_id}/query-result",
+            get(genie::message_query_result),
+        )
+        .route(
+            "/api/2.0/genie/spaces/{space_id}/conversations/{conversation_id}/messages/{message_id}/attachments/{attachment_id}/query-result",
+            get(genie::attachment_query_result),
+        )
+        .route("/api/2.0/workspace/list", get(objects::list))
+        .route("/api/2.0/workspace/get-status", get(objects::get_status))
+        .route(
+            "/api/2.0/mcp/sql",
+            post(mcp::sql_server)
+                .get(mcp::method_not_allowed)
+                .delete(mcp::method_not_allowed),
+        )
+        .route(
+            "/api/2.0/mcp/genie/{space_id}",
+            post(mcp::genie_server)
+                .get(mcp::method_not_allowed)
+                .delete(mcp::method_not_allowed),
+        )
+        .route(
+            "/api/2.0/mcp/functions/{catalog}/{schema}",
+            post(mcp::functions_server)
+                .get(mcp::method_not_allowed)
+                .delete(mcp::method_not_allowed),
+        )
         .route("/_sandbox/requests", get(sandbox_requests))
         .route("/_sandbox/reset", post(sandbox_reset))
         .fallback(endpoint_not_found)
@@ -277,6 +351,52 @@ fn classify(method: &Method, path: &str) -> Route {
         (&Method::GET, ["api", "2.0", "sql", "warehouses", _]) => {
             route("sql", "getWarehouse", true)
         }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "catalogs"]) => {
+            route("unityCatalog", "listCatalogs", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "catalogs", _]) => {
+            route("unityCatalog", "getCatalog", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "schemas"]) => {
+            route("unityCatalog", "listSchemas", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "schemas", _]) => {
+            route("unityCatalog", "getSchema", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "tables"]) => {
+            route("unityCatalog", "listTables", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "tables", _]) => {
+            route("unityCatalog", "getTable", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "permissions", _, _]) => {
+            route("unityCatalog", "getPermissions", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "effective-permissions", _, _]) => {
+            route("unityCatalog", "getEffectivePermissions", true)
+        }
+        (&Method::GET, ["api", "2.0", "genie", "spaces"]) => route("aibiGenie", "listSpaces", true),
+        (&Method::GET, ["api", "2.0", "genie", "spaces", _]) => {
+            route("aibiGenie", "getSpace", true)
+        }
+        (&Method::POST, ["api", "2.0", "genie", "spaces", _, "start-conversation"]) => {
+            route("aibiGenie", "genieStartConversationMessage", true)
+        }
+        (&Method::POST, ["api", "2.0", "genie", "spaces", _, "conversations", _, "messages"]) => {
+            route("aibiGenie", "genieCreateConversationMessage", true)
+        }
+        (&Method::GET, ["api", "2.0", "genie", "spaces", _, "conversations", _, "messages", _]) => {
+            route("aibiGenie", "genieGetConversationMessage", true)
+        }
+        (
+            &Method::GET,
+            ["api", "2.0", "genie", "spaces", _, "conversations", _, "messages", _, ..],
+        ) => route("aibiGenie", "genieGetMessageQueryResult", true),
+        (&Method::GET, ["api", "2.0", "workspace", "list"]) => route("workspace", "list", true),
+        (&Method::GET, ["api", "2.0", "workspace", "get-status"]) => {
+            route("workspace", "getStatus", true)
+        }
+        (_, ["api", "2.0", "mcp", ..]) => route("mcp", "request", true),
         (_, ["api", ..]) => route("workspace", "endpointNotFound", true),
         _ => route("workspace", "endpointNotFound", false),
     }

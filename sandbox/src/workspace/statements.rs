@@ -59,8 +59,8 @@ impl Phase {
     }
 }
 
-struct Statement {
-    id: String,
+pub(super) struct Statement {
+    pub id: String,
     owner: String,
     phase: watch::Sender<Phase>,
     /// Tells the engine to stop; it checks between batches of SQLite VM steps.
@@ -68,6 +68,31 @@ struct Statement {
 }
 
 impl Statement {
+    /// The statement as the Statement Execution API returns it.
+    pub(super) fn to_json(&self) -> Value {
+        statement_json(&self.id, &self.phase.borrow().clone())
+    }
+
+    pub(super) fn is_done(&self) -> bool {
+        self.phase.borrow().is_terminal()
+    }
+
+    /// The result, once the statement succeeded.
+    pub(super) fn result(&self) -> Option<Arc<ResultSet>> {
+        match &*self.phase.borrow() {
+            Phase::Succeeded(rs) => Some(rs.clone()),
+            _ => None,
+        }
+    }
+
+    /// The failure, once the statement failed.
+    pub(super) fn error(&self) -> Option<SqlError> {
+        match &*self.phase.borrow() {
+            Phase::Failed(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
     /// Moves to `next` unless the statement already reached a terminal phase (a cancel wins
     /// over a result that arrives after it).
     fn advance(&self, next: Phase) {
@@ -114,7 +139,7 @@ impl Statements {
     }
 
     /// The statement `id` if `user_name` submitted it.
-    fn get(&self, id: &str, user_name: &str) -> Option<Arc<Statement>> {
+    pub(super) fn get(&self, id: &str, user_name: &str) -> Option<Arc<Statement>> {
         lock(&self.inner)
             .by_id
             .get(id)
@@ -284,15 +309,7 @@ pub(super) async fn execute(
         params: body.parameters,
         row_limit,
     };
-    let stmt = Arc::new(Statement {
-        id: crate::util::uuid_v4(),
-        owner: caller.user.user_name.clone(),
-        phase: watch::Sender::new(Phase::Pending),
-        stop: Arc::new(AtomicBool::new(false)),
-    });
-    ws.statements.insert(stmt.clone());
-    spawn_execution(ws.clone(), caller, stmt.clone(), request);
-
+    let stmt = submit(&ws, caller, request);
     if !wait.is_zero() {
         let mut rx = stmt.phase.subscribe();
         let done = tokio::time::timeout(wait, rx.wait_for(Phase::is_terminal)).await;
@@ -302,6 +319,31 @@ pub(super) async fn execute(
     }
     let phase = stmt.phase.borrow().clone();
     Json(statement_json(&stmt.id, &phase)).into_response()
+}
+
+/// Starts `request` as `caller` and returns the statement, for the Statement Execution API and
+/// for the surfaces that run SQL on the user's behalf (Genie, MCP).
+pub(super) fn submit(
+    ws: &Arc<WorkspaceState>,
+    caller: Caller,
+    request: sql::Request,
+) -> Arc<Statement> {
+    let stmt = Arc::new(Statement {
+        id: crate::util::uuid_v4(),
+        owner: caller.user.user_name.clone(),
+        phase: watch::Sender::new(Phase::Pending),
+        stop: Arc::new(AtomicBool::new(false)),
+    });
+    ws.statements.insert(stmt.clone());
+    spawn_execution(ws.clone(), caller, stmt.clone(), request);
+    stmt
+}
+
+/// Waits at most `limit` for the statement to finish; true if it did.
+pub(super) async fn wait_done(stmt: &Statement, limit: Duration) -> bool {
+    let mut rx = stmt.phase.subscribe();
+    let done = tokio::time::timeout(limit, rx.wait_for(Phase::is_terminal)).await;
+    done.is_ok()
 }
 
 fn spawn_execution(
