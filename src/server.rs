@@ -299,7 +299,8 @@ pub async fn run(
     }
 }
 
-/// Loads every issuer's keys until all are loaded, then refreshes them every five minutes.
+/// Loads every issuer's keys until all are loaded, then refreshes them every
+/// [`Validator::refresh_interval`] (at most five minutes).
 async fn keep_keys_fresh(validator: Arc<Validator>) {
     loop {
         let failed = validator.load_all().await;
@@ -311,9 +312,9 @@ async fn keep_keys_fresh(validator: Arc<Validator>) {
         let wait = if !validator.all_loaded() {
             Duration::from_secs(1)
         } else if failed.is_empty() {
-            Duration::from_secs(300)
+            validator.refresh_interval()
         } else {
-            Duration::from_secs(5)
+            validator.refresh_interval().min(Duration::from_secs(5))
         };
         tokio::time::sleep(wait).await;
     }

@@ -6,6 +6,7 @@
 //! [`IdpState::verify`], i.e. a federation policy configured with this IdP's keys.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use axum::extract::rejection::JsonRejection;
@@ -55,6 +56,8 @@ pub(crate) struct IdpState {
     rsa: SigningKey,
     ec: SigningKey,
     jwks_fault: Mutex<JwksFault>,
+    /// `GET /jwks` requests served (whatever the fault), so tests can count key refreshes.
+    jwks_fetches: AtomicU64,
 }
 
 /// Why a JWT failed federation-policy validation.
@@ -91,6 +94,7 @@ impl IdpState {
             rsa,
             ec,
             jwks_fault: Mutex::new(JwksFault::Ok),
+            jwks_fetches: AtomicU64::new(0),
         })
     }
 
@@ -104,6 +108,30 @@ impl IdpState {
 
     fn jwks_fault(&self) -> JwksFault {
         *lock(&self.jwks_fault)
+    }
+
+    pub fn jwks_fetches(&self) -> u64 {
+        self.jwks_fetches.load(Ordering::Relaxed)
+    }
+
+    /// The `kid`s of the RSA and the EC key.
+    pub fn key_ids(&self) -> (String, String) {
+        (self.rsa.kid.clone(), self.ec.kid.clone())
+    }
+
+    /// For attack tests: a compact JWS over exactly these header and payload bytes (any JSON or
+    /// none at all), signed with the IdP's own RSA key (`RS256`) or EC key (`ES256`), so that a
+    /// validator can only refuse it for what it says, not for its signature.
+    pub fn sign_raw(&self, alg: &str, header: &[u8], payload: &[u8]) -> Result<String, String> {
+        let (algorithm, key) = match alg {
+            "RS256" => (Algorithm::RS256, &self.rsa.encoding),
+            "ES256" => (Algorithm::ES256, &self.ec.encoding),
+            other => return Err(format!("sign_raw signs RS256 or ES256, not {other}")),
+        };
+        let input = format!("{}.{}", b64(header), b64(payload));
+        let sig = jsonwebtoken::crypto::sign(input.as_bytes(), key, algorithm)
+            .map_err(|e| format!("signing failed: {e}"))?;
+        Ok(format!("{input}.{sig}"))
     }
 
     /// The claims a token for `req` carries, before `extra_claims` are merged.
@@ -313,6 +341,7 @@ async fn discovery(State(idp): State<Arc<IdpState>>) -> Json<Value> {
 }
 
 async fn jwks(State(idp): State<Arc<IdpState>>) -> Response {
+    idp.jwks_fetches.fetch_add(1, Ordering::Relaxed);
     match idp.jwks_fault() {
         JwksFault::Ok => Json(idp.jwks()).into_response(),
         JwksFault::Empty => Json(json!({ "keys": [] })).into_response(),

@@ -49,6 +49,7 @@ use tokio::task::JoinHandle;
 
 pub use fixture::WAREHOUSE_ID;
 pub use idp::JwksFault;
+pub use workspace::oauth::TokenFault;
 
 /// How long `shutdown` waits for the servers to finish in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -216,6 +217,34 @@ impl Sandbox {
     /// Sets how the IdP's `GET /jwks` behaves (also `POST {idp}/dev/faults`).
     pub fn set_jwks_fault(&self, fault: JwksFault) {
         self.idp.set_jwks_fault(fault);
+    }
+
+    /// `GET /jwks` requests the IdP has served since it started.
+    pub fn jwks_fetch_count(&self) -> u64 {
+        self.idp.jwks_fetches()
+    }
+
+    /// The `kid`s of the IdP's RSA and EC signing keys.
+    pub fn idp_key_ids(&self) -> (String, String) {
+        self.idp.key_ids()
+    }
+
+    /// For attack tests: a compact JWS over exactly these header and payload bytes, signed with
+    /// the IdP's RSA (`"RS256"`) or EC (`"ES256"`) key. Panics on any other `alg`.
+    pub fn sign_idp_raw(&self, alg: &str, header: &[u8], payload: &[u8]) -> String {
+        match self.idp.sign_raw(alg, header, payload) {
+            Ok(t) => t,
+            Err(e) => panic!("sign_idp_raw: {e}"),
+        }
+    }
+
+    /// Sets how the workspace's `/oidc/v1/token` behaves.
+    pub fn set_token_fault(&self, fault: TokenFault) {
+        *self
+            .workspace
+            .token_fault
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = fault;
     }
 
     /// The workspace request log, oldest first.

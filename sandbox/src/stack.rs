@@ -26,6 +26,7 @@
 
 mod aegis;
 mod envoy;
+mod faultproxy;
 mod postgres;
 mod process;
 mod redis;
@@ -46,6 +47,7 @@ pub use self::envoy::{
     TEMPLATE_DATABRICKS_PORT, TEMPLATE_LISTENER_PORT,
 };
 pub use self::postgres::{postgres_can_use, PostgresServer};
+pub use self::faultproxy::{FaultMode, FaultProxy};
 pub use self::process::{
     envoy_bin, free_addr, free_port, log_tail, postgres_bin_dir, redis_bin, workspace_root,
     ErrorKind, StackError,

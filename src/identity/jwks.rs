@@ -2,7 +2,9 @@
 //! single-flight, rate-limited refresh when a token names a kid we have not seen.
 //!
 //! A JWKS answer that does not parse, or that yields no usable key (an HTML error page, `{}`,
-//! `{"keys":[]}`), never replaces a good key set.
+//! `{"keys":[]}`), never replaces a good key set. A key set older than the issuer's
+//! `max_key_age` (no successful fetch for that long) is no longer used: tokens of that issuer are
+//! denied as `dependency_unavailable` until a fetch succeeds again.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -120,7 +122,7 @@ pub enum KeyError {
     /// No key with that kid (after at most one refresh).
     #[error("no signing key matches the token's kid and alg")]
     Unknown,
-    /// The issuer's keys have never been loaded.
+    /// The issuer's keys have never been loaded, or are older than `max_key_age`.
     #[error("the issuer's signing keys are unavailable")]
     Unavailable,
 }
@@ -135,6 +137,7 @@ pub struct JwksCache {
     /// Serializes fetches; holds the time of the last fetch attempt.
     refresh: tokio::sync::Mutex<Option<Instant>>,
     min_refresh_interval: Duration,
+    max_key_age: Duration,
 }
 
 impl JwksCache {
@@ -143,6 +146,7 @@ impl JwksCache {
         configured_uri: Option<url::Url>,
         http: reqwest::Client,
         min_refresh_interval: Duration,
+        max_key_age: Duration,
     ) -> Self {
         JwksCache {
             issuer,
@@ -152,6 +156,7 @@ impl JwksCache {
             discovered_uri: RwLock::new(None),
             refresh: tokio::sync::Mutex::new(None),
             min_refresh_interval,
+            max_key_age,
         }
     }
 
@@ -163,10 +168,31 @@ impl JwksCache {
         self.current().is_some()
     }
 
-    /// Finds a key, refreshing the set once (rate-limited, single-flight) on a miss.
+    /// True while the current set is younger than `max_key_age`.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh(self.current().as_ref()).is_some()
+    }
+
+    /// The current set, unless it is older than `max_key_age`.
+    fn fresh(&self, set: Option<&Arc<KeySet>>) -> Option<Arc<KeySet>> {
+        set.filter(|s| s.fetched_at.elapsed() <= self.max_key_age)
+            .cloned()
+    }
+
+    /// Unknown when a fresh set exists (the kid is simply not in it), else Unavailable.
+    fn miss(&self, set: Option<&Arc<KeySet>>) -> KeyError {
+        if self.fresh(set).is_some() {
+            KeyError::Unknown
+        } else {
+            KeyError::Unavailable
+        }
+    }
+
+    /// Finds a key, refreshing the set once (rate-limited, single-flight) on a miss or when the
+    /// set is older than `max_key_age`.
     pub async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<Arc<Key>, KeyError> {
         let before = self.current();
-        if let Some(k) = before.as_ref().and_then(|s| s.find(kid, alg)) {
+        if let Some(k) = self.fresh(before.as_ref()).and_then(|s| s.find(kid, alg)) {
             return Ok(k);
         }
         let mut last = self.refresh.lock().await;
@@ -178,18 +204,14 @@ impl JwksCache {
             _ => false,
         };
         if changed {
-            if let Some(k) = now_set.as_ref().and_then(|s| s.find(kid, alg)) {
+            if let Some(k) = self.fresh(now_set.as_ref()).and_then(|s| s.find(kid, alg)) {
                 return Ok(k);
             }
         }
         let rate_limited = last.is_some_and(|t| t.elapsed() < self.min_refresh_interval);
         if rate_limited || changed {
             metrics::counter!("aegis_jwks_refresh_total", "outcome" => "rate_limited").increment(1);
-            return Err(if now_set.is_some() {
-                KeyError::Unknown
-            } else {
-                KeyError::Unavailable
-            });
+            return Err(self.miss(now_set.as_ref()));
         }
         *last = Some(Instant::now());
         match self.fetch().await {
@@ -200,11 +222,7 @@ impl JwksCache {
             }
             Err(e) => {
                 tracing::warn!(issuer = %self.issuer, error = %e, "JWKS refresh failed");
-                Err(if now_set.is_some() {
-                    KeyError::Unknown
-                } else {
-                    KeyError::Unavailable
-                })
+                Err(self.miss(now_set.as_ref()))
             }
         }
     }
@@ -289,5 +307,35 @@ mod tests {
         ] {
             assert!(KeySet::parse(&doc).is_err(), "{doc}");
         }
+    }
+
+    /// A key set older than `max_key_age` is not used while the JWKS cannot be fetched.
+    #[tokio::test]
+    async fn stale_keys_are_not_used() {
+        // RFC 7515 A.3's P-256 public key.
+        let doc = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+        }]});
+        let cache = JwksCache::new(
+            "http://127.0.0.1:1".into(),
+            url::Url::parse("http://127.0.0.1:1/jwks").ok(),
+            reqwest::Client::new(),
+            Duration::from_secs(3600),
+            Duration::from_millis(200),
+        );
+        let set = KeySet::parse(&doc).map_err(|e| e.to_string());
+        cache.store(set.unwrap_or_else(|e| panic!("{e}")));
+        assert!(cache.key_for(Some("k1"), Algorithm::ES256).await.is_ok());
+        assert_eq!(
+            cache.key_for(Some("nope"), Algorithm::ES256).await.err(),
+            Some(KeyError::Unknown)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            cache.key_for(Some("k1"), Algorithm::ES256).await.err(),
+            Some(KeyError::Unavailable)
+        );
     }
 }

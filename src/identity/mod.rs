@@ -99,30 +99,40 @@ impl moka::Expiry<[u8; 32], Arc<Identity>> for UntilExp {
     ) -> Option<Duration> {
         let now = unix_now();
         Some(Duration::from_secs(
-            value.expires_at.saturating_sub(now).max(0) as u64,
+            value.expires_at.saturating_sub(now).clamp(0, 86_400) as u64,
         ))
     }
 }
 
+/// The JOSE header. A member that is present counts as present even when it is `null`: `kid`
+/// and `typ` must then be strings, and any value of `crit`, `jku`, ... refuses the token.
 #[derive(Deserialize)]
 struct RawHeader {
     alg: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_string")]
     kid: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_string")]
     typ: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     crit: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     jku: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     x5u: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     jwk: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     x5c: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     enc: Option<serde_json::Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
+}
+
+fn present_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 impl Validator {
@@ -149,6 +159,7 @@ impl Validator {
                     cfg.jwks_uri.clone(),
                     http.clone(),
                     Duration::from_secs(10),
+                    cfg.max_key_age,
                 ),
                 cfg: cfg.clone(),
                 validation,
@@ -180,6 +191,17 @@ impl Validator {
         self.by_iss.values().all(|s| s.jwks.is_loaded())
     }
 
+    /// How often to refresh every issuer's keys: a third of the shortest `max_key_age`, so
+    /// a healthy IdP never lets a key set go stale; between 1 s and 5 min.
+    pub fn refresh_interval(&self) -> Duration {
+        self.by_iss
+            .values()
+            .map(|s| s.cfg.max_key_age / 3)
+            .min()
+            .unwrap_or(Duration::from_secs(300))
+            .clamp(Duration::from_secs(1), Duration::from_secs(300))
+    }
+
     /// Validates a token (from the verified cache when possible).
     pub async fn validate(&self, token: &str) -> Result<Arc<Identity>, IdentityError> {
         if token.len() > MAX_TOKEN_LEN {
@@ -187,7 +209,13 @@ impl Validator {
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(id) = self.verified.get(&digest) {
-            if id.expires_at > unix_now() {
+            // A cached verdict is only as good as the keys behind it: past the issuer's
+            // max_key_age it is re-checked (and denied until the keys are fetched again).
+            let keys_fresh = self
+                .by_iss
+                .get(id.issuer.as_ref())
+                .is_some_and(|st| st.jwks.is_fresh());
+            if id.expires_at > unix_now() && keys_fresh {
                 metrics::counter!("aegis_jwt_cache_total", "result" => "hit").increment(1);
                 return Ok(id);
             }
@@ -279,6 +307,9 @@ impl Validator {
             Some(_) => return Err(Rejected("exp is not an integer")),
             None => return Err(Rejected("exp is missing")),
         };
+        if exp > MAX_NUMERIC_DATE {
+            return Err(Rejected("exp is out of range"));
+        }
         for name in ["nbf", "iat"] {
             match claims.get(name) {
                 None => {}
@@ -315,7 +346,7 @@ impl Validator {
                 });
             }
         }
-        if exp + leeway <= now {
+        if exp.saturating_add(leeway) <= now {
             return Err(IdentityError::Expired);
         }
 
@@ -437,6 +468,9 @@ fn strict_object(
         .map_err(|_| IdentityError::Malformed("payload is not a JSON object with unique keys"))
 }
 
+/// 9999-12-31T23:59:59Z: a later `exp` is nonsense and would overflow date arithmetic.
+const MAX_NUMERIC_DATE: i64 = 253_402_300_799;
+
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -447,6 +481,55 @@ fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `exp` near i64::MAX once overflowed `exp + leeway` (a panic in debug builds).
+    #[tokio::test]
+    async fn absurd_exp_is_refused_without_overflow() {
+        let issuer = IssuerConfig {
+            name: "t".into(),
+            issuer: "x".into(),
+            audiences: vec!["aegis".into()],
+            jwks_uri: url::Url::parse("http://127.0.0.1:1/jwks").ok(),
+            algorithms: vec![Algorithm::RS256],
+            username_claim: "email".into(),
+            agent_claim: "azp".into(),
+            leeway: Duration::from_secs(30),
+            max_key_age: Duration::from_secs(3600),
+        };
+        let v = Validator::new(&[issuer], reqwest::Client::new());
+        let b = |v: &serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let token = |exp: serde_json::Value| {
+            format!(
+                "{}.{}.c2ln",
+                b(&serde_json::json!({"alg": "RS256"})),
+                b(&serde_json::json!({"iss": "x", "exp": exp}))
+            )
+        };
+        for exp in [
+            serde_json::json!(i64::MAX),
+            serde_json::json!(MAX_NUMERIC_DATE + 1),
+        ] {
+            assert_eq!(
+                v.validate(&token(exp)).await.err(),
+                Some(IdentityError::Rejected("exp is out of range"))
+            );
+        }
+    }
+
+    /// `"kid": null` once read as "no kid" (and so matched the only RSA key); `"crit": null`
+    /// as no crit.
+    #[test]
+    fn null_header_members_are_not_absent() {
+        let h = |s: &str| serde_json::from_str::<RawHeader>(s);
+        assert!(h(r#"{"alg":"RS256","kid":null}"#).is_err());
+        assert!(h(r#"{"alg":"RS256","typ":null}"#).is_err());
+        assert!(h(r#"{"alg":"RS256","crit":null}"#).is_ok_and(|x| x.crit.is_some()));
+        assert!(h(r#"{"alg":"RS256","jku":null}"#).is_ok_and(|x| x.jku.is_some()));
+        assert!(h(r#"{"alg":"RS256"}"#).is_ok_and(|x| x.kid.is_none() && x.crit.is_none()));
+        assert!(h(r#"{"alg":"RS256","kid":"k"}"#).is_ok_and(|x| x.kid.as_deref() == Some("k")));
+    }
 
     #[test]
     fn duplicate_claims_are_refused() {

@@ -14,7 +14,7 @@
 
 mod genie;
 mod mcp;
-mod oauth;
+pub(crate) mod oauth;
 mod objects;
 mod scim;
 mod statements;
@@ -58,6 +58,8 @@ pub(crate) struct WorkspaceState {
     log: Mutex<VecDeque<RequestRecord>>,
     statements: statements::Statements,
     genie: genie::Conversations,
+    /// How `/oidc/v1/token` misbehaves, for fault tests.
+    pub token_fault: Mutex<oauth::TokenFault>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -79,6 +81,7 @@ impl WorkspaceState {
             log: Mutex::new(VecDeque::new()),
             statements: statements::Statements::default(),
             genie: genie::Conversations::default(),
+            token_fault: Mutex::new(oauth::TokenFault::Ok),
         }
     }
 

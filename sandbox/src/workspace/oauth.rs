@@ -31,12 +31,55 @@ fn oauth_error(status: StatusCode, error: &str, description: impl Into<String>) 
         .into_response()
 }
 
+/// How `/oidc/v1/token` misbehaves, for tests of a failing token endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenFault {
+    /// Answer normally.
+    Ok,
+    /// 503 with a JSON error body.
+    ServerError,
+    /// 429 with `Retry-After: <secs>`.
+    RateLimited { retry_after_secs: u64 },
+    /// Answer nothing for [`TOKEN_HANG`], then 503: a token endpoint that times out.
+    Hang,
+}
+
+/// How long a [`TokenFault::Hang`] holds the request.
+pub const TOKEN_HANG: std::time::Duration = std::time::Duration::from_secs(20);
+
 pub(super) async fn token(
     State(ws): State<Arc<WorkspaceState>>,
     headers: HeaderMap,
     form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Response {
-    token_inner(&ws, &headers, form)
+    let fault = *ws.token_fault.lock().unwrap_or_else(|p| p.into_inner());
+    match fault {
+        TokenFault::Ok => token_inner(&ws, &headers, form),
+        TokenFault::ServerError => oauth_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "the token service is unavailable",
+        ),
+        TokenFault::RateLimited { retry_after_secs } => {
+            let mut r = oauth_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "slow_down",
+                "too many token requests",
+            );
+            if let Ok(v) = header::HeaderValue::from_str(&retry_after_secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+        TokenFault::Hang => {
+            tokio::time::sleep(TOKEN_HANG).await;
+            oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "the token service timed out",
+            )
+        }
+    }
 }
 
 fn token_inner(
