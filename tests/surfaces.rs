@@ -139,7 +139,7 @@ async fn assert_correlated(stack: &Stack) -> usize {
         .sandbox
         .requests()
         .into_iter()
-        .filter(|r| through_envoy(r))
+        .filter(through_envoy)
         .collect();
     let allows: Vec<&Value> = chain.iter().filter(|r| r["decision"] == "ALLOW").collect();
     assert!(!allows.is_empty());

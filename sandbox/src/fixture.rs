@@ -952,4 +952,29 @@ mod tests {
         assert!(!f.has_privilege(&alice, &sch("main", "hr"), Privilege::UseSchema));
         assert!(!f.has_privilege(&alice, &orders, Privilege::Modify));
     }
+
+    #[test]
+    fn notebook_acls_follow_owners_shares_and_admins() {
+        let f = Fixture::standard();
+        let (alice, bob, carol) = (
+            principal(&f, "alice"),
+            principal(&f, "bob"),
+            principal(&f, "carol"),
+        );
+        let private = "/Users/alice@example.com/private_notes";
+        let shared = "/Users/alice@example.com/churn_analysis";
+        assert!(f.can_read_object(&alice, private));
+        assert!(!f.can_read_object(&bob, private));
+        assert!(f.can_read_object(&bob, shared));
+        assert!(!f.can_read_object(&bob, "/Users/alice@example.com"));
+        assert!(
+            f.can_read_object(&carol, private),
+            "workspace admins read everything"
+        );
+        assert!(f.can_read_object(&bob, "/Users"));
+        assert!(f.can_read_object(&bob, "/Shared/team_queries"));
+        assert!(!f.can_read_object(&alice, "/Shared/finance/forecast"));
+        // A path that merely starts with a readable one is not below it.
+        assert!(!f.can_read_object(&alice, "/Users/alice@example.comx"));
+    }
 }

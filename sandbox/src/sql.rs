@@ -1178,6 +1178,50 @@ mod tests {
     }
 
     #[test]
+    fn views_read_with_the_owners_rights_and_the_callers_filters() {
+        let view = req("SELECT region, orders FROM main.sales.region_totals ORDER BY region");
+        // bob has SELECT on the view only, and the orders row filter still applies to him.
+        assert_eq!(
+            cells(&run_as("bob", &view).unwrap()),
+            vec![vec!["AMER", "3"]]
+        );
+        assert_eq!(run_as("carol", &view).unwrap().rows.len(), 3);
+        let e = run_as("alice", &view).unwrap_err();
+        assert!(
+            e.message
+                .contains("User does not have SELECT on Table 'main.sales.region_totals'"),
+            "{}",
+            e.message
+        );
+        // The view grants nothing on its table.
+        assert!(run_as("bob", &req("SELECT * FROM main.sales.orders")).is_err());
+        // Relative names and joins through the view resolve too.
+        let joined = Request {
+            schema: "sales".into(),
+            ..req(
+                "SELECT t.region FROM region_totals t JOIN region_totals u ON t.region = u.region",
+            )
+        };
+        assert_eq!(cells(&run_as("bob", &joined).unwrap()), vec![vec!["AMER"]]);
+    }
+
+    #[test]
+    fn the_federated_catalog_filters_per_user() {
+        let q = req("SELECT event_id FROM snowflake_fed.analytics.web_events ORDER BY event_id");
+        assert_eq!(
+            cells(&run_as("alice", &q).unwrap()),
+            vec![vec!["1"], vec!["2"], vec!["5"]]
+        );
+        assert_eq!(run_as("carol", &q).unwrap().rows.len(), 5);
+        let e = run_as("bob", &q).unwrap_err();
+        assert!(
+            e.message.contains("USE CATALOG on Catalog 'snowflake_fed'"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
     fn runaway_queries_stop_at_the_deadline() {
         let f = Fixture::standard();
         let p = f.principal(f.user("carol@example.com").expect("carol"));
