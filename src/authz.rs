@@ -23,7 +23,7 @@ use crate::audit::{AuditError, Draft, Verdict};
 use crate::broker::{BrokerError, DbToken};
 use crate::config::WorkspaceConfig;
 use crate::identity::{Identity, IdentityError};
-use crate::policy::{normalize_path, Policy};
+use crate::policy::{normalize_path, AgentBlocklist, Policy};
 
 // === Inputs and outputs ===
 
@@ -142,6 +142,8 @@ pub struct Pipeline<I, T, A> {
     tokens: T,
     audit: A,
     policy: Arc<Policy>,
+    /// Agents blocked from the operator console; read in memory on every Check.
+    blocklist: Arc<AgentBlocklist>,
     ready: Arc<AtomicBool>,
     check_timeout: Duration,
     user_agent_suffix: String,
@@ -164,10 +166,17 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             tokens,
             audit,
             policy,
+            blocklist: Arc::new(AgentBlocklist::empty()),
             ready,
             check_timeout,
             user_agent_suffix: format!(" aegis/{}", env!("CARGO_PKG_VERSION")),
         }
+    }
+
+    /// Uses `blocklist` (shared with the console) instead of an empty one.
+    pub fn with_blocklist(mut self, blocklist: Arc<AgentBlocklist>) -> Self {
+        self.blocklist = blocklist;
+        self
     }
 
     pub fn policy(&self) -> &Policy {
@@ -176,9 +185,28 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
 
     /// Runs the whole pipeline for one request. Never panics, never returns an error: every
     /// failure becomes a [`Decision::Deny`].
+    ///
+    /// Log lines on the way carry a `check` span with the aegis trace id and, when Envoy sent a
+    /// W3C `traceparent`, the caller's trace and parent span ids. The aegis trace id stays a
+    /// fresh random id per request: one W3C trace can span many requests, each with its own row.
     pub async fn check(&self, input: &CheckInput<'_>) -> Decision {
-        let started = Instant::now();
+        use tracing::Instrument;
         let trace_id = TraceId::random();
+        let span = tracing::info_span!(
+            "check",
+            trace_id = %trace_id,
+            w3c_trace_id = tracing::field::Empty,
+            w3c_parent_id = tracing::field::Empty,
+        );
+        if let Some(tp) = headers::traceparent(input.headers) {
+            span.record("w3c_trace_id", tp.trace_id);
+            span.record("w3c_parent_id", tp.parent_id);
+        }
+        self.check_traced(input, trace_id).instrument(span).await
+    }
+
+    async fn check_traced(&self, input: &CheckInput<'_>, trace_id: TraceId) -> Decision {
+        let started = Instant::now();
         let deadline = started + self.check_timeout;
         let path = normalize_path(input.path);
         let mut draft = Draft {
@@ -292,6 +320,17 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         if !self
             .policy
             .agent_allowed(workspace, identity.agent.as_deref())
+        {
+            return fail(Reason::AgentNotAllowed);
+        }
+        // Until the operators' blocklist is loaded we cannot tell who is blocked.
+        if !self.blocklist.loaded() {
+            return Err((Reason::DependencyUnavailable, Some(1)));
+        }
+        if identity
+            .agent
+            .as_deref()
+            .is_some_and(|a| self.blocklist.contains(a))
         {
             return fail(Reason::AgentNotAllowed);
         }

@@ -8,9 +8,13 @@
 //! the same Databricks handler under a different spelling (`//`, `/./`, `/../`, `%2e`, `%2f`,
 //! double encoding, `\`, `;params`, letter case), so a rule cannot be dodged by re-spelling.
 
+pub mod blocklist;
+
 use std::collections::HashMap;
 
 use crate::config::{Config, RuleConfig, WorkspaceConfig};
+
+pub use blocklist::AgentBlocklist;
 
 #[derive(Debug, Clone)]
 enum Pattern {

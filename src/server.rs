@@ -185,6 +185,10 @@ pub async fn run(
             readiness: components.clone(),
             http: http.clone(),
             keys: cfg.audit.keys(),
+            checkpoint_dir: cfg.audit.checkpoint_dir.clone(),
+            checkpoint_public_key: crate::audit::checkpoint::public_key(
+                &cfg.audit.checkpoint_signing_key,
+            ),
             pg_connect: Arc::new(move || {
                 let target = console_pg.clone();
                 Box::pin(async move {

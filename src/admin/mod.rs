@@ -1,7 +1,12 @@
-//! The admin HTTP listener: `/healthz`, `/readyz`, `/metrics`.
+//! The admin HTTP listener: `/healthz`, `/readyz`, `/metrics` and the operator console
+//! (`/console`, see [`console`]).
 //!
-//! Served on its own port (loopback by default) so that probes and scrapes never share a
-//! listener with agent traffic.
+//! Served on its own port (loopback by default) so that probes, scrapes and operators never
+//! share a listener with agent traffic.
+
+pub mod console;
+pub mod live;
+pub mod session;
 
 use std::sync::Arc;
 
@@ -33,14 +38,18 @@ pub trait Readiness: Send + Sync + 'static {
 pub struct AdminState {
     pub readiness: Arc<dyn Readiness>,
     pub metrics: Option<PrometheusHandle>,
+    /// `None` when no console token is configured: `/console` then says it is disabled.
+    pub console: console::ConsoleState,
 }
 
 pub fn app(state: AdminState) -> Router {
+    let console = console::routes().with_state(state.console.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(console)
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -98,6 +107,7 @@ mod tests {
             let app = app(AdminState {
                 readiness: Arc::new(Fixed(ready)),
                 metrics: None,
+                console: None,
             });
             let resp = app
                 .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())

@@ -76,6 +76,72 @@ pub fn clean_user_agent(ua: &str) -> String {
     out
 }
 
+/// A W3C `traceparent` (trace-context level 1): the caller's trace id and parent span id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent<'a> {
+    pub trace_id: &'a str,
+    pub parent_id: &'a str,
+}
+
+/// Parses `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, lower-case, ids not all zero); anything
+/// else is ignored, as the spec asks, and the request simply starts no trace of its own.
+pub fn traceparent(headers: &HashMap<String, String>) -> Option<TraceParent<'_>> {
+    let v = headers.get("traceparent")?.trim();
+    let mut parts = v.split('-');
+    let (version, trace_id, parent_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    if !hex(version, 2) || version == "ff" || !hex(flags, 2) {
+        return None;
+    }
+    // Version 00 has exactly four fields; later versions may append more.
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    if !hex(trace_id, 32) || !hex(parent_id, 16) || zero(trace_id) || zero(parent_id) {
+        return None;
+    }
+    Some(TraceParent {
+        trace_id,
+        parent_id,
+    })
+}
+
+#[cfg(test)]
+mod traceparent_tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_parsed_strictly() {
+        let h = |v: &str| HashMap::from([("traceparent".to_string(), v.to_string())]);
+        let good = h("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(
+            traceparent(&good),
+            Some(TraceParent {
+                trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+                parent_id: "00f067aa0ba902b7"
+            })
+        );
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xx",
+            "00-4bf92f3577b34da6-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            assert_eq!(traceparent(&h(bad)), None, "{bad}");
+        }
+        assert_eq!(traceparent(&HashMap::new()), None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

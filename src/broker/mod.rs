@@ -7,6 +7,7 @@
 
 pub mod federation;
 pub mod redis;
+pub mod stats;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -104,6 +105,7 @@ pub struct Broker {
     http: reqwest::Client,
     seen_epoch: AtomicU64,
     mints: AtomicU64,
+    stats: Arc<stats::CacheStats>,
 }
 
 impl Broker {
@@ -118,11 +120,22 @@ impl Broker {
             http,
             seen_epoch: AtomicU64::new(0),
             mints: AtomicU64::new(0),
+            stats: Arc::new(stats::CacheStats::default()),
         }
     }
 
     pub fn redis(&self) -> &Arc<RedisLink> {
         &self.redis
+    }
+
+    /// Cache statistics per workspace (counts only), for the console.
+    pub fn stats(&self) -> &Arc<stats::CacheStats> {
+        &self.stats
+    }
+
+    /// Cached tokens held in this process (all workspaces).
+    pub fn l1_entries(&self) -> u64 {
+        self.l1.entry_count()
     }
 
     /// Mints performed by this process (for tests and the console).
@@ -152,6 +165,7 @@ impl Broker {
             .del(&[Self::l2_key(workspace, user)])
             .await
             .map_err(|_| BrokerError::Unavailable("redis"))?;
+        self.stats.record(workspace, stats::Event::Revoked);
         Ok(())
     }
 
@@ -174,6 +188,7 @@ impl Broker {
             if t.use_until_ms > now_ms() {
                 metrics::counter!("aegis_token_cache_total", "tier" => "l1", "result" => "hit")
                     .increment(1);
+                self.stats.record(&ws.name, stats::Event::L1Hit);
                 return Ok(t);
             }
             self.l1.invalidate(&key).await;
@@ -207,6 +222,7 @@ impl Broker {
                     if t.use_until_ms > now_ms() {
                         metrics::counter!("aegis_token_cache_total", "tier" => "l2", "result" => "hit")
                             .increment(1);
+                        self.stats.record(&ws.name, stats::Event::L2Hit);
                         return Ok(Arc::new(t));
                     }
                 }
@@ -216,6 +232,7 @@ impl Broker {
         }
         metrics::counter!("aegis_token_cache_total", "tier" => "l2", "result" => "miss")
             .increment(1);
+        self.stats.record(&ws.name, stats::Event::Miss);
 
         let minted = match ws.token_source {
             TokenSourceKind::Federation => {
@@ -234,6 +251,14 @@ impl Broker {
         };
         metrics::counter!("aegis_mints_total", "source" => ws.token_source.as_str(), "outcome" => outcome)
             .increment(1);
+        self.stats.record(
+            &ws.name,
+            if minted.is_ok() {
+                stats::Event::Minted
+            } else {
+                stats::Event::MintFailed
+            },
+        );
         let minted = minted?;
         self.mints.fetch_add(1, Ordering::Relaxed);
 

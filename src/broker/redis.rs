@@ -137,7 +137,8 @@ impl RedisLink {
         self.connection().ok_or(RedisError::Down)
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, RedisError> {
+    /// Runs one command on the live connection (fails fast while the link is down).
+    pub async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, RedisError> {
         let mut c = self.live()?;
         match tokio::time::timeout(OP_TIMEOUT, cmd.query_async::<T>(&mut c)).await {
             Ok(Ok(v)) => Ok(v),
