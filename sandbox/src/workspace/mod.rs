@@ -332,6 +332,9 @@ fn classify(method: &Method, path: &str) -> Route {
         (&Method::POST, ["oidc", "v1", "token"]) => route("oauth2", "token", false),
         (&Method::GET, ["oidc", ".well-known", _]) => route("oauth2", "oidcDiscovery", false),
         (&Method::GET, ["oidc", "jwks.json"]) => route("oauth2", "jwks", false),
+        // Anything else under the OIDC prefix (e.g. a reachability probe of the token endpoint)
+        // is the OAuth service's, as in Databricks' audit log.
+        (_, ["oidc", ..]) => route("oauth2", "endpointNotFound", false),
         (&Method::GET, [".well-known", "databricks-config"]) => {
             route("oauth2", "hostMetadata", false)
         }
