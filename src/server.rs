@@ -44,13 +44,15 @@ struct Components {
     validator: Arc<Validator>,
     audit: Arc<AuditChain>,
     redis: Arc<RedisLink>,
+    /// The operators' agent blocklist; the pipeline denies until it has been read once.
+    blocklist: Arc<AgentBlocklist>,
     /// The flag the pipeline reads; `/readyz` reports it, so a 200 there means Checks run.
     ready: Arc<AtomicBool>,
 }
 
 impl Components {
     fn conditions_met(&self) -> bool {
-        self.validator.all_loaded() && self.audit.head_loaded()
+        self.validator.all_loaded() && self.audit.head_loaded() && self.blocklist.loaded()
     }
 }
 
@@ -63,6 +65,7 @@ impl Readiness for Components {
             config: true,
             jwks,
             audit_chain_head: head,
+            agent_blocklist: self.blocklist.loaded(),
             redis: self.redis.healthy(),
         }
     }
@@ -145,6 +148,7 @@ pub async fn run(
         validator: validator.clone(),
         audit: audit.clone(),
         redis: redis.clone(),
+        blocklist: blocklist.clone(),
         ready: ready.clone(),
     });
 

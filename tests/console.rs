@@ -134,13 +134,11 @@ fn assert_moved(before: &Series, after: &Series, series: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_console_in_a_real_browser() {
     let browser_dir = browser_tooling();
-    let stack = start_with(
-        StackOptions::new(AEGIS_BIN).with_config(|t| {
-            if let Some(audit) = t.get_mut("audit").and_then(|a| a.as_table_mut()) {
-                audit.insert("checkpoint_interval".into(), "1s".into());
-            }
-        }),
-    )
+    let stack = start_with(StackOptions::new(AEGIS_BIN).with_config(|t| {
+        if let Some(audit) = t.get_mut("audit").and_then(|a| a.as_table_mut()) {
+            audit.insert("checkpoint_interval".into(), "1s".into());
+        }
+    }))
     .await;
     let alice = token(&stack, "alice");
     let bob = token(&stack, "bob");
@@ -257,11 +255,15 @@ async fn operator_console_in_a_real_browser() {
     }
     assert!(value(&after, "aegis_audit_queue_depth{}") >= 0.0);
     // A checkpoint is signed every second here; its age is exported and small.
-    eventually(Duration::from_secs(10), "aegis_checkpoint_age_seconds", || async {
-        scrape(&stack)
-            .await
-            .get("aegis_checkpoint_age_seconds{}")
-            .is_some_and(|age| (0.0..30.0).contains(age))
-    })
+    eventually(
+        Duration::from_secs(10),
+        "aegis_checkpoint_age_seconds",
+        || async {
+            scrape(&stack)
+                .await
+                .get("aegis_checkpoint_age_seconds{}")
+                .is_some_and(|age| (0.0..30.0).contains(age))
+        },
+    )
     .await;
 }

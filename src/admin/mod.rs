@@ -25,6 +25,8 @@ pub struct ReadyStatus {
     pub config: bool,
     pub jwks: bool,
     pub audit_chain_head: bool,
+    /// The agent blocklist has been read from Redis once.
+    pub agent_blocklist: bool,
     /// Reported, not gated on: while Redis is down every Check is denied anyway.
     pub redis: bool,
 }
@@ -93,6 +95,7 @@ mod tests {
                 config: true,
                 jwks: self.0,
                 audit_chain_head: true,
+                agent_blocklist: true,
                 redis: true,
             }
         }

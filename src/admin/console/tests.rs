@@ -101,6 +101,7 @@ impl Readiness for Ready {
             config: true,
             jwks: true,
             audit_chain_head: true,
+            agent_blocklist: true,
             redis: true,
         }
     }
