@@ -30,8 +30,11 @@ use crate::identity::Validator;
 use crate::policy::AgentBlocklist;
 use crate::secret::Key32;
 
-/// How often dependencies are probed.
+/// How often Redis and Postgres are probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// Remote HTTP endpoints (IdP keys, workspace token endpoints) are probed every this many
+/// rounds (10 s), so aegis adds little traffic to services it does not own.
+const REMOTE_EVERY_ROUNDS: u64 = 5;
 /// Each probe's own deadline.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Upper bound on one "verify now".
@@ -118,8 +121,10 @@ impl LiveOps {
 
     /// Probes every dependency every [`PROBE_EVERY`] until `stop` turns true.
     pub async fn monitor(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut round: u64 = 0;
         loop {
-            let probes = self.probe_all();
+            let probes = self.probe_all(round % REMOTE_EVERY_ROUNDS == 0);
+            round = round.wrapping_add(1);
             let health = tokio::select! {
                 h = probes => h,
                 _ = stop.wait_for(|s| *s) => return,
@@ -140,14 +145,35 @@ impl LiveOps {
         }
     }
 
-    async fn probe_all(&self) -> Vec<DependencyHealth> {
+    /// Probes Redis and Postgres, and the remote endpoints when `remote` (else keeps their
+    /// last results).
+    async fn probe_all(&self, remote: bool) -> Vec<DependencyHealth> {
         let mut probes: Vec<BoxFuture<'_, DependencyHealth>> =
             vec![self.probe_redis().boxed(), self.probe_postgres().boxed()];
+        let previous: Vec<DependencyHealth> =
+            self.health.read().map(|g| g.clone()).unwrap_or_default();
+        let mut remote_names = Vec::new();
         for iss in &self.issuers {
-            probes.push(self.probe_issuer(iss).boxed());
+            remote_names.push(format!("idp:{}", iss.name));
         }
         for ws in &self.workspaces {
-            probes.push(self.probe_workspace(ws).boxed());
+            remote_names.push(format!("workspace:{}", ws.name));
+        }
+        let kept: Vec<DependencyHealth> = previous
+            .into_iter()
+            .filter(|h| remote_names.contains(&h.name))
+            .collect();
+        if remote || kept.len() != remote_names.len() {
+            for iss in &self.issuers {
+                probes.push(self.probe_issuer(iss).boxed());
+            }
+            for ws in &self.workspaces {
+                probes.push(self.probe_workspace(ws).boxed());
+            }
+        } else {
+            for h in kept {
+                probes.push(async move { h }.boxed());
+            }
         }
         let out = futures_util::future::join_all(probes).await;
         for h in &out {
