@@ -99,6 +99,8 @@ pub struct Deny {
     pub trace_id: TraceId,
     pub reason: Reason,
     pub retry_after: Option<u64>,
+    /// For `consent_required`: the signed link where the user consents (U2M workspaces).
+    pub consent_url: Option<String>,
 }
 
 impl Decision {
@@ -130,6 +132,11 @@ pub trait Tokens: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Arc<DbToken>, BrokerError>> + Send;
 }
 
+/// Makes the signed consent link a `consent_required` deny carries (U2M workspaces).
+pub trait ConsentLink: Send + Sync + 'static {
+    fn consent_url(&self, workspace: &str, user_name: &str, issuer: &str) -> Option<String>;
+}
+
 /// Appends a decision to the audit chain; resolves once the row is committed.
 pub trait Audit: Send + Sync + 'static {
     fn append(&self, draft: Draft) -> impl Future<Output = Result<u64, AuditError>> + Send;
@@ -144,6 +151,8 @@ pub struct Pipeline<I, T, A> {
     policy: Arc<Policy>,
     /// Agents blocked from the operator console; read in memory on every Check.
     blocklist: Arc<AgentBlocklist>,
+    /// Signs consent links for `consent_required` denies; None: denies carry no link.
+    consent: Option<Arc<dyn ConsentLink>>,
     ready: Arc<AtomicBool>,
     check_timeout: Duration,
     user_agent_suffix: String,
@@ -167,6 +176,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             audit,
             policy,
             blocklist: Arc::new(AgentBlocklist::empty()),
+            consent: None,
             ready,
             check_timeout,
             user_agent_suffix: format!(" aegis/{}", env!("CARGO_PKG_VERSION")),
@@ -176,6 +186,12 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
     /// Uses `blocklist` (shared with the console) instead of an empty one.
     pub fn with_blocklist(mut self, blocklist: Arc<AgentBlocklist>) -> Self {
         self.blocklist = blocklist;
+        self
+    }
+
+    /// Puts a signed consent link into `consent_required` denies (None: no link).
+    pub fn with_consent_links(mut self, consent: Option<Arc<dyn ConsentLink>>) -> Self {
+        self.consent = consent;
         self
     }
 
@@ -250,6 +266,12 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                 }
             }
             Err((reason, retry_after)) => {
+                let consent_url = match (reason, &self.consent) {
+                    (Reason::ConsentRequired, Some(c)) => {
+                        c.consent_url(&draft.workspace, &draft.user_name, &draft.issuer)
+                    }
+                    _ => None,
+                };
                 draft.verdict = Verdict::Deny;
                 draft.reason = reason.code().to_string();
                 // A deny stands whether or not its row commits; we still wait (bounded) so the
@@ -263,7 +285,11 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                         tracing::warn!(trace_id = %trace_id, "audit append for a deny timed out")
                     }
                 }
-                deny(trace_id, reason, retry_after)
+                let mut decision = deny(trace_id, reason, retry_after);
+                if let Decision::Deny(d) = &mut decision {
+                    d.consent_url = consent_url;
+                }
+                decision
             }
         };
 
@@ -375,6 +401,7 @@ fn deny(trace_id: TraceId, reason: Reason, retry_after: Option<u64>) -> Decision
         trace_id,
         reason,
         retry_after,
+        consent_url: None,
     })
 }
 

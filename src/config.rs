@@ -224,6 +224,14 @@ pub struct WorkspaceConfig {
     pub scopes: Vec<String>,
     /// Per-workspace agent allowlist; `None` falls back to `policy.allowed_agents`.
     pub allowed_agents: Option<Vec<String>>,
+    /// `entra_obo`: the Entra tenant (directory) id.
+    pub tenant_id: Option<String>,
+    /// `entra_obo`: the token endpoint; default
+    /// `https://login.microsoftonline.com/{tenant_id}/oauth2/v2.0/token`.
+    pub entra_token_url: Option<url::Url>,
+    /// `entra_obo`: the confidential app's client secret (`client_secret_file` or env
+    /// `AEGIS_WORKSPACE_<NAME>_CLIENT_SECRET`).
+    pub client_secret: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -633,6 +641,29 @@ impl Reader<'_> {
         let issuers = self.issuers(doc);
         let workspaces = self.workspaces(doc);
         let policy = self.policy(&policy_t, &workspaces);
+        if workspaces
+            .iter()
+            .any(|w| w.token_source == TokenSourceKind::U2m)
+        {
+            // Users consent in a browser: aegis must serve and name its public listener.
+            for (key, missing) in [
+                (
+                    "public_listen",
+                    server.as_ref().is_some_and(|s| s.public_listen.is_none()),
+                ),
+                (
+                    "public_url",
+                    server.as_ref().is_some_and(|s| s.public_url.is_none()),
+                ),
+            ] {
+                if missing && !server_t.contains_key(key) {
+                    self.err(
+                        &format!("server.{key}"),
+                        "is required when a workspace uses token_source u2m",
+                    );
+                }
+            }
+        }
 
         Some(Config {
             server: server?,
@@ -1052,6 +1083,9 @@ impl Reader<'_> {
                     "client_id",
                     "scopes",
                     "allowed_agents",
+                    "tenant_id",
+                    "entra_token_url",
+                    "client_secret_file",
                 ],
             );
             let name = self.ident(t, "name", &path);
@@ -1093,23 +1127,15 @@ impl Reader<'_> {
                 }
                 None => None,
             };
-            if matches!(
-                token_source,
-                Some(TokenSourceKind::U2m) | Some(TokenSourceKind::EntraObo)
-            ) {
-                self.err(
-                    &format!("{path}.token_source"),
-                    "this build supports only \"federation\" (u2m and entra_obo are not built yet)",
-                );
-            }
             let client_id = self.string(t, "client_id", &path, false);
             let scopes = self.string_list(t, "scopes", &path, true);
             if matches!(&scopes, Some(s) if s.is_empty()) {
                 self.err(&format!("{path}.scopes"), "must not be empty");
             }
             let allowed_agents = self.string_list(t, "allowed_agents", &path, false);
-            if let (Some(name), Some(url), Some(token_source), Some(scopes)) =
-                (name, url, token_source, scopes)
+            let entra = self.entra_keys(t, &path, name.as_deref(), token_source, &client_id);
+            if let (Some(name), Some(url), Some(token_source), Some(scopes), Some(entra)) =
+                (name, url, token_source, scopes, entra)
             {
                 out.push(WorkspaceConfig {
                     name,
@@ -1119,10 +1145,112 @@ impl Reader<'_> {
                     client_id,
                     scopes,
                     allowed_agents,
+                    tenant_id: entra.tenant_id,
+                    entra_token_url: entra.token_url,
+                    client_secret: entra.client_secret,
                 });
             }
         }
         out
+    }
+
+    /// The keys `u2m` and `entra_obo` need: `client_id` for both; `tenant_id` (or
+    /// `entra_token_url`) and `client_secret_file` for `entra_obo`, which are refused elsewhere.
+    fn entra_keys(
+        &mut self,
+        t: &Table,
+        path: &str,
+        name: Option<&str>,
+        source: Option<TokenSourceKind>,
+        client_id: &Option<String>,
+    ) -> Option<EntraKeys> {
+        let obo = source == Some(TokenSourceKind::EntraObo);
+        if matches!(
+            source,
+            Some(TokenSourceKind::U2m | TokenSourceKind::EntraObo)
+        ) && client_id.is_none()
+        {
+            self.err(
+                &format!("{path}.client_id"),
+                "is required for token_source u2m and entra_obo (the OAuth app)",
+            );
+        }
+        let tenant_id = self.string(t, "tenant_id", path, false);
+        if let Some(tenant) = &tenant_id {
+            let ok = tenant.len() <= 64
+                && tenant
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+            if !ok {
+                self.err(
+                    &format!("{path}.tenant_id"),
+                    "must be a tenant id or domain (letters, digits, '-', '.', '_')",
+                );
+            }
+        }
+        let token_url = self
+            .string(t, "entra_token_url", path, false)
+            .and_then(|s| self.http_url(&s, &format!("{path}.entra_token_url")));
+        // A workspace's name is `[A-Za-z0-9_.-]`, so its env name is well-formed; an invalid
+        // name is reported by `ident` already.
+        let env_path = format!("workspace_{}", name.unwrap_or("invalid"));
+        let client_secret = match self
+            .env
+            .var(&Self::env_name(&env_path, "client_secret_file"))
+        {
+            Some(_) if t.contains_key("client_secret_file") => {
+                self.err(
+                    &format!("{path}.client_secret_file"),
+                    format!(
+                        "is set both in the file and by {}; keep one",
+                        Self::env_name(&env_path, "client_secret_file")
+                    ),
+                );
+                None
+            }
+            Some(v) => Some(v),
+            None => self.secret_text(t, "client_secret_file", path, false),
+        }
+        .and_then(|text| {
+            let secret = text.trim().to_string();
+            if secret.is_empty() {
+                self.err(&format!("{path}.client_secret_file"), "the secret is empty");
+                None
+            } else {
+                Some(SecretString::new(secret))
+            }
+        });
+        if obo {
+            if tenant_id.is_none() && token_url.is_none() && !t.contains_key("entra_token_url") {
+                self.err(
+                    &format!("{path}.tenant_id"),
+                    "is required for token_source entra_obo (or set entra_token_url)",
+                );
+            }
+            if client_secret.is_none() && !t.contains_key("client_secret_file") {
+                self.err(
+                    &format!("{path}.client_secret_file"),
+                    format!(
+                        "is required for token_source entra_obo (or set {})",
+                        Self::env_name(&env_path, "client_secret_file")
+                    ),
+                );
+            }
+        } else {
+            for key in ["tenant_id", "entra_token_url", "client_secret_file"] {
+                if t.contains_key(key) {
+                    self.err(
+                        &format!("{path}.{key}"),
+                        "is used only with token_source entra_obo",
+                    );
+                }
+            }
+        }
+        Some(EntraKeys {
+            tenant_id,
+            token_url,
+            client_secret,
+        })
     }
 
     fn policy(&mut self, t: &Table, workspaces: &[WorkspaceConfig]) -> Option<PolicyConfig> {
@@ -1210,6 +1338,13 @@ impl Reader<'_> {
         }
         out
     }
+}
+
+/// What [`Reader::entra_keys`] reads.
+struct EntraKeys {
+    tenant_id: Option<String>,
+    token_url: Option<url::Url>,
+    client_secret: Option<SecretString>,
 }
 
 fn hostname() -> String {
@@ -1410,6 +1545,90 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
         ] {
             assert!(errs.contains(s), "{s} not named in {errs}");
         }
+    }
+
+    #[test]
+    fn u2m_and_entra_obo_report_every_missing_key() {
+        let f = Fixture::new();
+        let u2m = GOOD.replace("token_source = \"federation\"", "token_source = \"u2m\"");
+        let text = f.parse(&u2m, &HashMap::new()).unwrap_err().to_string();
+        for needle in [
+            "workspaces[0].client_id: is required for token_source u2m",
+            "server.public_listen: is required when a workspace uses token_source u2m",
+            "server.public_url: is required when a workspace uses token_source u2m",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+
+        let obo = GOOD.replace(
+            "token_source = \"federation\"",
+            "token_source = \"entra_obo\"",
+        );
+        let text = f.parse(&obo, &HashMap::new()).unwrap_err().to_string();
+        for needle in [
+            "workspaces[0].client_id: is required",
+            "workspaces[0].tenant_id: is required for token_source entra_obo",
+            "workspaces[0].client_secret_file: is required for token_source entra_obo (or set AEGIS_WORKSPACE_PROD_CLIENT_SECRET)",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+
+        // Entra keys on another source are mistakes, not silently ignored.
+        let stray = GOOD.replace(
+            "token_source = \"federation\"",
+            "token_source = \"federation\"\ntenant_id = \"t\"",
+        );
+        let text = f.parse(&stray, &HashMap::new()).unwrap_err().to_string();
+        assert!(text.contains("workspaces[0].tenant_id: is used only with token_source entra_obo"));
+    }
+
+    #[test]
+    fn entra_obo_and_u2m_parse_with_their_keys() {
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("entra.secret"), "s3cret\n").unwrap();
+        let obo = GOOD.replace(
+            "token_source = \"federation\"",
+            "token_source = \"entra_obo\"\nclient_id = \"app\"\ntenant_id = \"contoso.onmicrosoft.com\"\nclient_secret_file = \"entra.secret\"",
+        );
+        let cfg = f.parse(&obo, &HashMap::new()).unwrap();
+        let ws = &cfg.workspaces[0];
+        assert_eq!(ws.token_source, TokenSourceKind::EntraObo);
+        assert_eq!(ws.client_secret.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(ws.tenant_id.as_deref(), Some("contoso.onmicrosoft.com"));
+
+        // The secret may come from the environment instead, but not from both.
+        let mut env = HashMap::new();
+        env.insert(
+            "AEGIS_WORKSPACE_PROD_CLIENT_SECRET".to_string(),
+            "from-env".to_string(),
+        );
+        let errs = f.parse(&obo, &env).unwrap_err().to_string();
+        assert!(
+            errs.contains("workspaces[0].client_secret_file: is set both"),
+            "{errs}"
+        );
+        let cfg = f
+            .parse(
+                &obo.replace("client_secret_file = \"entra.secret\"", ""),
+                &env,
+            )
+            .unwrap();
+        assert_eq!(
+            cfg.workspaces[0].client_secret.as_ref().unwrap().expose(),
+            "from-env"
+        );
+
+        let u2m = GOOD
+            .replace(
+                "token_source = \"federation\"",
+                "token_source = \"u2m\"\nclient_id = \"app\"",
+            )
+            .replace(
+                "instance_id = \"pod-a\"",
+                "instance_id = \"pod-a\"\npublic_listen = \"127.0.0.1:9193\"\npublic_url = \"https://aegis.example.com\"",
+            );
+        let cfg = f.parse(&u2m, &HashMap::new()).unwrap();
+        assert_eq!(cfg.workspaces[0].token_source, TokenSourceKind::U2m);
     }
 
     #[test]

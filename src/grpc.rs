@@ -54,6 +54,7 @@ pub async fn check<I: Identify, T: Tokens, A: Audit>(
             trace_id: crate::authz::TraceId::random(),
             reason: Reason::BadRequest,
             retry_after: None,
+            consent_url: None,
         }));
     };
     let headers: Cow<'_, HashMap<String, String>> = if http.headers.is_empty() {
@@ -177,7 +178,7 @@ pub fn respond_with(decision: Decision, resource_metadata: Option<&str>) -> Chec
             if let Some(secs) = deny.retry_after {
                 d.add_header("retry-after", secs.to_string(), OVERWRITE, false);
             }
-            d.set_body(deny_body(reason, trace));
+            d.set_body(deny_body(reason, trace, deny.consent_url.as_deref()));
             let status = if reason.status() == 401 {
                 Status::unauthenticated(reason.code())
             } else {
@@ -190,14 +191,18 @@ pub fn respond_with(decision: Decision, resource_metadata: Option<&str>) -> Chec
     }
 }
 
-/// `{"error": "<reason>", "message": "<human text>", "trace_id": "<id>"}`.
-pub fn deny_body(reason: Reason, trace_id: &str) -> String {
-    serde_json::json!({
+/// `{"error": "<reason>", "message": "<human text>", "trace_id": "<id>"}`, plus
+/// `"consent_url"` on a `consent_required` deny that has one.
+pub fn deny_body(reason: Reason, trace_id: &str, consent_url: Option<&str>) -> String {
+    let mut body = serde_json::json!({
         "error": reason.code(),
         "message": reason.message(),
         "trace_id": trace_id,
-    })
-    .to_string()
+    });
+    if let (Reason::ConsentRequired, Some(url)) = (reason, consent_url) {
+        body["consent_url"] = serde_json::Value::String(url.to_string());
+    }
+    body.to_string()
 }
 
 /// RFC 6750 challenge, with RFC 9728 `resource_metadata` when given.

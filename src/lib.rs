@@ -17,6 +17,7 @@
 //! - [`audit`]: canonical record, HMAC chain, group-commit writer, verifier.
 //! - [`policy`]: route → workspace, path rules, agent allowlist.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`public`]: the public listener where users consent to U2M (`/oauth/start`, `/oauth/callback`).
 //! - [`server`]: wires it all together for `aegis serve`; [`cli`]: the other subcommands.
 //!
 //! # Invariants
@@ -38,5 +39,6 @@ pub mod http;
 pub mod identity;
 pub mod logging;
 pub mod policy;
+pub mod public;
 pub mod secret;
 pub mod server;

@@ -132,6 +132,8 @@ pub async fn run(
     tokio::spawn(blocklist.clone().keep_fresh(redis.clone()));
 
     let ready = Arc::new(AtomicBool::new(false));
+    // U2M: refresh tokens in Postgres, consent links in `consent_required` denies.
+    let u2m = crate::public::u2m_source(&cfg, &http, &redis).map_err(ServeError::Postgres)?;
     let pipeline = Arc::new(
         Pipeline::new(
             validator.clone(),
@@ -141,7 +143,8 @@ pub async fn run(
             ready.clone(),
             cfg.server.check_timeout,
         )
-        .with_blocklist(blocklist.clone()),
+        .with_blocklist(blocklist.clone())
+        .with_consent_links(u2m.clone().map(|u| u as Arc<dyn crate::authz::ConsentLink>)),
     );
 
     let components = Arc::new(Components {
@@ -228,6 +231,11 @@ pub async fn run(
             })
             .await
     });
+
+    // --- public listener (U2M consent) ---
+    let _public_task = crate::public::spawn(&cfg, u2m, stop_rx.clone())
+        .await
+        .map_err(|(addr, source)| ServeError::Listen { addr, source })?;
 
     // --- gRPC listener ---
     let authz = AuthorizationServer::new(AuthzService::new(pipeline.clone()))

@@ -49,7 +49,11 @@ use tokio::task::JoinHandle;
 
 pub use fixture::WAREHOUSE_ID;
 pub use idp::JwksFault;
+pub use workspace::entra::{
+    AZURE_DATABRICKS_SCOPE, ENTRA_CLIENT_ID, ENTRA_CLIENT_SECRET, ENTRA_TENANT_ID,
+};
 pub use workspace::oauth::TokenFault;
+pub use workspace::U2mCounts;
 
 /// How long `shutdown` waits for the servers to finish in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -183,7 +187,8 @@ impl Sandbox {
         let tasks = vec![
             serve(
                 idp_listener,
-                idp::router(idp_state.clone()),
+                // The Entra-shaped OBO endpoint shares the IdP's listener, as the directory.
+                idp::router(idp_state.clone()).merge(workspace::entra::router(ws_state.clone())),
                 shutdown.subscribe(),
                 "idp",
             ),
@@ -245,6 +250,41 @@ impl Sandbox {
             .token_fault
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = fault;
+    }
+
+    /// What the U2M grants did: codes redeemed, refreshes, replayed refresh tokens.
+    pub fn u2m_counts(&self) -> U2mCounts {
+        self.workspace.u2m.counts()
+    }
+
+    /// Revokes every U2M refresh token of a user (an admin revoking the app's consent).
+    pub fn revoke_u2m_user(&self, user_name: &str) {
+        self.workspace.u2m.revoke_user(user_name);
+    }
+
+    /// The Entra-shaped OBO token endpoint for [`ENTRA_TENANT_ID`].
+    pub fn entra_token_url(&self) -> String {
+        format!("{}/{ENTRA_TENANT_ID}/oauth2/v2.0/token", self.idp_url)
+    }
+
+    /// Sets how the Entra OBO endpoint behaves.
+    pub fn set_entra_fault(&self, fault: TokenFault) {
+        *self
+            .workspace
+            .entra
+            .fault
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = fault;
+    }
+
+    /// Successful OBO exchanges for that Databricks user.
+    pub fn entra_obo_count(&self, user_name: &str) -> u64 {
+        self.workspace.entra.obo_count(user_name)
+    }
+
+    /// Requests the Entra OBO endpoint received, whatever their outcome.
+    pub fn entra_requests(&self) -> u64 {
+        self.workspace.entra.requests()
     }
 
     /// The workspace request log, oldest first.

@@ -63,11 +63,21 @@ CREATE TRIGGER aegis_audit_no_update_delete BEFORE UPDATE OR DELETE ON aegis_aud
 DROP TRIGGER IF EXISTS aegis_audit_no_truncate ON aegis_audit;
 CREATE TRIGGER aegis_audit_no_truncate BEFORE TRUNCATE ON aegis_audit
     FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse_change();
-INSERT INTO aegis_schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS aegis_u2m_tokens (
+    workspace  text        NOT NULL,
+    user_name  text        NOT NULL,
+    sealed     bytea       NOT NULL,
+    key_id     text        NOT NULL,
+    generation bigint      NOT NULL DEFAULT 1,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace, user_name)
+);
+INSERT INTO aegis_schema_version (version) VALUES (1), (2) ON CONFLICT DO NOTHING;
 "#;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i32 = 1;
+/// (2 added `aegis_u2m_tokens`, the sealed U2M refresh tokens.)
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The installed schema version, `None` when aegis' tables are absent.
 pub async fn installed_version(client: &Client) -> Result<Option<i32>, SchemaError> {
@@ -102,7 +112,7 @@ pub async fn ensure(client: &Client, migrate_allowed: bool) -> Result<(), Schema
     }
 }
 
-/// Lets `role` serve: append to the chain and move its head, nothing else.
+/// Lets `role` serve: append to the chain, move its head and keep U2M grants, nothing else.
 pub async fn grant_service_role(client: &Client, role: &str) -> Result<(), SchemaError> {
     let ok = !role.is_empty()
         && role.len() <= 63
@@ -114,10 +124,12 @@ pub async fn grant_service_role(client: &Client, role: &str) -> Result<(), Schem
     }
     client
         .batch_execute(&format!(
-            "REVOKE ALL ON aegis_audit, aegis_chain_head, aegis_schema_version FROM {role}; \
+            "REVOKE ALL ON aegis_audit, aegis_chain_head, aegis_schema_version, aegis_u2m_tokens \
+             FROM {role}; \
              GRANT SELECT, INSERT ON aegis_audit TO {role}; \
              GRANT SELECT, INSERT, UPDATE ON aegis_chain_head TO {role}; \
-             GRANT SELECT ON aegis_schema_version TO {role};"
+             GRANT SELECT ON aegis_schema_version TO {role}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON aegis_u2m_tokens TO {role};"
         ))
         .await?;
     Ok(())

@@ -383,6 +383,7 @@ fn responses_follow_the_header_contract() {
         trace_id: trace,
         reason: Reason::MissingCredentials,
         retry_after: None,
+        consent_url: None,
     }));
     assert_ne!(deny.status.as_ref().unwrap().code, 0);
     let Some(HttpResponse::DeniedResponse(d)) = deny.http_response else {
@@ -396,4 +397,42 @@ fn responses_follow_the_header_contract() {
         .headers
         .iter()
         .any(|h| h.header.as_ref().unwrap().key == "www-authenticate"));
+}
+
+#[test]
+fn a_consent_required_deny_carries_only_its_consent_url() {
+    use envoy_types::ext_authz::v3::pb::HttpResponse;
+    let trace = TraceId::random();
+    let url = "https://aegis.example.com/oauth/start?w=prod&s=x";
+    let resp = crate::grpc::respond(Decision::Deny(Deny {
+        trace_id: trace,
+        reason: Reason::ConsentRequired,
+        retry_after: None,
+        consent_url: Some(url.into()),
+    }));
+    let Some(HttpResponse::DeniedResponse(d)) = resp.http_response else {
+        panic!("not a denied response")
+    };
+    assert_eq!(d.status.unwrap().code, 401);
+    let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+    let keys: Vec<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys.len(), 4, "{body}");
+    assert_eq!(body["error"], "consent_required");
+    assert_eq!(body["consent_url"], url);
+    // Another reason never carries a link, even if one was set by mistake.
+    let resp = crate::grpc::respond(Decision::Deny(Deny {
+        trace_id: trace,
+        reason: Reason::PathBlocked,
+        retry_after: None,
+        consent_url: Some(url.into()),
+    }));
+    let Some(HttpResponse::DeniedResponse(d)) = resp.http_response else {
+        panic!("not a denied response")
+    };
+    assert!(!d.body.contains("consent_url"), "{}", d.body);
 }

@@ -5,9 +5,11 @@
 //! `min(Databricks expiry, subject token expiry) − margin`, so an expired token is never sent
 //! upstream. If Redis is unreachable, every lookup fails closed (see [`redis`]).
 
+pub mod entra;
 pub mod federation;
 pub mod redis;
 pub mod stats;
+pub mod u2m;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -238,10 +240,8 @@ impl Broker {
             TokenSourceKind::Federation => {
                 federation::exchange(&self.http, ws, subject_token).await
             }
-            // Config validation refuses these until they are built.
-            TokenSourceKind::U2m | TokenSourceKind::EntraObo => {
-                Err(BrokerError::Unavailable("token source not built"))
-            }
+            TokenSourceKind::U2m => u2m::mint(ws, &identity.user_name).await,
+            TokenSourceKind::EntraObo => entra::exchange(&self.http, ws, subject_token).await,
         };
         let outcome = match &minted {
             Ok(_) => "ok",

@@ -12,13 +12,17 @@
 //! servers). The data and the grants live in [`crate::fixture`],
 //! the SQL engine in [`crate::sql`].
 
+pub(crate) mod entra;
 mod genie;
 mod mcp;
 pub(crate) mod oauth;
 mod objects;
 mod scim;
 mod statements;
+mod u2m;
 mod unity_catalog;
+
+pub use u2m::U2mCounts;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -60,6 +64,10 @@ pub(crate) struct WorkspaceState {
     genie: genie::Conversations,
     /// How `/oidc/v1/token` misbehaves, for fault tests.
     pub token_fault: Mutex<oauth::TokenFault>,
+    /// Authorization codes and rotating refresh tokens (U2M).
+    pub u2m: u2m::U2mState,
+    /// The Entra-shaped OBO endpoint's state (served on the IdP's listener).
+    pub entra: entra::EntraState,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,6 +90,8 @@ impl WorkspaceState {
             statements: statements::Statements::default(),
             genie: genie::Conversations::default(),
             token_fault: Mutex::new(oauth::TokenFault::Ok),
+            u2m: u2m::U2mState::default(),
+            entra: entra::EntraState::default(),
         }
     }
 
@@ -200,6 +210,7 @@ pub(crate) struct LogNote {
 pub(crate) fn router(state: Arc<WorkspaceState>) -> Router {
     Router::new()
         .route("/oidc/v1/token", post(oauth::token))
+        .route("/oidc/v1/authorize", get(u2m::authorize))
         .route(
             "/oidc/.well-known/oauth-authorization-server",
             get(oauth::authorization_server),
@@ -330,6 +341,7 @@ fn classify(method: &Method, path: &str) -> Route {
             logged: false,
         },
         (&Method::POST, ["oidc", "v1", "token"]) => route("oauth2", "token", false),
+        (&Method::GET, ["oidc", "v1", "authorize"]) => route("oauth2", "authorize", false),
         (&Method::GET, ["oidc", ".well-known", _]) => route("oauth2", "oidcDiscovery", false),
         (&Method::GET, ["oidc", "jwks.json"]) => route("oauth2", "jwks", false),
         // Anything else under the OIDC prefix (e.g. a reachability probe of the token endpoint)

@@ -116,6 +116,11 @@ fn token_inner(
             "Missing required parameter: grant_type",
         );
     };
+    match grant_type {
+        "authorization_code" => return super::u2m::authorization_code(ws, &form),
+        "refresh_token" => return super::u2m::refresh_token(ws, &form),
+        _ => {}
+    }
     if grant_type != GRANT_TOKEN_EXCHANGE {
         return oauth_error(
             StatusCode::BAD_REQUEST,
