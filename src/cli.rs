@@ -242,3 +242,149 @@ pub fn keys_generate() -> i32 {
     );
     0
 }
+
+/// `aegis token revoke`: drops a user's cached Databricks tokens on every replica (Redis + the
+/// events channel each replica follows) and records the action in the audit chain.
+pub async fn token_revoke(
+    path: &Path,
+    user: &str,
+    workspace: Option<String>,
+    consent: bool,
+) -> i32 {
+    use crate::broker::redis::RedisLink;
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(errs) => {
+            print_config_errors(path, &errs);
+            return EXIT_BAD_CONFIG;
+        }
+    };
+    let workspaces: Vec<String> = match workspace {
+        Some(w) if cfg.workspace(&w).is_some() => vec![w],
+        Some(w) => {
+            eprintln!("aegis token revoke: no workspace named {w:?} in the config");
+            return 2;
+        }
+        None => cfg.workspaces.iter().map(|w| w.name.clone()).collect(),
+    };
+    let link = match RedisLink::from_config(&cfg.redis) {
+        Ok(l) => l,
+        Err(_) => {
+            eprintln!("aegis token revoke: invalid redis url");
+            return 2;
+        }
+    };
+    let monitor = tokio::spawn(link.clone().monitor());
+    let start = std::time::Instant::now();
+    while !link.healthy() {
+        if start.elapsed() > std::time::Duration::from_secs(5) {
+            eprintln!("aegis token revoke: redis is unreachable; nothing was revoked");
+            monitor.abort();
+            return 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for w in &workspaces {
+        if let Err(e) = crate::broker::revoke_everywhere(&link, w, user).await {
+            eprintln!("aegis token revoke: {w}: {e}");
+            monitor.abort();
+            return 1;
+        }
+    }
+    monitor.abort();
+
+    if consent {
+        // The user's stored U2M grant too: their next request needs a fresh consent.
+        let dropped = async {
+            let client = connect(&cfg.postgres.url).await?;
+            let mut n = 0;
+            for w in &workspaces {
+                n += client
+                    .execute(
+                        "DELETE FROM aegis_u2m_tokens WHERE workspace = $1 AND user_name = $2",
+                        &[w, &user],
+                    )
+                    .await
+                    .map_err(|e| crate::audit::pg_error_text(&e))?;
+            }
+            Ok::<u64, String>(n)
+        }
+        .await;
+        match dropped {
+            Ok(n) => println!("dropped {n} stored U2M grant(s) of {user}"),
+            Err(e) => {
+                eprintln!("aegis token revoke: cached tokens revoked, but the U2M grant was not dropped: {e}");
+                return 1;
+            }
+        }
+    }
+
+    // Record it: an operator action in the same chain as the decisions it affects.
+    let target = match PgTarget::parse(&cfg.postgres.url) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("aegis token revoke: revoked, but not audited: {e}");
+            return 1;
+        }
+    };
+    let chain = crate::audit::AuditChain::start(
+        target,
+        cfg.audit.chain_id.clone(),
+        cfg.audit.key_id.clone(),
+        cfg.audit.hmac_key.clone(),
+        cfg.server.instance_id.clone(),
+        crate::audit::WriterOptions {
+            migrate_on_start: false,
+            ..Default::default()
+        },
+    );
+    let mut failed = false;
+    for w in &workspaces {
+        let draft = crate::audit::Draft {
+            ts: std::time::SystemTime::now(),
+            trace_id: crate::authz::TraceId::random().as_str().to_string(),
+            verdict: crate::audit::Verdict::Admin,
+            reason: if consent {
+                "token_and_consent_revoked".into()
+            } else {
+                "token_revoked".into()
+            },
+            user_name: user.to_string(),
+            agent: "aegis-cli".into(),
+            workspace: w.clone(),
+            method: "REVOKE".into(),
+            path: "aegis token revoke".into(),
+            ..Default::default()
+        };
+        let appended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match chain.append(draft.clone()).await {
+                    Ok(seq) => return Ok(seq),
+                    Err(crate::audit::AuditError::Store(_)) if !chain.head_loaded() => {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        match appended {
+            Ok(Ok(seq)) => println!("revoked {user} in {w} (audit seq {seq})"),
+            Ok(Err(e)) => {
+                eprintln!("aegis token revoke: revoked {user} in {w}, but not audited: {e}");
+                failed = true;
+            }
+            Err(_) => {
+                eprintln!(
+                    "aegis token revoke: revoked {user} in {w}, but the audit store did not answer"
+                );
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        1
+    } else {
+        0
+    }
+}

@@ -128,14 +128,46 @@ pub struct AdminConfig {
 
 #[derive(Clone)]
 pub struct RedisConfig {
-    pub url: String,
+    pub topology: RedisTopology,
+    /// PEM bundle of the CA that signs the Redis servers' certificates (`rediss://` with a
+    /// private CA); the Mozilla roots otherwise.
+    pub ca_pem: Option<Vec<u8>>,
     pub cache_key: Key32,
+}
+
+/// Where Redis is: one node (`url`), a cluster (`cluster_nodes`), or a Sentinel-managed
+/// primary (`sentinels` + `sentinel_master`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTopology {
+    Standalone(String),
+    Cluster(Vec<String>),
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+}
+
+impl fmt::Debug for RedisTopology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisTopology::Standalone(u) => write!(f, "Standalone({})", redact_url(u)),
+            RedisTopology::Cluster(n) => {
+                let n: Vec<_> = n.iter().map(|u| redact_url(u)).collect();
+                write!(f, "Cluster({n:?})")
+            }
+            RedisTopology::Sentinel { sentinels, master } => {
+                let s: Vec<_> = sentinels.iter().map(|u| redact_url(u)).collect();
+                write!(f, "Sentinel({s:?}, {master})")
+            }
+        }
+    }
 }
 
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &redact_url(&self.url))
+            .field("topology", &self.topology)
+            .field("ca_pem", &self.ca_pem.is_some())
             .field("cache_key", &self.cache_key)
             .finish()
     }
@@ -761,14 +793,24 @@ impl Reader<'_> {
     }
 
     fn redis(&mut self, t: &Table) -> Option<RedisConfig> {
-        self.unknown_keys(t, "redis", &["url", "cache_key_file"]);
-        let url = self
-            .string(t, "url", "redis", true)
-            .and_then(|u| match url::Url::parse(&u) {
+        self.unknown_keys(
+            t,
+            "redis",
+            &[
+                "url",
+                "cluster_nodes",
+                "sentinels",
+                "sentinel_master",
+                "ca_file",
+                "cache_key_file",
+            ],
+        );
+        let check = |r: &mut Self, u: String, p: &str| -> Option<String> {
+            match url::Url::parse(&u) {
                 Ok(parsed) if matches!(parsed.scheme(), "redis" | "rediss") => Some(u),
                 Ok(parsed) => {
-                    self.err(
-                        "redis.url",
+                    r.err(
+                        p,
                         format!(
                             "scheme \"{}\" is not redis:// or rediss://",
                             parsed.scheme()
@@ -777,13 +819,95 @@ impl Reader<'_> {
                     None
                 }
                 Err(e) => {
-                    self.err("redis.url", format!("is not a valid URL: {e}"));
+                    r.err(p, format!("is not a valid URL: {e}"));
                     None
                 }
-            });
+            }
+        };
+        let given: Vec<&str> = ["url", "cluster_nodes", "sentinels"]
+            .into_iter()
+            .filter(|k| t.contains_key(*k))
+            .collect();
+        let topology = match given.as_slice() {
+            ["url"] => self
+                .string(t, "url", "redis", true)
+                .and_then(|u| check(self, u, "redis.url"))
+                .map(RedisTopology::Standalone),
+            ["cluster_nodes"] => {
+                let nodes = self.string_list(t, "cluster_nodes", "redis", true);
+                nodes.and_then(|nodes| {
+                    if nodes.is_empty() {
+                        self.err("redis.cluster_nodes", "must not be empty");
+                        return None;
+                    }
+                    let mut ok = Vec::new();
+                    for (i, n) in nodes.into_iter().enumerate() {
+                        ok.push(check(self, n, &format!("redis.cluster_nodes[{i}]"))?);
+                    }
+                    Some(RedisTopology::Cluster(ok))
+                })
+            }
+            ["sentinels"] => {
+                let sentinels = self.string_list(t, "sentinels", "redis", true);
+                let master = self.string(t, "sentinel_master", "redis", true);
+                match (sentinels, master) {
+                    (Some(s), Some(master)) if !s.is_empty() => {
+                        let mut ok = Vec::new();
+                        for (i, n) in s.into_iter().enumerate() {
+                            ok.push(check(self, n, &format!("redis.sentinels[{i}]"))?);
+                        }
+                        Some(RedisTopology::Sentinel {
+                            sentinels: ok,
+                            master,
+                        })
+                    }
+                    (Some(_), Some(_)) => {
+                        self.err("redis.sentinels", "must not be empty");
+                        None
+                    }
+                    _ => None,
+                }
+            }
+            [] => {
+                self.err("redis.url", "is required (or cluster_nodes, or sentinels)");
+                None
+            }
+            _ => {
+                self.err("redis", "give exactly one of url, cluster_nodes, sentinels");
+                None
+            }
+        };
+        if t.contains_key("sentinel_master") && !t.contains_key("sentinels") {
+            self.err("redis.sentinel_master", "is only used with sentinels");
+        }
+        let ca_pem = self.string(t, "ca_file", "redis", false).and_then(|f| {
+            let full = self.base_dir.join(&f);
+            match std::fs::read(&full) {
+                Ok(pem)
+                    if String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") =>
+                {
+                    Some(pem)
+                }
+                Ok(_) => {
+                    self.err(
+                        "redis.ca_file",
+                        format!("{} holds no PEM certificate", full.display()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.err(
+                        "redis.ca_file",
+                        format!("cannot read {}: {e}", full.display()),
+                    );
+                    None
+                }
+            }
+        });
         let cache_key = self.key_file(t, "cache_key_file", "redis", true);
         Some(RedisConfig {
-            url: url?,
+            topology: topology?,
+            ca_pem,
             cache_key: cache_key?,
         })
     }
@@ -1497,7 +1621,10 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
             .replace("127.0.0.1:6379", "127.0.0.1:${REDIS_PORT}")
             .replace("hmac_key_file = \"audit.key\"\n", "");
         let cfg = f.parse(&text, &env).unwrap();
-        assert_eq!(cfg.redis.url, "redis://127.0.0.1:6380");
+        assert_eq!(
+            cfg.redis.topology,
+            RedisTopology::Standalone("redis://127.0.0.1:6380".into())
+        );
 
         let errs = f
             .parse(&GOOD.replace("127.0.0.1:6379", "${NOPE}"), &HashMap::new())

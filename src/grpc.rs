@@ -81,7 +81,12 @@ pub async fn check<I: Identify, T: Tokens, A: Audit>(
         authority: &http.host,
         headers: &headers,
         context_workspace,
-        request_id: &http.id,
+        // Envoy's `x-request-id` (what its access log and the client see); `http.id` is only
+        // Envoy's internal stream id.
+        request_id: headers
+            .get("x-request-id")
+            .map(String::as_str)
+            .unwrap_or(&http.id),
     };
     let decision = pipeline.check(&input).await;
     let resource_metadata = match &decision {

@@ -40,6 +40,11 @@ enum Command {
         #[arg(long)]
         grant_to: Option<String>,
     },
+    /// Cached Databricks token commands.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Key material.
     Keys {
         #[command(subcommand)]
@@ -82,6 +87,24 @@ enum AuditCommand {
 }
 
 #[derive(Subcommand)]
+enum TokenCommand {
+    /// Drop a user's cached tokens on every replica (within about a second), audited.
+    Revoke {
+        #[arg(long)]
+        config: PathBuf,
+        /// The Databricks user name (as `username_claim` maps it).
+        #[arg(long)]
+        user: String,
+        /// Only this workspace (default: all).
+        #[arg(long)]
+        workspace: Option<String>,
+        /// Also drop the user's stored U2M grant (they must consent again).
+        #[arg(long)]
+        consent: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeysCommand {
     /// Print fresh keys for the audit HMAC, the cache AEAD, checkpoint signing and the console.
     Generate,
@@ -120,6 +143,15 @@ fn main() {
                                 checkpoints,
                             },
                     } => aegis::cli::audit_verify(&config, json, chain, checkpoints).await,
+                    Command::Token {
+                        command:
+                            TokenCommand::Revoke {
+                                config,
+                                user,
+                                workspace,
+                                consent,
+                            },
+                    } => aegis::cli::token_revoke(&config, &user, workspace, consent).await,
                     Command::Migrate { config, grant_to } => {
                         aegis::cli::migrate(&config, grant_to).await
                     }

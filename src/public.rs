@@ -69,9 +69,6 @@ pub fn u2m_source(
         http.clone(),
         redis.clone(),
     ));
-    if !crate::broker::u2m::install(u2m.clone()) {
-        return Err("the u2m source was installed twice".into());
-    }
     Ok(Some(u2m))
 }
 

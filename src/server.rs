@@ -94,9 +94,8 @@ pub async fn run(
     let validator = Arc::new(Validator::new(&cfg.issuers, http.clone()));
     tokio::spawn(keep_keys_fresh(validator.clone()));
 
-    let redis =
-        RedisLink::new(&cfg.redis.url).map_err(|e| ServeError::Redis(format!("{:?}", e.kind())))?;
-    redis.probe().await;
+    let redis = RedisLink::from_config(&cfg.redis)
+        .map_err(|e| ServeError::Redis(format!("{:?}", e.kind())))?;
     tokio::spawn(redis.clone().monitor());
 
     let broker = Arc::new(Broker::new(
@@ -104,6 +103,7 @@ pub async fn run(
         Sealer::new(&cfg.redis.cache_key),
         http.clone(),
     ));
+    tokio::spawn(broker.clone().follow_revocations());
     let target = PgTarget::parse(&cfg.postgres.url).map_err(ServeError::Postgres)?;
     let audit = AuditChain::start(
         target.clone(),
@@ -134,6 +134,9 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
     // U2M: refresh tokens in Postgres, consent links in `consent_required` denies.
     let u2m = crate::public::u2m_source(&cfg, &http, &redis).map_err(ServeError::Postgres)?;
+    if let Some(u) = &u2m {
+        broker.set_u2m(u.clone());
+    }
     let pipeline = Arc::new(
         Pipeline::new(
             validator.clone(),

@@ -46,8 +46,8 @@ pub use self::envoy::{
     EnvoyUpstreams, TEMPLATE_ADMIN_PORT, TEMPLATE_AEGIS_PORT, TEMPLATE_AEGIS_SOCKET,
     TEMPLATE_DATABRICKS_PORT, TEMPLATE_LISTENER_PORT,
 };
-pub use self::postgres::{postgres_can_use, PostgresServer};
 pub use self::faultproxy::{FaultMode, FaultProxy};
+pub use self::postgres::{postgres_can_use, PostgresServer};
 pub use self::process::{
     envoy_bin, free_addr, free_port, log_tail, postgres_bin_dir, redis_bin, workspace_root,
     ErrorKind, StackError,

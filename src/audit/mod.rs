@@ -30,6 +30,8 @@ pub enum Verdict {
     Allow,
     #[default]
     Deny,
+    /// An operator action (revocation, agent block), recorded in the same chain.
+    Admin,
 }
 
 impl Verdict {
@@ -37,6 +39,7 @@ impl Verdict {
         match self {
             Verdict::Allow => "ALLOW",
             Verdict::Deny => "DENY",
+            Verdict::Admin => "ADMIN",
         }
     }
 }
@@ -142,6 +145,8 @@ struct Job {
     done: oneshot::Sender<Result<u64, AuditError>>,
 }
 
+// The queue holds messages inline; boxing `Job` would cost an allocation per decision.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Append(Job),
     /// Answered once everything queued before it has been committed (or failed).
@@ -456,6 +461,7 @@ impl Writer {
                 decision: match d.verdict {
                     Verdict::Allow => Decision::Allow as i32,
                     Verdict::Deny => Decision::Deny as i32,
+                    Verdict::Admin => Decision::Admin as i32,
                 },
                 reason: d.reason.clone(),
                 issuer: d.issuer.clone(),

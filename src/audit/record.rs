@@ -18,6 +18,7 @@ pub enum Decision {
     Unspecified = 0,
     Allow = 1,
     Deny = 2,
+    Admin = 3,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS aegis_audit (
     ts           timestamptz NOT NULL,
     trace_id     text        NOT NULL,
     request_id   text        NOT NULL,
-    decision     text        NOT NULL CHECK (decision IN ('ALLOW', 'DENY')),
+    decision     text        NOT NULL CHECK (decision IN ('ALLOW', 'DENY', 'ADMIN')),
     reason       text        NOT NULL,
     issuer       text        NOT NULL,
     subject      text        NOT NULL,

@@ -162,6 +162,7 @@ pub fn record_of(row: &Row) -> Result<(AuditRecord, Vec<u8>), String> {
         decision: match decision.as_str() {
             "ALLOW" => Decision::Allow as i32,
             "DENY" => Decision::Deny as i32,
+            "ADMIN" => Decision::Admin as i32,
             _ => Decision::Unspecified as i32,
         },
         reason: s(5)?,
@@ -420,10 +421,10 @@ pub async fn export(
             ts_unix_micros: rec.ts_unix_micros,
             trace_id: rec.trace_id,
             request_id: rec.request_id,
-            decision: if rec.decision == Decision::Allow as i32 {
-                "ALLOW"
-            } else {
-                "DENY"
+            decision: match Decision::try_from(rec.decision) {
+                Ok(Decision::Allow) => "ALLOW",
+                Ok(Decision::Admin) => "ADMIN",
+                _ => "DENY",
             },
             reason: rec.reason,
             issuer: rec.issuer,

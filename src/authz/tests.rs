@@ -60,6 +60,7 @@ impl Tokens for FakeTokens {
             token: SecretString::new(format!("dbx-{}", identity.user_name)),
             expires_at_ms: i64::MAX / 2,
             use_until_ms: i64::MAX / 2,
+            refresh_at_ms: i64::MAX / 2,
             source: TokenSourceKind::Federation,
         }))
     }
@@ -357,6 +358,7 @@ fn responses_follow_the_header_contract() {
             token: SecretString::new("dbx-token".into()),
             expires_at_ms: 0,
             use_until_ms: 0,
+            refresh_at_ms: 0,
             source: TokenSourceKind::Federation,
         }),
         user_agent: "ua".into(),

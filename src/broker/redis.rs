@@ -6,6 +6,9 @@
 //! When Redis comes back, the L1 cache is flushed (revocations may have been missed) and
 //! requests flow again with no restart.
 //!
+//! Revocations travel on the pub/sub channel [`EVENTS_CHANNEL`]; the link counts as healthy only
+//! while its subscription is up, so a replica that could miss a revocation denies instead.
+//!
 //! Tokens at rest in Redis are sealed with XChaCha20-Poly1305 under the cache key; the key id is
 //! stored beside the ciphertext and the Redis key name is the AAD, so a value copied to another
 //! user's key does not open.
@@ -19,17 +22,24 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 
+use crate::config::{RedisConfig, RedisTopology};
+
 use crate::secret::Key32;
 
 pub const PING_EVERY: Duration = Duration::from_millis(250);
+/// The pub/sub channel revocations (and other cross-replica events) travel on.
+pub const EVENTS_CHANNEL: &str = "aegis:v1:events";
 const OP_TIMEOUT: Duration = Duration::from_millis(300);
 
 pub struct RedisLink {
-    client: redis::Client,
-    conn: RwLock<Option<MultiplexedConnection>>,
+    source: Source,
+    conn: RwLock<Option<Conn>>,
     healthy: AtomicBool,
     /// Bumped on every recovery; the broker flushes L1 when it changes.
     epoch: AtomicU64,
+    /// The events subscription is up.
+    subscribed: AtomicBool,
+    events: tokio::sync::broadcast::Sender<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,13 +53,100 @@ pub enum RedisError {
 }
 
 impl RedisLink {
+    /// A link to a single node at `url` (tests, tools).
     pub fn new(url: &str) -> Result<Arc<RedisLink>, redis::RedisError> {
+        Self::with_source(Source::Standalone(redis::Client::open(url)?))
+    }
+
+    /// A link as configured: standalone, cluster or Sentinel, TLS with an optional private CA.
+    pub fn from_config(cfg: &RedisConfig) -> Result<Arc<RedisLink>, redis::RedisError> {
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: cfg.ca_pem.clone(),
+        };
+        let client = |url: &str| -> Result<redis::Client, redis::RedisError> {
+            if cfg.ca_pem.is_some() && url.starts_with("rediss://") {
+                redis::Client::build_with_tls(url, certs())
+            } else {
+                redis::Client::open(url)
+            }
+        };
+        let source = match &cfg.topology {
+            RedisTopology::Standalone(url) => Source::Standalone(client(url)?),
+            RedisTopology::Cluster(nodes) => {
+                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(Duration::from_millis(500))
+                    .response_timeout(OP_TIMEOUT);
+                if cfg.ca_pem.is_some() {
+                    builder = builder.certs(certs());
+                }
+                Source::Cluster {
+                    cluster: builder.build()?,
+                    nodes: nodes.iter().map(|n| client(n)).collect::<Result<_, _>>()?,
+                    next: AtomicU64::new(0),
+                }
+            }
+            RedisTopology::Sentinel { sentinels, master } => Source::Sentinel(
+                tokio::sync::Mutex::new(redis::sentinel::SentinelClient::build(
+                    sentinels.clone(),
+                    master.clone(),
+                    None,
+                    redis::sentinel::SentinelServerType::Master,
+                )?),
+            ),
+        };
+        Self::with_source(source)
+    }
+
+    fn with_source(source: Source) -> Result<Arc<RedisLink>, redis::RedisError> {
         Ok(Arc::new(RedisLink {
-            client: redis::Client::open(url)?,
+            source,
             conn: RwLock::new(None),
             healthy: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
+            subscribed: AtomicBool::new(false),
+            events: tokio::sync::broadcast::channel(1024).0,
         }))
+    }
+
+    /// Events received on [`EVENTS_CHANNEL`] from any replica (this one included).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.events.subscribe()
+    }
+
+    /// Publishes an event to every replica; the number of subscribers that received it.
+    pub async fn publish(&self, payload: &str) -> Result<u64, RedisError> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(EVENTS_CHANNEL).arg(payload);
+        self.run(cmd).await
+    }
+
+    /// Keeps a subscription to [`EVENTS_CHANNEL`] up, forwarding messages to [`Self::events`].
+    async fn listen(self: Arc<Self>) {
+        use futures_util::StreamExt;
+        loop {
+            let connected = tokio::time::timeout(Duration::from_millis(500), async {
+                let client = self.source.pubsub_client().await?;
+                client.get_async_pubsub().await
+            })
+            .await;
+            if let Ok(Ok(mut pubsub)) = connected {
+                let subscribed =
+                    tokio::time::timeout(OP_TIMEOUT, pubsub.subscribe(EVENTS_CHANNEL)).await;
+                if matches!(subscribed, Ok(Ok(()))) {
+                    self.subscribed.store(true, Ordering::Release);
+                    let mut stream = pubsub.into_on_message();
+                    while let Some(msg) = stream.next().await {
+                        if let Ok(payload) = msg.get_payload::<String>() {
+                            let _ = self.events.send(payload);
+                        }
+                    }
+                    self.subscribed.store(false, Ordering::Release);
+                    tracing::warn!("redis events subscription lost");
+                }
+            }
+            tokio::time::sleep(PING_EVERY).await;
+        }
     }
 
     pub fn healthy(&self) -> bool {
@@ -60,11 +157,11 @@ impl RedisLink {
         self.epoch.load(Ordering::Acquire)
     }
 
-    fn connection(&self) -> Option<MultiplexedConnection> {
+    fn connection(&self) -> Option<Conn> {
         self.conn.read().ok().and_then(|g| g.clone())
     }
 
-    fn set_connection(&self, c: Option<MultiplexedConnection>) {
+    fn set_connection(&self, c: Option<Conn>) {
         if let Ok(mut g) = self.conn.write() {
             *g = c;
         }
@@ -74,22 +171,14 @@ impl RedisLink {
     pub async fn probe(&self) -> bool {
         let conn = match self.connection() {
             Some(c) => Some(c),
-            None => {
-                let cfg = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(Duration::from_millis(500)))
-                    .set_response_timeout(Some(OP_TIMEOUT));
-                match self
-                    .client
-                    .get_multiplexed_async_connection_with_config(&cfg)
-                    .await
-                {
-                    Ok(c) => {
-                        self.set_connection(Some(c.clone()));
-                        Some(c)
-                    }
-                    Err(_) => None,
+            None => match tokio::time::timeout(Duration::from_secs(1), self.source.connect()).await
+            {
+                Ok(Ok(c)) => {
+                    self.set_connection(Some(c.clone()));
+                    Some(c)
                 }
-            }
+                _ => None,
+            },
         };
         let ok = match conn {
             Some(mut c) => {
@@ -105,6 +194,7 @@ impl RedisLink {
         if !ok {
             self.set_connection(None);
         }
+        let ok = ok && self.subscribed.load(Ordering::Acquire);
         let was = self.healthy.swap(ok, Ordering::AcqRel);
         if ok && !was {
             self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -120,8 +210,9 @@ impl RedisLink {
         ok
     }
 
-    /// Probes forever.
+    /// Probes forever (and keeps the events subscription up).
     pub async fn monitor(self: Arc<Self>) {
+        tokio::spawn(self.clone().listen());
         let mut tick = tokio::time::interval(PING_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -130,7 +221,7 @@ impl RedisLink {
         }
     }
 
-    fn live(&self) -> Result<MultiplexedConnection, RedisError> {
+    fn live(&self) -> Result<Conn, RedisError> {
         if !self.healthy() {
             return Err(RedisError::Down);
         }
@@ -162,10 +253,133 @@ impl RedisLink {
         self.run(cmd).await
     }
 
+    /// `SET key value NX PX ttl`: true when this call took the key.
+    pub async fn set_nx_px(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, RedisError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key)
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        let r: Option<String> = self.run(cmd).await?;
+        Ok(r.is_some())
+    }
+
+    /// Deletes `key` only while it still holds `value` (a lock we own, not one that expired and
+    /// was taken by someone else).
+    pub async fn release(&self, key: &str, value: &str) -> Result<bool, RedisError> {
+        let mut c = self.live()?;
+        let script = redis::Script::new(
+            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end",
+        );
+        let mut inv = script.key(key);
+        inv.arg(value);
+        match tokio::time::timeout(OP_TIMEOUT, inv.invoke_async::<i64>(&mut c)).await {
+            Ok(Ok(n)) => Ok(n == 1),
+            Ok(Err(e)) => Err(RedisError::Op(format!("{:?}", e.kind()))),
+            Err(_) => Err(RedisError::Timeout),
+        }
+    }
+
     pub async fn del(&self, keys: &[String]) -> Result<u64, RedisError> {
         let mut cmd = redis::cmd("DEL");
         cmd.arg(keys);
         self.run(cmd).await
+    }
+}
+
+// === Topologies ===
+
+enum Source {
+    Standalone(redis::Client),
+    Cluster {
+        cluster: redis::cluster::ClusterClient,
+        /// One client per node: pub/sub messages are broadcast cluster-wide, so a subscription
+        /// on any node hears them; on failure the next node is tried.
+        nodes: Vec<redis::Client>,
+        next: AtomicU64,
+    },
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+}
+
+impl Source {
+    async fn connect(&self) -> Result<Conn, redis::RedisError> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(OP_TIMEOUT));
+        match self {
+            Source::Standalone(c) => Ok(Conn::Single(
+                c.get_multiplexed_async_connection_with_config(&cfg).await?,
+            )),
+            Source::Cluster { cluster, .. } => {
+                Ok(Conn::Cluster(cluster.get_async_connection().await?))
+            }
+            Source::Sentinel(s) => {
+                // Asks the sentinels for the current primary on every reconnect (failover).
+                let client = s.lock().await.async_get_client().await?;
+                Ok(Conn::Single(
+                    client
+                        .get_multiplexed_async_connection_with_config(&cfg)
+                        .await?,
+                ))
+            }
+        }
+    }
+
+    async fn pubsub_client(&self) -> Result<redis::Client, redis::RedisError> {
+        match self {
+            Source::Standalone(c) => Ok(c.clone()),
+            Source::Cluster { nodes, next, .. } => {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize % nodes.len().max(1);
+                nodes.get(i).cloned().ok_or_else(|| {
+                    redis::RedisError::from((redis::ErrorKind::Client, "no cluster nodes"))
+                })
+            }
+            Source::Sentinel(s) => s.lock().await.async_get_client().await,
+        }
+    }
+}
+
+/// A command connection to one node or to a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
     }
 }
 

@@ -20,7 +20,7 @@
 //! - `invalid_grant` on refresh means the grant is gone: the row is deleted and the user is
 //!   asked to consent again.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -51,26 +51,6 @@ const LOCK_TIMEOUT: &str = "1500ms";
 const STATEMENT_TIMEOUT: &str = "3s";
 const LINK_TAG: &[u8] = b"aegis.u2m.consent-link.v1";
 const PENDING_PREFIX: &str = "aegis:v1:u2m:state:";
-
-static INSTALLED: OnceLock<Arc<U2m>> = OnceLock::new();
-
-/// Makes `u2m` available to the broker's dispatch (`aegis serve` does this once at start). A
-/// process without it denies U2M workspaces `dependency_unavailable`.
-pub fn install(u2m: Arc<U2m>) -> bool {
-    INSTALLED.set(u2m).is_ok()
-}
-
-pub fn installed() -> Option<&'static Arc<U2m>> {
-    INSTALLED.get()
-}
-
-/// The broker's entry point: the user's access token, refreshed when needed.
-pub async fn mint(ws: &WorkspaceConfig, user_name: &str) -> Result<Minted, BrokerError> {
-    let Some(u2m) = installed() else {
-        return Err(BrokerError::Unavailable("u2m store"));
-    };
-    u2m.access_token(ws, user_name).await
-}
 
 // === Consent links ===
 

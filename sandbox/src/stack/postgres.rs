@@ -35,6 +35,8 @@ pub struct PostgresServer {
     port: u16,
     os_user: Option<(u32, u32)>,
     child: Option<Child>,
+    /// fsync and full page writes on (benchmarks); off for tests.
+    durable: bool,
 }
 
 // === impl PostgresServer ===
@@ -43,6 +45,16 @@ impl PostgresServer {
     /// Runs `initdb` into `<dir>/data` (trust auth), starts `postgres` on a free port and creates
     /// the `aegis` login role and the `aegis` database it owns.
     pub async fn start(dir: impl AsRef<Path>) -> Result<Self, StackError> {
+        Self::start_with(dir, false).await
+    }
+
+    /// Like [`PostgresServer::start`], but with `fsync` and full page writes on: what a
+    /// production server does, for benchmarks of durable commits.
+    pub async fn start_durable(dir: impl AsRef<Path>) -> Result<Self, StackError> {
+        Self::start_with(dir, true).await
+    }
+
+    async fn start_with(dir: impl AsRef<Path>, durable: bool) -> Result<Self, StackError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| {
             StackError::io(format!("creating the postgres dir {}", dir.display()), e)
@@ -74,6 +86,7 @@ impl PostgresServer {
             port: 0,
             os_user,
             child: None,
+            durable,
         };
         server.initdb().await?;
 
@@ -271,12 +284,14 @@ impl PostgresServer {
             .args(["-p", &self.port.to_string()])
             .args(["-k", &socket_dir])
             .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "max_connections=200"]);
+        if !self.durable {
             // Speed without losing what a process crash (`kill`) must keep: commits still write
             // their WAL before returning (synchronous_commit stays on), only the fsync to disk
             // is skipped, which matters for a machine crash alone.
-            .args(["-c", "fsync=off"])
-            .args(["-c", "full_page_writes=off"])
-            .args(["-c", "max_connections=200"]);
+            cmd.args(["-c", "fsync=off"])
+                .args(["-c", "full_page_writes=off"]);
+        }
         let log = self.log_path();
         let mut child = Child::spawn("postgres", cmd, &log)?;
         let deadline = Instant::now() + START_TIMEOUT;

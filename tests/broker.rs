@@ -1,0 +1,176 @@
+//! The token broker across replicas: one mint per user however many replicas and concurrent
+//! requests, revocation reaching every replica within a second, and no expired token ever sent
+//! upstream while tokens live only seconds.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use sandbox::stack::{
+    dev_envoy_yaml, envoy_bin, free_port, AegisProcess, EnvoyProcess, EnvoyUpstreams,
+};
+use sandbox::SandboxOptions;
+use support::*;
+
+/// A second aegis replica (same Redis, Postgres, chain and keys) behind its own Envoy.
+struct Replica {
+    envoy: EnvoyProcess,
+    _aegis: AegisProcess,
+}
+
+async fn second_replica(stack: &Stack) -> Replica {
+    let grpc = free_port().unwrap();
+    let admin = free_port().unwrap();
+    let mut cfg = stack.config().clone();
+    let server = cfg
+        .get_mut("server")
+        .and_then(|v| v.as_table_mut())
+        .expect("server table");
+    server.insert("grpc_listen".into(), format!("127.0.0.1:{grpc}").into());
+    server.insert("admin_listen".into(), format!("127.0.0.1:{admin}").into());
+    server.insert("instance_id".into(), "replica-b".into());
+    let path = stack.write_config_as("aegis-b.toml", &cfg).unwrap();
+    let aegis = AegisProcess::start(stack.aegis_bin(), &path)
+        .await
+        .expect("second aegis starts");
+    let ws_port: u16 = stack
+        .sandbox
+        .workspace_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("workspace port");
+    let envoy = EnvoyProcess::start(
+        &envoy_bin().unwrap(),
+        &dev_envoy_yaml().unwrap(),
+        &stack.work_dir().join("envoy-b"),
+        EnvoyUpstreams {
+            databricks_port: ws_port,
+            aegis_port: grpc,
+        },
+    )
+    .await
+    .expect("second envoy starts");
+    Replica {
+        envoy,
+        _aegis: aegis,
+    }
+}
+
+async fn get_at(base: &str, bearer: &str) -> u16 {
+    http()
+        .get(format!("{base}/api/2.0/preview/scim/v2/Me"))
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_200_concurrent_first_requests_make_one_mint() {
+    let stack = start().await;
+    let b = second_replica(&stack).await;
+    let alice = token(&stack, "alice");
+    let urls = [stack.envoy_url(), b.envoy.listener_url()];
+
+    let client = http();
+    let futs = (0..200).map(|i| {
+        let url = format!("{}/api/2.0/preview/scim/v2/Me", urls[i % 2]);
+        let req = client.get(url).bearer_auth(&alice);
+        async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    });
+    let statuses = futures_util::future::join_all(futs).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, 200, "statuses: {statuses:?}");
+    assert_eq!(
+        stack.sandbox.exchange_count("alice@example.com"),
+        1,
+        "more than one token exchange for one user"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_reaches_the_other_replica_within_a_second() {
+    let stack = start().await;
+    let b = second_replica(&stack).await;
+    let alice = token(&stack, "alice");
+    // Both replicas hold alice's token in L1.
+    assert_eq!(get_at(&stack.envoy_url(), &alice).await, 200);
+    assert_eq!(get_at(&b.envoy.listener_url(), &alice).await, 200);
+    assert_eq!(get_at(&b.envoy.listener_url(), &alice).await, 200);
+    assert_eq!(stack.sandbox.exchange_count("alice@example.com"), 1);
+
+    let config = stack.config_path().to_str().unwrap().to_string();
+    let (code, out, err) = aegis(&[
+        "token",
+        "revoke",
+        "--config",
+        &config,
+        "--user",
+        "alice@example.com",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let revoked_at = Instant::now();
+
+    // Replica B must drop its copy: its next request mints a fresh token.
+    loop {
+        assert_eq!(get_at(&b.envoy.listener_url(), &alice).await, 200);
+        if stack.sandbox.exchange_count("alice@example.com") == 2 {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "replica B still served the revoked token after 1s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The revocation is in the chain.
+    let rows = stack
+        .postgres
+        .query_json("SELECT decision, reason, user_name FROM aegis_audit WHERE decision = 'ADMIN'")
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["reason"], "token_revoked");
+    assert_eq!(rows[0]["user_name"], "alice@example.com");
+    let (code, out, err) = aegis(&["audit", "verify", "--config", &config]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_tokens_are_never_sent_expired() {
+    let stack = start_with(StackOptions::new(AEGIS_BIN).with_sandbox(SandboxOptions {
+        token_ttl: Duration::from_secs(3),
+        ..SandboxOptions::default()
+    }))
+    .await;
+    let users = ["alice", "bob", "carol"];
+    let tokens: Vec<String> = users.iter().map(|u| token(&stack, u)).collect();
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(60) {
+        for t in &tokens {
+            let status = get_at(&stack.envoy_url(), t).await;
+            assert_eq!(status, 200, "request {sent} refused");
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let seen = stack.sandbox.requests();
+    let expired: Vec<_> = seen.iter().filter(|r| r.token_expired).collect();
+    assert!(
+        expired.is_empty(),
+        "expired tokens reached Databricks: {expired:#?}"
+    );
+    let api: Vec<_> = seen.iter().filter(|r| r.service != "oauth2").collect();
+    assert_eq!(api.len(), sent);
+    assert!(api.iter().all(|r| r.status == 200));
+    // Tokens were renewed (3 s lifetime over 60 s), mostly ahead of time.
+    let mints = stack.sandbox.exchange_count("alice@example.com");
+    assert!(
+        mints >= 20,
+        "only {mints} mints for alice in 60 s of 3 s tokens"
+    );
+}
