@@ -212,20 +212,33 @@ impl Policy {
         workspace: &str,
     ) -> bool {
         let lower = path.to_ascii_lowercase();
+        if self.blocked_as(method, &lower, agent, workspace) {
+            return true;
+        }
+        // A decoded `?` or `#` (sent as `%3F`, `%253F`, ...) stays in the normalized path; a
+        // server that re-parses the decoded path would stop there, so that reading must pass
+        // the rules too (found by the normalize_path fuzz target).
+        match lower.find(['?', '#']) {
+            Some(i) => self.blocked_as(method, &normalize_path(&lower[..i]), agent, workspace),
+            None => false,
+        }
+    }
+
+    fn blocked_as(&self, method: &str, lower: &str, agent: Option<&str>, workspace: &str) -> bool {
         if self
             .deny
             .iter()
-            .any(|r| r.matches(method, &lower, agent, workspace))
+            .any(|r| r.matches(method, lower, agent, workspace))
         {
             return true;
         }
         self.defaults
             .iter()
-            .any(|r| r.matches(method, &lower, agent, workspace))
+            .any(|r| r.matches(method, lower, agent, workspace))
             && !self
                 .allow
                 .iter()
-                .any(|r| r.matches(method, &lower, agent, workspace))
+                .any(|r| r.matches(method, lower, agent, workspace))
     }
 }
 
@@ -406,6 +419,25 @@ allowed_agents = ["joule"]
                 "{m} {raw}"
             );
         }
+    }
+
+    /// `%3F` decodes to a `?` that stays in the normalized path; the rules also see the path
+    /// cut there.
+    #[test]
+    fn an_encoded_question_mark_does_not_dodge_a_rule() {
+        let p = policy("");
+        for (m, raw) in [
+            ("POST", "/api/2.0/token/create%3Fx=1"),
+            ("POST", "/api/2.0/token/create%253F"),
+            ("GET", "/api/2.0/secrets%3F/get"),
+            ("GET", "/api/2.0/secrets%23frag"),
+        ] {
+            assert!(
+                p.path_blocked(m, &normalize_path(raw), Some("copilot"), "a"),
+                "{m} {raw}"
+            );
+        }
+        assert!(!p.path_blocked("GET", &normalize_path("/api/2.0/sql%3F/x"), None, "a"));
     }
 
     #[test]
