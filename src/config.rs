@@ -203,6 +203,8 @@ pub struct AuditConfig {
     pub checkpoint_interval: Duration,
     /// Retired HMAC keys by key id: old rows keep verifying after a rotation.
     pub previous_keys: Vec<(String, Key32)>,
+    /// Refuse to serve when this host's clock is further than this from PostgreSQL's.
+    pub max_clock_skew: Duration,
 }
 
 impl AuditConfig {
@@ -954,9 +956,15 @@ impl Reader<'_> {
                 "checkpoint_dir",
                 "checkpoint_interval",
                 "previous_keys",
+                "max_clock_skew",
             ],
         );
         let previous_keys = self.previous_keys(t);
+        let max_clock_skew = self.duration(t, "max_clock_skew", path, Duration::from_secs(5));
+        if max_clock_skew < Duration::from_millis(100) || max_clock_skew > Duration::from_secs(300)
+        {
+            self.err("audit.max_clock_skew", "must be between 100ms and 5m");
+        }
         let hmac_key = self.key_file(t, "hmac_key_file", path, true);
         let key_id = self.ident(t, "key_id", path);
         let chain_id = self.ident(t, "chain_id", path);
@@ -977,6 +985,7 @@ impl Reader<'_> {
             checkpoint_dir: checkpoint_dir?,
             checkpoint_interval,
             previous_keys,
+            max_clock_skew,
         })
     }
 

@@ -113,6 +113,7 @@ pub async fn run(
         cfg.server.instance_id.clone(),
         WriterOptions {
             migrate_on_start: cfg.postgres.migrate_on_start,
+            max_clock_skew: cfg.audit.max_clock_skew,
             ..WriterOptions::default()
         },
     );
@@ -261,7 +262,11 @@ pub async fn run(
                     source,
                 })?;
             tracing::info!(grpc = %addr, admin = %cfg.server.admin_listen, "aegis listening");
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // `serve_with_incoming` ignores the builder's `tcp_nodelay`: without it on each
+            // accepted socket, Nagle holds small response frames until the peer's delayed ACK
+            // (tens of ms per Check under load; see BENCHMARKS.md).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, grpc_signal))
         }
         ListenAddr::Unix(path) => {

@@ -659,3 +659,56 @@ async fn postgres_over_verified_tls() {
     .unwrap();
     assert!(bad.connect(Duration::from_secs(5), "test").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skewed_clock_is_not_ready_until_it_is_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PostgresServer::start(dir.path())
+        .await
+        .expect("postgres starts");
+    // The database's `now()` as the aegis role sees it is an hour ahead of this host's.
+    pg.batch_execute(
+        "CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql \
+         AS $$ SELECT pg_catalog.now() + interval '1 hour' $$; \
+         ALTER ROLE aegis SET search_path = public, pg_catalog;",
+    )
+    .await
+    .unwrap();
+    let w = AuditChain::start(
+        PgTarget::parse(&pg.url()).unwrap(),
+        "skew".into(),
+        "k1".into(),
+        Key32::generate(),
+        "test".into(),
+        WriterOptions::default(),
+    );
+    // Control: the same database with a tolerance above the skew serves, so the refusal
+    // below is the skew and nothing else.
+    let tolerant = AuditChain::start(
+        PgTarget::parse(&pg.url()).unwrap(),
+        "skew".into(),
+        "k1".into(),
+        Key32::generate(),
+        "test".into(),
+        WriterOptions {
+            max_clock_skew: Duration::from_secs(7200),
+            ..WriterOptions::default()
+        },
+    );
+    wait_loaded(&tolerant).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!w.head_loaded(), "ready with a clock an hour off");
+    assert!(w.append(draft(0, "alice")).await.is_err());
+
+    // Clocks agree again: the writer becomes ready by itself.
+    pg.batch_execute(
+        "CREATE OR REPLACE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql \
+         AS $$ SELECT pg_catalog.now() $$",
+    )
+    .await
+    .unwrap();
+    wait_loaded(&w).await;
+    w.append(draft(1, "alice"))
+        .await
+        .expect("append after the fix");
+}

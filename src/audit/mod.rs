@@ -97,6 +97,8 @@ pub enum AuditError {
     Store(String),
     #[error("audit commit timed out")]
     Timeout,
+    #[error("this host's clock is {0} ms away from the database's")]
+    ClockSkew(i64),
     #[error("audit chain head is inconsistent: {0}")]
     Inconsistent(String),
 }
@@ -111,6 +113,9 @@ pub struct WriterOptions {
     /// Create or upgrade the schema when it is missing; otherwise refuse to serve until
     /// `aegis migrate` has run (so the serving role needs no DDL rights).
     pub migrate_on_start: bool,
+    /// The most this host's clock may differ from PostgreSQL's before the writer refuses to
+    /// serve (record timestamps and checkpoint times would lie).
+    pub max_clock_skew: Duration,
 }
 
 impl Default for WriterOptions {
@@ -121,6 +126,7 @@ impl Default for WriterOptions {
             commit_timeout: Duration::from_millis(1500),
             connect_timeout: Duration::from_secs(1),
             migrate_on_start: true,
+            max_clock_skew: Duration::from_secs(5),
         }
     }
 }
@@ -177,6 +183,7 @@ impl AuditChain {
         let size = Arc::new(AtomicU64::new(0));
         let (feed, _) = tokio::sync::broadcast::channel(1024);
         let writer = Writer {
+            skew_checked: std::time::Instant::now(),
             feed: feed.clone(),
             target,
             chain_id,
@@ -250,7 +257,33 @@ struct Conn {
     move_head: Statement,
 }
 
+/// The database's clock minus this host's, in ms (against the midpoint of the round trip).
+async fn measure_skew(client: &Client) -> Result<i64, AuditError> {
+    let before = now_ms();
+    let row = client
+        .query_one(
+            "SELECT floor(extract(epoch from now()) * 1000)::bigint",
+            &[],
+        )
+        .await
+        .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
+    let after = now_ms();
+    let db: i64 = row.get(0);
+    Ok(db - (before + after) / 2)
+}
+
+/// How often a live connection's clock skew is checked again.
+const SKEW_CHECK_EVERY: Duration = Duration::from_secs(30);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 struct Writer {
+    skew_checked: std::time::Instant,
     feed: tokio::sync::broadcast::Sender<Arc<Committed>>,
     target: pg::PgTarget,
     chain_id: String,
@@ -370,6 +403,15 @@ impl Writer {
     async fn ensure_conn(&mut self) -> Result<(), AuditError> {
         if let Some(c) = &self.conn {
             if !c.client.is_closed() {
+                if self.skew_checked.elapsed() < SKEW_CHECK_EVERY {
+                    return Ok(());
+                }
+                let skew = measure_skew(&c.client).await;
+                if let Err(e) = skew.and_then(|s| self.judge_skew(s)) {
+                    self.conn = None;
+                    self.head_loaded.store(false, Ordering::Release);
+                    return Err(e);
+                }
                 return Ok(());
             }
         }
@@ -379,6 +421,10 @@ impl Writer {
             .connect(self.opts.connect_timeout, "aegis")
             .await
             .map_err(AuditError::Store)?;
+        if let Err(e) = measure_skew(&client).await.and_then(|s| self.judge_skew(s)) {
+            self.head_loaded.store(false, Ordering::Release);
+            return Err(e);
+        }
         let migrate = self.opts.migrate_on_start;
         let prepared = async {
             schema::ensure(&client, migrate).await?;
@@ -410,6 +456,19 @@ impl Writer {
             insert,
             move_head,
         });
+        Ok(())
+    }
+
+    fn judge_skew(&mut self, skew: i64) -> Result<(), AuditError> {
+        self.skew_checked = std::time::Instant::now();
+        metrics::gauge!("aegis_clock_skew_seconds").set(skew as f64 / 1000.0);
+        if skew.unsigned_abs() as u128 > self.opts.max_clock_skew.as_millis() {
+            tracing::error!(
+                skew_ms = skew,
+                "clock skew against postgres is over the limit; not serving"
+            );
+            return Err(AuditError::ClockSkew(skew));
+        }
         Ok(())
     }
 
