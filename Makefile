@@ -51,3 +51,11 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+# Benchmarks (not part of `test`): the audit chain against a durable PostgreSQL, then the Check
+# suite with its floors (bench/src/bin/check-bench.rs). Results: bench-results/*.json; see
+# BENCHMARKS.md. Each run stops by itself; BENCH_SECS sets the length of each measured run.
+bench: setup
+	$(CARGO) build --release -p aegis -p bench
+	$(CARGO) run --release -p bench --bin audit-bench
+	AEGIS_BIN=$(TARGET_DIR)/release/aegis $(CARGO) run --release -p bench --bin check-bench

@@ -64,6 +64,10 @@ pub struct SandboxOptions {
     pub token_ttl: Duration,
     /// The audience the workspace's federation policy accepts in subject tokens.
     pub federation_audience: String,
+    /// Whether the token exchange accepts a subject whose email matches no fixture user, issuing
+    /// a token for that email as a new user with no grants (load tests with thousands of users).
+    /// Such users can mint tokens but the workspace's other APIs do not know them.
+    pub auto_provision_users: bool,
 }
 
 impl Default for SandboxOptions {
@@ -71,6 +75,7 @@ impl Default for SandboxOptions {
         SandboxOptions {
             token_ttl: Duration::from_secs(3600),
             federation_audience: "aegis".to_string(),
+            auto_provision_users: false,
         }
     }
 }

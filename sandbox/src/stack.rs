@@ -78,6 +78,8 @@ pub struct StackOptions {
     pub sandbox: SandboxOptions,
     /// Edits the generated `aegis.toml` before it is written and aegis starts.
     pub customize: Option<ConfigHook>,
+    /// PostgreSQL with fsync on ([`PostgresServer::start_durable`]), for benchmarks.
+    pub durable_postgres: bool,
 }
 
 // === impl StackOptions ===
@@ -91,6 +93,7 @@ impl StackOptions {
             envoy_template: None,
             sandbox: SandboxOptions::default(),
             customize: None,
+            durable_postgres: false,
         }
     }
 
@@ -206,10 +209,15 @@ impl Stack {
             (Some(temp), dir)
         };
 
-        let (redis, postgres) = tokio::try_join!(
-            RedisServer::start(work_dir.join("redis")),
-            PostgresServer::start(&pg_dir),
-        )?;
+        let start_postgres = async {
+            if opts.durable_postgres {
+                PostgresServer::start_durable(&pg_dir).await
+            } else {
+                PostgresServer::start(&pg_dir).await
+            }
+        };
+        let (redis, postgres) =
+            tokio::try_join!(RedisServer::start(work_dir.join("redis")), start_postgres)?;
         let sandbox = Sandbox::start(opts.sandbox)
             .await
             .map_err(|e| StackError::io("starting the sandbox", e))?;

@@ -176,15 +176,19 @@ fn token_inner(
             "Token exchange failed: the subject token has no email claim",
         ));
     };
-    let Some(user) = ws.fixture.user(email) else {
-        return with_action(oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_grant",
-            "Token exchange failed: the subject does not match any user in this workspace",
-        ));
+    let user_name = match ws.fixture.user(email) {
+        Some(user) => user.user_name.clone(),
+        None if ws.opts.auto_provision_users => email.to_ascii_lowercase(),
+        None => {
+            return with_action(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "Token exchange failed: the subject does not match any user in this workspace",
+            ))
+        }
     };
     let scope = field("scope").unwrap_or("all-apis").to_string();
-    let access_token = ws.issue_token(&user.user_name);
+    let access_token = ws.issue_token(&user_name);
     let mut resp = (
         StatusCode::OK,
         [(header::CACHE_CONTROL, "no-store")],
@@ -198,7 +202,7 @@ fn token_inner(
         .into_response();
     resp.extensions_mut().insert(LogNote {
         action: Some("tokenExchange"),
-        user: Some(user.user_name.clone()),
+        user: Some(user_name),
     });
     resp
 }
