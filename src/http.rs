@@ -85,3 +85,21 @@ pub fn without_url(e: reqwest::Error) -> String {
     };
     kind.to_string()
 }
+
+/// POSTs an `application/x-www-form-urlencoded` body that carries credentials (a subject token,
+/// a refresh token, a client secret) and wipes the body from memory once it is sent.
+pub async fn post_form(
+    http: &reqwest::Client,
+    url: url::Url,
+    mut body: String,
+) -> Result<reqwest::Response, String> {
+    let sent = http
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("accept", "application/json")
+        .body(body.clone())
+        .send()
+        .await;
+    zeroize::Zeroize::zeroize(&mut body);
+    sent.map_err(without_url)
+}

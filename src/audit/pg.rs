@@ -65,18 +65,14 @@ impl PgTarget {
         cfg.connect_timeout(timeout);
         cfg.application_name(app);
         let fut = async {
-            match &self.tls {
+            let client = match &self.tls {
                 None => {
                     let (client, conn) = cfg
                         .connect(tokio_postgres::NoTls)
                         .await
                         .map_err(|e| super::pg_error_text(&e))?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %super::pg_error_text(&e), "postgres connection closed");
-                        }
-                    });
-                    Ok(client)
+                    tokio::spawn(drive(conn));
+                    client
                 }
                 Some(tls) => {
                     let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone());
@@ -84,18 +80,26 @@ impl PgTarget {
                         .connect(connector)
                         .await
                         .map_err(|e| super::pg_error_text(&e))?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %super::pg_error_text(&e), "postgres connection closed");
-                        }
-                    });
-                    Ok(client)
+                    tokio::spawn(drive(conn));
+                    client
                 }
-            }
+            };
+            Ok(client)
         };
         tokio::time::timeout(timeout, fut)
             .await
             .map_err(|_| "connect timed out".to_string())?
+    }
+}
+
+/// Runs a connection until it closes.
+async fn drive<S, T>(conn: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %super::pg_error_text(&e), "postgres connection closed");
     }
 }
 

@@ -10,7 +10,7 @@
 use super::federation::{form_encode, parse_response};
 use super::{BrokerError, Minted};
 use crate::config::WorkspaceConfig;
-use crate::http::without_url;
+use crate::http::post_form;
 
 pub const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
@@ -43,7 +43,7 @@ pub async fn exchange(
     ) else {
         return Err(BrokerError::Unavailable("entra obo is not configured"));
     };
-    let mut body = form_encode(&[
+    let body = form_encode(&[
         ("grant_type", GRANT_JWT_BEARER),
         ("client_id", client_id),
         ("client_secret", secret.expose()),
@@ -51,16 +51,8 @@ pub async fn exchange(
         ("scope", AZURE_DATABRICKS_SCOPE),
         ("requested_token_use", "on_behalf_of"),
     ]);
-    let sent = http
-        .post(url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("accept", "application/json")
-        .body(body.clone())
-        .send()
-        .await;
-    zeroize::Zeroize::zeroize(&mut body);
-    let resp = sent.map_err(|e| {
-        tracing::warn!(workspace = %ws.name, error = %without_url(e), "entra obo request failed");
+    let resp = post_form(http, url, body).await.map_err(|e| {
+        tracing::warn!(workspace = %ws.name, error = %e, "entra obo request failed");
         BrokerError::Unavailable("entra token endpoint")
     })?;
     parse_response(resp).await

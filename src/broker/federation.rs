@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use super::{BrokerError, Minted};
 use crate::config::WorkspaceConfig;
-use crate::http::{read_body, without_url};
+use crate::http::{post_form, read_body};
 use crate::secret::SecretString;
 
 pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -46,17 +46,10 @@ pub async fn exchange(
         form.push(("client_id", client_id));
     }
     let body = form_encode(&form);
-    let resp = http
-        .post(url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("accept", "application/json")
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| {
-            tracing::warn!(workspace = %ws.name, error = %without_url(e), "token exchange failed");
-            BrokerError::Unavailable("token endpoint")
-        })?;
+    let resp = post_form(http, url, body).await.map_err(|e| {
+        tracing::warn!(workspace = %ws.name, error = %e, "token exchange failed");
+        BrokerError::Unavailable("token endpoint")
+    })?;
     parse_response(resp).await
 }
 

@@ -36,7 +36,7 @@ use super::redis::{RedisLink, Sealer};
 use super::{now_ms, BrokerError, Minted};
 use crate::audit::pg::PgTarget;
 use crate::config::{TokenSourceKind, WorkspaceConfig};
-use crate::http::{read_body, without_url};
+use crate::http::{post_form, read_body, without_url};
 use crate::secret::{Key32, SecretString};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -316,18 +316,10 @@ fn plausible_token(t: &str) -> bool {
 async fn token_call(
     http: &reqwest::Client,
     url: url::Url,
-    mut body: String,
+    body: String,
 ) -> Result<TokenSet, TokenCallError> {
-    let sent = http
-        .post(url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("accept", "application/json")
-        .body(body.clone())
-        .send()
-        .await;
-    zeroize::Zeroize::zeroize(&mut body);
-    let resp = sent.map_err(|e| {
-        tracing::warn!(error = %without_url(e), "u2m: token endpoint request failed");
+    let resp = post_form(http, url, body).await.map_err(|e| {
+        tracing::warn!(error = %e, "u2m: token endpoint request failed");
         TokenCallError::Broker(BrokerError::Unavailable("token endpoint"))
     })?;
     let status = resp.status().as_u16();
