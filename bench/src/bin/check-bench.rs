@@ -149,7 +149,10 @@ async fn run() -> Result<(), String> {
     );
     // The disk floor: what one fdatasync costs on this filesystem, which every durable audit
     // commit (and so every ALLOW) waits for at least once.
-    let fsync_us = fdatasync_floor(stack.work_dir()).await;
+    let fsync_us = fdatasync_floor(stack.work_dir())
+        .await
+        .map_err(|e| eprintln!("  disk floor: {e}"))
+        .ok();
     println!("  disk floor: fdatasync of one 8 KiB write {fsync_us:?} µs (pg_test_fsync)");
 
     // IdP tokens for every user (RS256, an hour), signed on the blocking pool.
@@ -443,7 +446,7 @@ async fn run() -> Result<(), String> {
                      "envoy_direct_ratio": 0.7, "envoy_p99_over_floor_ms": 2.0, "sandbox_ratio": 0.9,
                      "rss_mib": 64, "cold_users": COLD_USERS }
     });
-    match bench::write_result("check", &result) {
+    match bench::write_result(if durable { "check" } else { "check-fsync-off" }, &result) {
         Ok(p) => println!("results: {}", p.display()),
         Err(e) => eprintln!("cannot write results: {e}"),
     }
@@ -465,31 +468,45 @@ async fn run() -> Result<(), String> {
 }
 
 /// `pg_test_fsync`'s fdatasync figure (µs per op) for a file in `dir`.
-async fn fdatasync_floor(dir: &std::path::Path) -> Option<f64> {
-    let bin = sandbox::stack::postgres_bin_dir()
-        .ok()?
-        .join("pg_test_fsync");
+async fn fdatasync_floor(dir: &std::path::Path) -> Result<f64, String> {
+    // Next to the server binaries, else in Debian's versioned directory.
+    let mut candidates: Vec<std::path::PathBuf> = sandbox::stack::postgres_bin_dir()
+        .map(|d| vec![d.join("pg_test_fsync")])
+        .unwrap_or_default();
+    if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
+        candidates.extend(dirs.flatten().map(|d| d.path().join("bin/pg_test_fsync")));
+    }
+    let bin = candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or("no pg_test_fsync found")?;
     let file = dir.join("fsync-floor.test");
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        tokio::process::Command::new(bin)
+        tokio::process::Command::new(&bin)
             .args(["-s", "1", "-f"])
             .arg(&file)
             .kill_on_drop(true)
             .output(),
     )
     .await
-    .ok()?
-    .ok()?;
+    .map_err(|_| "pg_test_fsync took over 120s".to_string())?
+    .map_err(|e| format!("running {}: {e}", bin.display()))?;
     let _ = std::fs::remove_file(&file);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
         .find(|l| l.trim_start().starts_with("fdatasync"))
         .and_then(|l| {
             l.split_whitespace()
                 .rev()
                 .nth(1)
                 .and_then(|v| v.parse().ok())
+        })
+        .ok_or_else(|| {
+            format!(
+                "no fdatasync figure in: {}",
+                text.lines().take(8).collect::<Vec<_>>().join(" | ")
+            )
         })
 }
 
