@@ -48,6 +48,9 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# `make bench`: wrk drives Envoy; perf profiles aegis (check-bench skips it if perf cannot run).
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v perf >/dev/null 2>&1 || missing+=(linux-perf)
 
 if ((${#missing[@]} > 0)); then
     say "installing ${missing[*]}"
