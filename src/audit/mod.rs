@@ -252,7 +252,7 @@ impl Audit for Arc<AuditChain> {
 
 struct Conn {
     client: Client,
-    read_head: Statement,
+    lock_head: Statement,
     append: Statement,
     /// The head this writer last saw (size, mac); appends are conditioned on it.
     head: (i64, [u8; 32]),
@@ -301,7 +301,7 @@ struct Writer {
 /// the head this writer expects ($23, $24) to the batch's last row ($25, $26) — the UPDATE takes
 /// the head row's lock, as `SELECT ... FOR UPDATE` would, so replicas serialize on it — and
 /// insert the rows only if the head moved. When another replica appended first, the UPDATE
-/// matches nothing, nothing is inserted, and the writer re-reads the head and recomputes.
+/// matches nothing and nothing is inserted; the writer then appends under the head row's lock.
 const APPEND_SQL: &str = "WITH moved AS ( \
     UPDATE aegis_chain_head SET size = $25, head_mac = $26, updated_at = now() \
     WHERE chain_id = $1 AND size = $23 AND head_mac = $24 RETURNING 1), \
@@ -314,9 +314,6 @@ const APPEND_SQL: &str = "WITH moved AS ( \
     $14::text[], $15::text[], $16::bytea[], $17::text[], $18::text[], $19::int4[], $20::bytea[], \
     $21::bytea[], $22::text[]) AS u WHERE EXISTS (SELECT 1 FROM moved) RETURNING 1) \
   SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM inserted)";
-
-/// How often a batch is recomputed against a head another replica moved before giving up.
-const APPEND_ATTEMPTS: usize = 16;
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
@@ -443,19 +440,26 @@ impl Writer {
         let prepared = async {
             schema::ensure(&client, migrate).await?;
             schema::load_head(&client, &self.chain_id).await?;
-            let read_head = client
-                .prepare("SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1")
+            let lock_head = client
+                .prepare(
+                    "SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1 FOR UPDATE",
+                )
                 .await?;
             let append = client.prepare(APPEND_SQL).await?;
-            let row = client.query_one(&read_head, &[&self.chain_id]).await?;
+            let row = client
+                .query_one(
+                    "SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1",
+                    &[&self.chain_id],
+                )
+                .await?;
             let size: i64 = row.get(0);
             let mac: Vec<u8> = row.get(1);
             let mac: [u8; 32] = mac.try_into().map_err(|_| {
                 schema::SchemaError::Inconsistent("chain head mac is not 32 bytes".into())
             })?;
-            Ok::<_, schema::SchemaError>(((size, mac), read_head, append))
+            Ok::<_, schema::SchemaError>(((size, mac), lock_head, append))
         };
-        let (head, read_head, append) =
+        let (head, lock_head, append) =
             tokio::time::timeout(self.opts.commit_timeout * 4, prepared)
                 .await
                 .map_err(|_| AuditError::Timeout)?
@@ -467,7 +471,7 @@ impl Writer {
         self.head_loaded.store(true, Ordering::Release);
         self.conn = Some(Conn {
             client,
-            read_head,
+            lock_head,
             append,
             head,
         });
@@ -487,155 +491,194 @@ impl Writer {
         Ok(())
     }
 
-    /// Appends one batch in one transaction; returns the seq of its first record.
+    /// Appends one batch; returns the seq of its first record.
+    ///
+    /// First optimistically, in one statement conditioned on the head this writer last saw (one
+    /// round trip). If another replica moved the head, the batch is appended again inside a
+    /// transaction that first locks the head row (`SELECT ... FOR UPDATE`), which cannot lose.
     async fn commit(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
         self.ensure_conn().await?;
         let Some(conn) = self.conn.as_mut() else {
             return Err(AuditError::Store("not connected".into()));
         };
         let pg = |e: tokio_postgres::Error| AuditError::Store(pg_error_text(&e));
-        for _ in 0..APPEND_ATTEMPTS {
-            let (size, head) = conn.head;
-            if size < 0 {
-                return Err(AuditError::Inconsistent(
-                    "chain head size is negative".into(),
-                ));
-            }
-            let mut prev = head;
-            let n = batch.len();
-            let mut seqs = Vec::with_capacity(n);
-            let mut tss = Vec::with_capacity(n);
-            let mut cols: [Vec<&str>; 14] = Default::default();
-            let mut fps = Vec::with_capacity(n);
-            let mut versions = Vec::with_capacity(n);
-            let mut prevs = Vec::with_capacity(n);
-            let mut macs = Vec::with_capacity(n);
-            let first_seq = size as u64 + 1;
-            for (i, job) in batch.iter().enumerate() {
-                let d = &job.draft;
-                let seq = first_seq + i as u64;
-                let micros =
-                    d.ts.duration_since(UNIX_EPOCH)
-                        .map(|t| t.as_micros() as i64)
-                        .unwrap_or(0);
-                let rec = AuditRecord {
-                    version: RECORD_VERSION,
-                    chain_id: self.chain_id.clone(),
-                    seq,
-                    ts_unix_micros: micros,
-                    trace_id: d.trace_id.clone(),
-                    request_id: d.request_id.clone(),
-                    decision: match d.verdict {
-                        Verdict::Allow => Decision::Allow as i32,
-                        Verdict::Deny => Decision::Deny as i32,
-                        Verdict::Admin => Decision::Admin as i32,
-                    },
-                    reason: d.reason.clone(),
-                    issuer: d.issuer.clone(),
-                    subject: d.subject.clone(),
-                    user_name: d.user_name.clone(),
-                    agent: d.agent.clone(),
-                    workspace: d.workspace.clone(),
-                    method: d.method.clone(),
-                    path: d.path.clone(),
-                    token_source: d.token_source.clone(),
-                    token_fingerprint: d.token_fp.clone(),
-                    key_id: self.key_id.clone(),
-                    prev_mac: prev.to_vec(),
-                    instance_id: self.instance_id.clone(),
-                    actor_chain: d.actor_chain.clone(),
-                };
-                let mac = rec.mac(self.key.expose());
-                seqs.push(seq as i64);
-                tss.push(UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64));
-                cols[0].push(&d.trace_id);
-                cols[1].push(&d.request_id);
-                cols[2].push(d.verdict.as_str());
-                cols[3].push(&d.reason);
-                cols[4].push(&d.issuer);
-                cols[5].push(&d.subject);
-                cols[6].push(&d.user_name);
-                cols[7].push(&d.agent);
-                cols[8].push(&d.workspace);
-                cols[9].push(&d.method);
-                cols[10].push(&d.path);
-                cols[11].push(&d.token_source);
-                cols[12].push(&self.key_id);
-                cols[13].push(&d.actor_chain);
-                fps.push(d.token_fp.as_slice());
-                versions.push(RECORD_VERSION as i32);
-                prevs.push(prev.to_vec());
-                macs.push(mac.to_vec());
-                prev = mac;
-            }
-            let instance: Vec<&str> = vec![self.instance_id.as_str(); n];
-            let new_size = size + n as i64;
-            let [trace, request, decision, reason, issuer, subject, user, agent, workspace, method, path, source, key_ids, actors] =
-                &cols;
-            let row = conn
-                .client
-                .query_one(
-                    &conn.append,
-                    &[
-                        &self.chain_id,
-                        &seqs,
-                        &tss,
-                        trace,
-                        request,
-                        decision,
-                        reason,
-                        issuer,
-                        subject,
-                        user,
-                        agent,
-                        workspace,
-                        method,
-                        path,
-                        source,
-                        &fps,
-                        key_ids,
-                        &instance,
-                        &versions,
-                        &prevs,
-                        &macs,
-                        actors,
-                        &size,
-                        &head.as_slice(),
-                        &new_size,
-                        &prev.as_slice(),
-                    ],
-                )
-                .await
-                .map_err(pg)?;
-            let moved: i64 = row.get(0);
-            let inserted: i64 = row.get(1);
-            if moved == 1 && inserted == n as i64 {
-                conn.head = (new_size, prev);
-                self.size.store(new_size as u64, Ordering::Release);
-                return Ok(first_seq);
-            }
-            if moved != 0 || inserted != 0 {
-                return Err(AuditError::Inconsistent(format!(
-                    "append moved {moved} head rows and inserted {inserted} of {n} rows"
-                )));
-            }
-            // Another replica appended first: re-read the head and recompute the batch.
-            let row = conn
-                .client
-                .query_opt(&conn.read_head, &[&self.chain_id])
-                .await
-                .map_err(pg)?
-                .ok_or_else(|| AuditError::Inconsistent("chain head row is missing".into()))?;
-            let size: i64 = row.get(0);
-            let mac: Vec<u8> = row.get(1);
-            let mac: [u8; 32] = mac
-                .try_into()
-                .map_err(|_| AuditError::Inconsistent("chain head mac is not 32 bytes".into()))?;
-            conn.head = (size, mac);
+        let signer = Signer {
+            chain_id: &self.chain_id,
+            key_id: &self.key_id,
+            key: &self.key,
+            instance_id: &self.instance_id,
+        };
+        let (size, head) = conn.head;
+        if let Some(new_head) =
+            append_once(&signer, &conn.client, &conn.append, batch, size, head).await?
+        {
+            let new_size = size + batch.len() as i64;
+            conn.head = (new_size, new_head);
+            self.size.store(new_size as u64, Ordering::Release);
+            return Ok(size as u64 + 1);
         }
-        Err(AuditError::Store(
-            "the chain head kept moving under other writers".into(),
-        ))
+        // Another replica appended first: take the head row's lock, then append behind it.
+        let tx = conn.client.transaction().await.map_err(pg)?;
+        let row = tx
+            .query_opt(&conn.lock_head, &[&self.chain_id])
+            .await
+            .map_err(pg)?
+            .ok_or_else(|| AuditError::Inconsistent("chain head row is missing".into()))?;
+        let size: i64 = row.get(0);
+        let mac: Vec<u8> = row.get(1);
+        let head: [u8; 32] = mac
+            .try_into()
+            .map_err(|_| AuditError::Inconsistent("chain head mac is not 32 bytes".into()))?;
+        let Some(new_head) = append_once(&signer, &tx, &conn.append, batch, size, head).await?
+        else {
+            return Err(AuditError::Inconsistent(
+                "the chain head moved while its row was locked".into(),
+            ));
+        };
+        tx.commit().await.map_err(pg)?;
+        let new_size = size + batch.len() as i64;
+        conn.head = (new_size, new_head);
+        self.size.store(new_size as u64, Ordering::Release);
+        Ok(size as u64 + 1)
+    }
+}
+
+/// What a writer signs records with.
+struct Signer<'a> {
+    chain_id: &'a str,
+    key_id: &'a str,
+    key: &'a Key32,
+    instance_id: &'a str,
+}
+
+/// Runs [`APPEND_SQL`] for `batch` on top of (`size`, `head`): the new head mac when the head
+/// moved (the rows are in), `None` when the head was not the expected one (nothing written).
+async fn append_once<C: tokio_postgres::GenericClient>(
+    signer: &Signer<'_>,
+    client: &C,
+    append: &Statement,
+    batch: &[Job],
+    size: i64,
+    head: [u8; 32],
+) -> Result<Option<[u8; 32]>, AuditError> {
+    if size < 0 {
+        return Err(AuditError::Inconsistent(
+            "chain head size is negative".into(),
+        ));
+    }
+    let mut prev = head;
+    let n = batch.len();
+    let mut seqs = Vec::with_capacity(n);
+    let mut tss = Vec::with_capacity(n);
+    let mut cols: [Vec<&str>; 14] = Default::default();
+    let mut fps = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    let mut prevs = Vec::with_capacity(n);
+    let mut macs = Vec::with_capacity(n);
+    let first_seq = size as u64 + 1;
+    for (i, job) in batch.iter().enumerate() {
+        let d = &job.draft;
+        let seq = first_seq + i as u64;
+        let micros =
+            d.ts.duration_since(UNIX_EPOCH)
+                .map(|t| t.as_micros() as i64)
+                .unwrap_or(0);
+        let rec = AuditRecord {
+            version: RECORD_VERSION,
+            chain_id: signer.chain_id.to_string(),
+            seq,
+            ts_unix_micros: micros,
+            trace_id: d.trace_id.clone(),
+            request_id: d.request_id.clone(),
+            decision: match d.verdict {
+                Verdict::Allow => Decision::Allow as i32,
+                Verdict::Deny => Decision::Deny as i32,
+                Verdict::Admin => Decision::Admin as i32,
+            },
+            reason: d.reason.clone(),
+            issuer: d.issuer.clone(),
+            subject: d.subject.clone(),
+            user_name: d.user_name.clone(),
+            agent: d.agent.clone(),
+            workspace: d.workspace.clone(),
+            method: d.method.clone(),
+            path: d.path.clone(),
+            token_source: d.token_source.clone(),
+            token_fingerprint: d.token_fp.clone(),
+            key_id: signer.key_id.to_string(),
+            prev_mac: prev.to_vec(),
+            instance_id: signer.instance_id.to_string(),
+            actor_chain: d.actor_chain.clone(),
+        };
+        let mac = rec.mac(signer.key.expose());
+        seqs.push(seq as i64);
+        tss.push(UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64));
+        cols[0].push(&d.trace_id);
+        cols[1].push(&d.request_id);
+        cols[2].push(d.verdict.as_str());
+        cols[3].push(&d.reason);
+        cols[4].push(&d.issuer);
+        cols[5].push(&d.subject);
+        cols[6].push(&d.user_name);
+        cols[7].push(&d.agent);
+        cols[8].push(&d.workspace);
+        cols[9].push(&d.method);
+        cols[10].push(&d.path);
+        cols[11].push(&d.token_source);
+        cols[12].push(signer.key_id);
+        cols[13].push(&d.actor_chain);
+        fps.push(d.token_fp.as_slice());
+        versions.push(RECORD_VERSION as i32);
+        prevs.push(prev.to_vec());
+        macs.push(mac.to_vec());
+        prev = mac;
+    }
+    let instance: Vec<&str> = vec![signer.instance_id; n];
+    let new_size = size + n as i64;
+    let [trace, request, decision, reason, issuer, subject, user, agent, workspace, method, path, source, key_ids, actors] =
+        &cols;
+    let row = client
+        .query_one(
+            append,
+            &[
+                &signer.chain_id,
+                &seqs,
+                &tss,
+                trace,
+                request,
+                decision,
+                reason,
+                issuer,
+                subject,
+                user,
+                agent,
+                workspace,
+                method,
+                path,
+                source,
+                &fps,
+                key_ids,
+                &instance,
+                &versions,
+                &prevs,
+                &macs,
+                actors,
+                &size,
+                &head.as_slice(),
+                &new_size,
+                &prev.as_slice(),
+            ],
+        )
+        .await
+        .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
+    let moved: i64 = row.get(0);
+    let inserted: i64 = row.get(1);
+    match (moved, inserted) {
+        (1, k) if k == n as i64 => Ok(Some(prev)),
+        (0, 0) => Ok(None),
+        _ => Err(AuditError::Inconsistent(format!(
+            "append moved {moved} head rows and inserted {inserted} of {n} rows"
+        ))),
     }
 }
 
