@@ -58,4 +58,5 @@ fmt:
 bench: setup
 	$(CARGO) build --release -p aegis -p bench
 	$(CARGO) run --release -p bench --bin audit-bench
+	$(CARGO) run --release -p bench --bin broker-bench
 	AEGIS_BIN=$(TARGET_DIR)/release/aegis $(CARGO) run --release -p bench --bin check-bench
