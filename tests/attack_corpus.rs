@@ -119,16 +119,18 @@ async fn raw_send(
     }
 }
 
-/// What the workspace saw, less aegis' own dependency probes (an unauthenticated
-/// `GET /oidc/v1/token` from the operator console's health check): the traffic an attack could
-/// have caused.
+/// What the workspace saw, less aegis' own dependency probe (an unauthenticated GET of the
+/// workspace's OAuth metadata from the operator console's health check): the traffic an attack
+/// could have caused.
 fn upstream(stack: &Stack) -> Vec<RequestRecord> {
     stack
         .sandbox
         .requests()
         .into_iter()
         .filter(|r| {
-            !(r.method == "GET" && r.path == "/oidc/v1/token" && r.authorization_count == 0)
+            !(r.method == "GET"
+                && r.path == "/oidc/.well-known/oauth-authorization-server"
+                && r.authorization_count == 0)
         })
         .collect()
 }

@@ -61,7 +61,7 @@ fn workspace_requests(stack: &Stack) -> Vec<RequestRecord> {
         .sandbox
         .requests()
         .into_iter()
-        .filter(|r| r.service != "oauth2" && r.path != "/oidc/v1/token")
+        .filter(|r| r.service != "oauth2")
         .collect()
 }
 

@@ -32,7 +32,7 @@ use crate::secret::Key32;
 
 /// How often Redis and Postgres are probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
-/// Remote HTTP endpoints (IdP keys, workspace token endpoints) are probed every this many
+/// Remote HTTP endpoints (IdP keys, workspace OAuth metadata) are probed every this many
 /// rounds (10 s), so aegis adds little traffic to services it does not own.
 const REMOTE_EVERY_ROUNDS: u64 = 5;
 /// Each probe's own deadline.
@@ -313,9 +313,14 @@ impl LiveOps {
     }
 
     async fn probe_workspace(&self, ws: &WorkspaceConfig) -> DependencyHealth {
-        let url = format!("{}/oidc/v1/token", ws.url.as_str().trim_end_matches('/'));
+        // The workspace's public OAuth metadata: reachable without credentials, and unlike a GET
+        // on the token endpoint it leaves no failed request in the workspace's audit log.
+        let url = format!(
+            "{}/oidc/.well-known/oauth-authorization-server",
+            ws.url.as_str().trim_end_matches('/')
+        );
         let (status, latency) = self.probe_http(url).await;
-        let up = status.is_some_and(|s| s < 500);
+        let up = status.is_some_and(|s| (200..300).contains(&s));
         DependencyHealth {
             name: format!("workspace:{}", ws.name),
             up,
