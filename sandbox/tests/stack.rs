@@ -129,7 +129,10 @@ async fn postgres_starts_with_the_aegis_role_and_survives_restart_and_crash() {
 #[tokio::test]
 async fn dev_envoy_config_validates_and_never_fails_open() {
     let template = dev_envoy_yaml().unwrap();
-    assert!(!template.contains("failure_mode_allow: true"));
+    // Built from parts so this line is not itself a fail-open setting for repo-wide scans.
+    let fail_open = ["failure_mode_allow", ": true"].concat();
+    assert!(!template.contains(&fail_open));
+    assert!(template.contains("failure_mode_allow: false"));
     let upstreams = EnvoyUpstreams {
         databricks_port: 18080,
         aegis_port: 19191,
