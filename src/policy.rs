@@ -249,13 +249,19 @@ pub fn normalize_path(raw: &str) -> String {
     let end = raw.find(['?', '#']).unwrap_or(raw.len());
     let mut path = raw[..end].to_string();
     for _ in 0..4 {
-        let decoded = percent_decode(&path);
+        // Invalid UTF-8 after decoding is replaced, never passed through raw.
+        let decoded = match percent_encoding::percent_decode_str(&path).decode_utf8_lossy() {
+            std::borrow::Cow::Borrowed(_) => break,
+            std::borrow::Cow::Owned(d) => d,
+        };
         if decoded == path {
             break;
         }
         path = decoded;
     }
-    let path = path.replace('\\', "/");
+    if path.contains('\\') {
+        path = path.replace('\\', "/");
+    }
     let mut segments: Vec<&str> = Vec::new();
     for seg in path.split('/') {
         let seg = seg.split(';').next().unwrap_or("");
@@ -276,30 +282,6 @@ pub fn normalize_path(raw: &str) -> String {
         out.push('/');
     }
     out
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    if !bytes.contains(&b'%') {
-        return s.to_string();
-    }
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hi = (bytes[i + 1] as char).to_digit(16);
-            let lo = (bytes[i + 2] as char).to_digit(16);
-            if let (Some(hi), Some(lo)) = (hi, lo) {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    // Invalid UTF-8 after decoding is replaced, never passed through raw.
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
