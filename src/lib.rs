@@ -33,6 +33,7 @@ pub mod audit;
 pub mod authz;
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod grpc;
 pub mod http;

@@ -82,12 +82,7 @@ pub struct LiveOps {
     pg: tokio::sync::Mutex<Option<Client>>,
 }
 
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use crate::clock::unix_ms;
 
 fn set_up(name: &str, up: bool, latency: Option<Duration>) {
     metrics::gauge!("aegis_dependency_up", "dependency" => name.to_string()).set(if up {

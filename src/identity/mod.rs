@@ -16,7 +16,7 @@ pub mod jwks;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, Validation};
@@ -471,12 +471,7 @@ fn strict_object(
 /// 9999-12-31T23:59:59Z: a later `exp` is nonsense and would overflow date arithmetic.
 const MAX_NUMERIC_DATE: i64 = 253_402_300_799;
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::clock::unix_secs as unix_now;
 
 #[cfg(test)]
 mod tests {
