@@ -276,12 +276,7 @@ async fn measure_skew(client: &Client) -> Result<i64, AuditError> {
 /// How often a live connection's clock skew is checked again.
 const SKEW_CHECK_EVERY: Duration = Duration::from_secs(30);
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use crate::clock::unix_ms as now_ms;
 
 struct Writer {
     skew_checked: std::time::Instant,
@@ -576,6 +571,15 @@ async fn append_once<C: tokio_postgres::GenericClient>(
     let mut prevs = Vec::with_capacity(n);
     let mut macs = Vec::with_capacity(n);
     let first_seq = size as u64 + 1;
+    // One record reused for the whole batch: `clone_from` keeps its buffers, so MACing a batch
+    // does not allocate every field of every row again.
+    let mut rec = AuditRecord {
+        version: RECORD_VERSION,
+        chain_id: signer.chain_id.to_string(),
+        key_id: signer.key_id.to_string(),
+        instance_id: signer.instance_id.to_string(),
+        ..AuditRecord::default()
+    };
     for (i, job) in batch.iter().enumerate() {
         let d = &job.draft;
         let seq = first_seq + i as u64;
@@ -583,33 +587,28 @@ async fn append_once<C: tokio_postgres::GenericClient>(
             d.ts.duration_since(UNIX_EPOCH)
                 .map(|t| t.as_micros() as i64)
                 .unwrap_or(0);
-        let rec = AuditRecord {
-            version: RECORD_VERSION,
-            chain_id: signer.chain_id.to_string(),
-            seq,
-            ts_unix_micros: micros,
-            trace_id: d.trace_id.clone(),
-            request_id: d.request_id.clone(),
-            decision: match d.verdict {
-                Verdict::Allow => Decision::Allow as i32,
-                Verdict::Deny => Decision::Deny as i32,
-                Verdict::Admin => Decision::Admin as i32,
-            },
-            reason: d.reason.clone(),
-            issuer: d.issuer.clone(),
-            subject: d.subject.clone(),
-            user_name: d.user_name.clone(),
-            agent: d.agent.clone(),
-            workspace: d.workspace.clone(),
-            method: d.method.clone(),
-            path: d.path.clone(),
-            token_source: d.token_source.clone(),
-            token_fingerprint: d.token_fp.clone(),
-            key_id: signer.key_id.to_string(),
-            prev_mac: prev.to_vec(),
-            instance_id: signer.instance_id.to_string(),
-            actor_chain: d.actor_chain.clone(),
+        rec.seq = seq;
+        rec.ts_unix_micros = micros;
+        rec.decision = match d.verdict {
+            Verdict::Allow => Decision::Allow as i32,
+            Verdict::Deny => Decision::Deny as i32,
+            Verdict::Admin => Decision::Admin as i32,
         };
+        rec.trace_id.clone_from(&d.trace_id);
+        rec.request_id.clone_from(&d.request_id);
+        rec.reason.clone_from(&d.reason);
+        rec.issuer.clone_from(&d.issuer);
+        rec.subject.clone_from(&d.subject);
+        rec.user_name.clone_from(&d.user_name);
+        rec.agent.clone_from(&d.agent);
+        rec.workspace.clone_from(&d.workspace);
+        rec.method.clone_from(&d.method);
+        rec.path.clone_from(&d.path);
+        rec.token_source.clone_from(&d.token_source);
+        rec.token_fingerprint.clone_from(&d.token_fp);
+        rec.actor_chain.clone_from(&d.actor_chain);
+        rec.prev_mac.clear();
+        rec.prev_mac.extend_from_slice(&prev);
         let mac = rec.mac(signer.key.expose());
         seqs.push(seq as i64);
         tss.push(UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64));
