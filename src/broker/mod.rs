@@ -102,7 +102,18 @@ const LOCK_LEASE: Duration = Duration::from_secs(3);
 const LOCK_WAIT: Duration = Duration::from_millis(2500);
 const LOCK_POLL: Duration = Duration::from_millis(20);
 
-#[derive(Serialize, Deserialize)]
+/// [`Stored`], borrowed, for sealing.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    t: &'a str,
+    e: i64,
+    u: i64,
+    r: i64,
+    s: &'a str,
+}
+
+/// A cached token as sealed into Redis.
+#[derive(Deserialize)]
 struct Stored {
     t: String,
     e: i64,
@@ -459,12 +470,13 @@ impl Broker {
     }
 
     fn seal(&self, t: &DbToken, aad: &str) -> Option<Vec<u8>> {
-        let stored = Stored {
-            t: t.token.expose().to_string(),
+        // Borrowed, so no unwiped copy of the token is left behind; only `plain` holds one.
+        let stored = StoredRef {
+            t: t.token.expose(),
             e: t.expires_at_ms,
             u: t.use_until_ms,
             r: t.refresh_at_ms,
-            s: t.source.as_str().to_string(),
+            s: t.source.as_str(),
         };
         let mut plain = serde_json::to_vec(&stored).ok()?;
         let sealed = self.sealer.seal(&plain, aad.as_bytes());
