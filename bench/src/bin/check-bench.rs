@@ -224,12 +224,15 @@ async fn run() -> Result<(), String> {
     )
     .await;
     line("floor (null-authz)", &floor_open);
+    let m0 = aegis_metrics(&admin_url).await;
     let (aegis_open, aegis_open_cpu) = with_cpu(
         aegis_pid,
         loadgen::open_loop(&aegis_ch, warm_set.clone(), rate, run_for),
     )
     .await;
     line("aegis", &aegis_open);
+    let m1 = aegis_metrics(&admin_url).await;
+    let inside_open = print_inside("open loop", &m0, &m1);
 
     // 3. Saturation.
     let in_flight = env_num("BENCH_IN_FLIGHT", 64) as usize;
@@ -247,7 +250,8 @@ async fn run() -> Result<(), String> {
     .await;
     line("aegis", &aegis_sat);
     let metrics_sat = aegis_metrics(&admin_url).await;
-    for l in &metrics_sat {
+    let inside_sat = print_inside("saturated", &m1, &metrics_sat);
+    for l in metrics_sat.iter().filter(|l| !l.contains("_bucket{")) {
         println!("    {l}");
     }
     println!(
@@ -263,7 +267,8 @@ async fn run() -> Result<(), String> {
         None
     };
 
-    // 4. Through Envoy.
+    // 4. Through Envoy (BENCH_ENVOY=0 skips it, for quick iterations on the gRPC figures).
+    let with_envoy = env_num("BENCH_ENVOY", 1) != 0;
     let jwks_json = reqwest::get(format!("{}/jwks", sandbox.idp_url))
         .await
         .map_err(|e| format!("fetching the jwks: {e}"))?
@@ -328,38 +333,40 @@ async fn run() -> Result<(), String> {
         issuer: sandbox.idp_url.clone(),
         jwks_json,
     };
-    let envoy_bin = sandbox::stack::envoy_bin().map_err(|e| e.to_string())?;
-    let envoy =
-        env::BenchEnvoy::start(&envoy_bin, &env::config(&listeners, &up), &work_dir).await?;
-    let alice_jwt = {
-        let mut req = TokenRequest::new("alice");
-        req.ttl_secs = 3600;
-        sandbox.mint_idp_token(&req)
-    };
-    let alice_dbx = exchange(&sandbox.workspace_url, &alice_jwt).await?;
-    let bench_jwt = format!("Bearer {}", tokens[0]);
-    let alice_bearer = format!("Bearer {alice_jwt}");
-    let dbx_bearer = format!("Bearer {alice_dbx}");
-    let wrk_secs = secs as u32;
-    println!("through Envoy (concurrency 2): wrk -t2 -c32 -d{wrk_secs}s, GET /api/2.0/preview/scim/v2/Me");
     let mut wrk_results = Vec::new();
-    for l in &listeners {
-        let auth = match (l.auth, l.route) {
-            (Auth::ExtAuthz("aegis"), Route::Sandbox) => Some(alice_bearer.as_str()),
-            (Auth::None, Route::Sandbox) => Some(dbx_bearer.as_str()),
-            _ => Some(bench_jwt.as_str()),
+    if with_envoy {
+        let envoy_bin = sandbox::stack::envoy_bin().map_err(|e| e.to_string())?;
+        let envoy =
+            env::BenchEnvoy::start(&envoy_bin, &env::config(&listeners, &up), &work_dir).await?;
+        let alice_jwt = {
+            let mut req = TokenRequest::new("alice");
+            req.ttl_secs = 3600;
+            sandbox.mint_idp_token(&req)
         };
-        let url = format!("http://127.0.0.1:{}/api/2.0/preview/scim/v2/Me", l.port);
-        // A short warm-up, then the measured run.
-        let _ = env::wrk(l.name, &url, auth, 32, 2).await;
-        let r = env::wrk(l.name, &url, auth, 32, wrk_secs).await?;
-        println!(
-            "  {:<26} {:>8.0} req/s  p50 {:>6.3}  p99 {:>6.3} ms  non-2xx {}",
-            r.listener, r.requests_per_s, r.p50_ms, r.p99_ms, r.non_2xx
-        );
-        wrk_results.push(r);
+        let alice_dbx = exchange(&sandbox.workspace_url, &alice_jwt).await?;
+        let bench_jwt = format!("Bearer {}", tokens[0]);
+        let alice_bearer = format!("Bearer {alice_jwt}");
+        let dbx_bearer = format!("Bearer {alice_dbx}");
+        let wrk_secs = secs as u32;
+        println!("through Envoy (concurrency 2): wrk -t2 -c32 -d{wrk_secs}s, GET /api/2.0/preview/scim/v2/Me");
+        for l in &listeners {
+            let auth = match (l.auth, l.route) {
+                (Auth::ExtAuthz("aegis"), Route::Sandbox) => Some(alice_bearer.as_str()),
+                (Auth::None, Route::Sandbox) => Some(dbx_bearer.as_str()),
+                _ => Some(bench_jwt.as_str()),
+            };
+            let url = format!("http://127.0.0.1:{}/api/2.0/preview/scim/v2/Me", l.port);
+            // A short warm-up, then the measured run.
+            let _ = env::wrk(l.name, &url, auth, 32, 2).await;
+            let r = env::wrk(l.name, &url, auth, 32, wrk_secs).await?;
+            println!(
+                "  {:<26} {:>8.0} req/s  p50 {:>6.3}  p99 {:>6.3} ms  non-2xx {}",
+                r.listener, r.requests_per_s, r.p50_ms, r.p99_ms, r.non_2xx
+            );
+            wrk_results.push(r);
+        }
+        envoy.stop().await;
     }
-    envoy.stop().await;
     let by = |name: &str| wrk_results.iter().find(|r| r.listener == name).cloned();
 
     // 5. Memory with `users` cached.
@@ -432,11 +439,11 @@ async fn run() -> Result<(), String> {
         "settings": { "postgres_fsync": durable, "secs": secs, "rate": rate, "users": users, "in_flight": in_flight, "grpc_connections": 2,
                       "postgres": "local, fsync=on, synchronous_commit=on", "wrk": "-t2 -c32" },
         "cold": { "result": cold, "users": COLD_USERS, "exchanges_per_user_histogram": mint_counts, "exactly_one": exact_one },
-        "open_loop": { "floor": floor_open, "aegis": aegis_open,
+        "open_loop": { "floor": floor_open, "aegis": aegis_open, "inside_aegis": inside_open,
                        "cpu_us_per_check": { "floor": floor_open_cpu, "aegis": aegis_open_cpu } },
         "saturation": { "floor": floor_sat, "aegis": aegis_sat, "ratio": sat_ratio,
                         "cpu_us_per_check": { "floor": floor_sat_cpu, "aegis": aegis_sat_cpu },
-                        "aegis_metrics": metrics_sat },
+                        "inside_aegis": inside_sat, "aegis_metrics": metrics_sat },
         "envoy": { "runs": wrk_results, "direct_ratio_to_extauthz_floor": envoy_ratio,
                    "direct_p99_over_floor_ms": p99_over, "sandbox_ratio_to_noauth": sandbox_ratio },
         "memory": { "rss_kib_1000_users": rss_before, "rss_kib_all_users": rss_after, "users": users,
@@ -521,11 +528,74 @@ async fn aegis_metrics(admin_url: &str) -> Vec<String> {
             !l.starts_with('#')
                 && (l.starts_with("aegis_audit_batch_size")
                     || l.starts_with("aegis_audit_append_seconds")
+                    || l.starts_with("aegis_audit_flush_seconds")
                     || l.starts_with("aegis_check_duration_seconds")
                     || l.starts_with("aegis_token_cache_total"))
         })
         .map(str::to_string)
         .collect()
+}
+
+/// One of aegis' latency histograms over a run (the difference of two `/metrics` snapshots):
+/// count, mean and bucket-bound percentiles, in ms.
+fn histogram_between(before: &[String], after: &[String], name: &str) -> serde_json::Value {
+    let parse = |lines: &[String]| {
+        let mut buckets: Vec<(f64, f64)> = Vec::new();
+        let (mut sum, mut count) = (0.0, 0.0);
+        for l in lines {
+            let Some((key, value)) = l.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(v) = value.parse::<f64>() else {
+                continue;
+            };
+            if let Some(rest) = key.strip_prefix(&format!("{name}_bucket{{le=\"")) {
+                let le = rest.trim_end_matches("\"}");
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(f64::NAN)
+                };
+                buckets.push((le, v));
+            } else if key == format!("{name}_sum") {
+                sum = v;
+            } else if key == format!("{name}_count") {
+                count = v;
+            }
+        }
+        (buckets, sum, count)
+    };
+    let (b0, s0, c0) = parse(before);
+    let (b1, s1, c1) = parse(after);
+    let n = c1 - c0;
+    if n <= 0.0 {
+        return serde_json::Value::Null;
+    }
+    let at = |q: f64| {
+        for (le, v) in &b1 {
+            let prev = b0
+                .iter()
+                .find(|(l, _)| l == le)
+                .map(|(_, v)| *v)
+                .unwrap_or(0.0);
+            if v - prev >= q * n {
+                return *le * 1000.0;
+            }
+        }
+        f64::INFINITY
+    };
+    json!({ "count": n, "mean_ms": ((s1 - s0) / n * 1e6).round() / 1e3,
+            "p50_le_ms": at(0.5), "p99_le_ms": at(0.99) })
+}
+
+fn print_inside(label: &str, before: &[String], after: &[String]) -> serde_json::Value {
+    let out = json!({
+        "check": histogram_between(before, after, "aegis_check_duration_seconds"),
+        "audit_apply": histogram_between(before, after, "aegis_audit_append_seconds"),
+        "audit_flush": histogram_between(before, after, "aegis_audit_flush_seconds"),
+    });
+    println!("    inside aegis ({label}): {out}");
+    out
 }
 
 /// A Databricks token for the holder of `jwt`, by token exchange at the sandbox.
