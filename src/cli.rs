@@ -41,15 +41,16 @@ pub fn config_check(path: &Path) -> i32 {
     }
 }
 
-/// `aegis serve`.
-pub async fn serve(path: &Path) -> i32 {
-    let cfg = match load(path) {
-        Ok(c) => c,
-        Err(errs) => {
-            print_config_errors(path, &errs);
-            return EXIT_BAD_CONFIG;
-        }
-    };
+/// `aegis serve`, step 1: the config (the runtime is built from `server.worker_threads`).
+pub fn serve_config(path: &Path) -> Result<Config, i32> {
+    load(path).map_err(|errs| {
+        print_config_errors(path, &errs);
+        EXIT_BAD_CONFIG
+    })
+}
+
+/// `aegis serve`, step 2: runs until SIGTERM or Ctrl-C.
+pub async fn serve(cfg: Config) -> i32 {
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -110,6 +110,9 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// The most `server.worker_threads` may be.
+pub const MAX_WORKER_THREADS: i64 = 256;
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub grpc_listen: ListenAddr,
@@ -119,6 +122,9 @@ pub struct ServerConfig {
     pub instance_id: String,
     /// Upper bound on the whole Check (must fit inside Envoy's ext_authz timeout).
     pub check_timeout: Duration,
+    /// Threads that run Checks: 1 (the default) runs everything on one thread, which costs the
+    /// least CPU per Check (no cross-thread wake-ups); more spread Checks over that many.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -723,6 +729,7 @@ impl Reader<'_> {
                 "public_url",
                 "instance_id",
                 "check_timeout",
+                "worker_threads",
             ],
         );
         let grpc_listen = match self.string(t, "grpc_listen", path, true) {
@@ -765,6 +772,17 @@ impl Reader<'_> {
         if check_timeout.is_zero() || check_timeout > Duration::from_secs(30) {
             self.err("server.check_timeout", "must be between 1ms and 30s");
         }
+        let worker_threads = match t.get("worker_threads") {
+            None => 1,
+            Some(toml::Value::Integer(n)) if (1..=MAX_WORKER_THREADS).contains(n) => *n as usize,
+            Some(v) => {
+                self.err(
+                    "server.worker_threads",
+                    format!("must be an integer from 1 to {MAX_WORKER_THREADS}, not {v}"),
+                );
+                1
+            }
+        };
         Some(ServerConfig {
             grpc_listen: grpc_listen?,
             admin_listen: admin_listen?,
@@ -772,6 +790,7 @@ impl Reader<'_> {
             public_url,
             instance_id,
             check_timeout,
+            worker_threads,
         })
     }
 
@@ -1603,6 +1622,24 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
         assert!(errs.0.len() >= 7);
+    }
+
+    #[test]
+    fn worker_threads_defaults_to_one_and_is_bounded() {
+        let f = Fixture::new();
+        let cfg = f.parse(GOOD, &HashMap::new()).unwrap();
+        assert_eq!(cfg.server.worker_threads, 1);
+        let four = GOOD.replace("instance_id", "worker_threads = 4\ninstance_id");
+        let cfg = f.parse(&four, &HashMap::new()).unwrap();
+        assert_eq!(cfg.server.worker_threads, 4);
+        for bad in ["0", "257", "\"2\"", "1.5"] {
+            let text = GOOD.replace("instance_id", &format!("worker_threads = {bad}\ninstance_id"));
+            let errs = f.parse(&text, &HashMap::new()).unwrap_err().to_string();
+            assert!(
+                errs.contains("server.worker_threads: must be an integer from 1 to 256"),
+                "{bad}: {errs}"
+            );
+        }
     }
 
     #[test]

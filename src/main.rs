@@ -4,6 +4,12 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: the Check path allocates small short-lived
+/// buffers (protobuf strings, HTTP/2 frames, header maps), where glibc malloc cost ~16 % of
+/// aegis' CPU under load (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "aegis",
@@ -121,10 +127,30 @@ fn main() {
             command: KeysCommand::Generate,
         } => aegis::cli::keys_generate(),
         other => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            // `serve` builds its runtime from `server.worker_threads`; the other commands keep
+            // tokio's default (a worker per core).
+            let (serve_cfg, threads) = match &other {
+                Command::Serve { config } => match aegis::cli::serve_config(config) {
+                    Ok(cfg) => {
+                        let n = cfg.server.worker_threads;
+                        (Some(cfg), Some(n))
+                    }
+                    Err(code) => std::process::exit(code),
+                },
+                _ => (None, None),
+            };
+            let built = if threads == Some(1) {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                if let Some(n) = threads {
+                    b.worker_threads(n);
+                }
+                b.enable_all().build()
+            };
+            let runtime = match built {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("aegis: cannot start the runtime: {e}");
@@ -133,7 +159,10 @@ fn main() {
             };
             runtime.block_on(async move {
                 match other {
-                    Command::Serve { config } => aegis::cli::serve(&config).await,
+                    Command::Serve { .. } => match serve_cfg {
+                        Some(cfg) => aegis::cli::serve(cfg).await,
+                        None => 1,
+                    },
                     Command::Audit {
                         command:
                             AuditCommand::Verify {

@@ -162,7 +162,13 @@ async fn each_user_reaches_databricks_as_themselves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_never_reach_databricks() {
-    let stack = start().await;
+    // The other tests run aegis on one thread (the default); this one on a 4-worker runtime.
+    let stack = start_with(StackOptions::new(AEGIS_BIN).with_config(|c| {
+        if let Some(server) = c.get_mut("server").and_then(|s| s.as_table_mut()) {
+            server.insert("worker_threads".into(), toml::Value::Integer(4));
+        }
+    }))
+    .await;
     let good = token(&stack, "alice");
     let expired = stack.sandbox.mint_idp_token(&TokenRequest {
         ttl_secs: -3600,

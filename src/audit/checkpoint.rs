@@ -277,11 +277,15 @@ impl Checkpointer {
         self.last.lock().ok().and_then(|g| g.clone())
     }
 
-    fn newest_in_sink(&self) -> Option<Checkpoint> {
+    /// Reads the sink on the blocking pool: Checks may share this thread.
+    async fn newest_in_sink(&self) -> Option<Checkpoint> {
         let public = public_key(&self.signing);
-        self.sink
-            .list()
+        let sink = self.sink.clone();
+        let listed = tokio::task::spawn_blocking(move || sink.list())
+            .await
             .ok()?
+            .ok()?;
+        listed
             .into_iter()
             .filter_map(Result::ok)
             .filter(|c| c.chain_id == self.chain_id && c.verify(&public))
@@ -313,7 +317,7 @@ impl Checkpointer {
             .map_err(|_| CheckpointError::Inconsistent("head mac is not 32 bytes".into()))?;
         let last = match self.last() {
             Some(c) => Some(c),
-            None => self.newest_in_sink(),
+            None => self.newest_in_sink().await,
         };
         let (from, from_mac) = match &last {
             Some(c) if c.size == size && c.head_mac == head_mac => return Ok(None),
@@ -337,7 +341,12 @@ impl Checkpointer {
         let rows = client.query_raw(&stmt, params).await.map_err(pg)?;
         pin_mut!(rows);
         let mut walk = Walk::resume(from + 1, from_mac.to_vec());
+        let mut walked = 0u64;
         while let Some(row) = rows.try_next().await.map_err(pg)? {
+            walked += 1;
+            if walked % super::verify::YIELD_EVERY == 0 {
+                tokio::task::yield_now().await;
+            }
             let (rec, mac) = record_of(&row).map_err(CheckpointError::Inconsistent)?;
             if let Err(bad) = walk.step(&rec, &mac, &self.keys) {
                 return Err(CheckpointError::Inconsistent(format!(
@@ -357,8 +366,11 @@ impl Checkpointer {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let cp = Checkpoint::sign(&self.chain_id, size, head_mac, ts, &self.signing);
-        self.sink
-            .write(&cp)
+        // File writes and fsyncs go to the blocking pool, off the thread that runs Checks.
+        let (sink, signed) = (self.sink.clone(), cp.clone());
+        tokio::task::spawn_blocking(move || sink.write(&signed))
+            .await
+            .map_err(|e| CheckpointError::Sink(e.to_string()))?
             .map_err(|e| CheckpointError::Sink(e.to_string()))?;
         metrics::gauge!("aegis_checkpoint_size").set(size as f64);
         metrics::gauge!("aegis_checkpoint_timestamp_seconds").set(ts as f64);
