@@ -1633,7 +1633,10 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
         let cfg = f.parse(&four, &HashMap::new()).unwrap();
         assert_eq!(cfg.server.worker_threads, 4);
         for bad in ["0", "257", "\"2\"", "1.5"] {
-            let text = GOOD.replace("instance_id", &format!("worker_threads = {bad}\ninstance_id"));
+            let text = GOOD.replace(
+                "instance_id",
+                &format!("worker_threads = {bad}\ninstance_id"),
+            );
             let errs = f.parse(&text, &HashMap::new()).unwrap_err().to_string();
             assert!(
                 errs.contains("server.worker_threads: must be an integer from 1 to 256"),

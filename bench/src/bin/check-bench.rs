@@ -14,8 +14,9 @@
 //! 5. memory: aegis RSS with 10,000 users cached.
 //!
 //! Every run stops by itself. Environment: `BENCH_SECS` (per run, default 10), `BENCH_RATE`
-//! (default 2000), `BENCH_USERS` (default 10000), `BENCH_PROFILE=0` to skip perf, `AEGIS_BIN`
-//! (default `target/release/aegis`). Writes `bench-results/check.json`.
+//! (default 2000), `BENCH_USERS` (default 10000), `BENCH_PROFILE=0` to skip perf,
+//! `BENCH_OPEN_REPEAT` (open-loop runs per side, default 3), `BENCH_ENVOY=0` to skip the Envoy
+//! variants, `AEGIS_BIN` (default `target/release/aegis`). Writes `bench-results/check.json`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -218,21 +219,57 @@ async fn run() -> Result<(), String> {
 
     // 2. Open loop at the target rate.
     println!("open loop at {rate}/s for {secs}s (latency from scheduled send time)");
-    let (floor_open, floor_open_cpu) = with_cpu(
-        null_pid,
-        loadgen::open_loop(&null_ch, warm_set.clone(), rate, run_for),
-    )
-    .await;
-    line("floor (null-authz)", &floor_open);
-    let m0 = aegis_metrics(&admin_url).await;
-    let (aegis_open, aegis_open_cpu) = with_cpu(
-        aegis_pid,
-        loadgen::open_loop(&aegis_ch, warm_set.clone(), rate, run_for),
-    )
-    .await;
-    line("aegis", &aegis_open);
-    let m1 = aegis_metrics(&admin_url).await;
-    let inside_open = print_inside("open loop", &m0, &m1);
+    // Repeated, floor and aegis alternating, because one disk stall in a 10 s run decides its
+    // p99 on this kind of machine; the headline is the run with the median p99 of each side,
+    // and every run is in the record.
+    let repeats = env_num("BENCH_OPEN_REPEAT", 3).max(1) as usize;
+    let mut floor_runs = Vec::with_capacity(repeats);
+    let mut aegis_runs = Vec::with_capacity(repeats);
+    let mut inside_runs = Vec::with_capacity(repeats);
+    let mut m1 = aegis_metrics(&admin_url).await;
+    for rep in 0..repeats {
+        let (f, f_cpu) = with_cpu(
+            null_pid,
+            loadgen::open_loop(&null_ch, warm_set.clone(), rate, run_for),
+        )
+        .await;
+        line(&format!("floor (null-authz) #{}", rep + 1), &f);
+        let m0 = aegis_metrics(&admin_url).await;
+        let (a, a_cpu) = with_cpu(
+            aegis_pid,
+            loadgen::open_loop(&aegis_ch, warm_set.clone(), rate, run_for),
+        )
+        .await;
+        line(&format!("aegis #{}", rep + 1), &a);
+        m1 = aegis_metrics(&admin_url).await;
+        inside_runs.push(print_inside("open loop", &m0, &m1));
+        floor_runs.push((f, f_cpu));
+        aegis_runs.push((a, a_cpu));
+    }
+    let median_by_p99 = |runs: &[(RunResult, Option<f64>)]| {
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        order.sort_by(|&x, &y| {
+            runs[x]
+                .0
+                .latency
+                .p99_ms
+                .total_cmp(&runs[y].0.latency.p99_ms)
+        });
+        order[order.len() / 2]
+    };
+    let (fi, ai) = (median_by_p99(&floor_runs), median_by_p99(&aegis_runs));
+    let (floor_open, floor_open_cpu) = floor_runs[fi].clone();
+    let (aegis_open, aegis_open_cpu) = aegis_runs[ai].clone();
+    let inside_open = inside_runs[ai].clone();
+    println!(
+        "  median-p99 runs: floor #{} aegis #{} (of {repeats})",
+        fi + 1,
+        ai + 1
+    );
+    let open_runs = json!({
+        "floor": floor_runs.iter().map(|(r, c)| json!({ "result": r, "cpu_us_per_check": c })).collect::<Vec<_>>(),
+        "aegis": aegis_runs.iter().zip(&inside_runs).map(|((r, c), i)| json!({ "result": r, "cpu_us_per_check": c, "inside_aegis": i })).collect::<Vec<_>>(),
+    });
 
     // 3. Saturation.
     let in_flight = env_num("BENCH_IN_FLIGHT", 64) as usize;
@@ -439,7 +476,7 @@ async fn run() -> Result<(), String> {
         "settings": { "postgres_fsync": durable, "secs": secs, "rate": rate, "users": users, "in_flight": in_flight, "grpc_connections": 2,
                       "postgres": "local, fsync=on, synchronous_commit=on", "wrk": "-t2 -c32" },
         "cold": { "result": cold, "users": COLD_USERS, "exchanges_per_user_histogram": mint_counts, "exactly_one": exact_one },
-        "open_loop": { "floor": floor_open, "aegis": aegis_open, "inside_aegis": inside_open,
+        "open_loop": { "floor": floor_open, "aegis": aegis_open, "inside_aegis": inside_open, "runs": open_runs,
                        "cpu_us_per_check": { "floor": floor_open_cpu, "aegis": aegis_open_cpu } },
         "saturation": { "floor": floor_sat, "aegis": aegis_sat, "ratio": sat_ratio,
                         "cpu_us_per_check": { "floor": floor_sat_cpu, "aegis": aegis_sat_cpu },
