@@ -405,26 +405,31 @@ async fn two_writers_share_one_chain_without_fork_or_gap() {
         WriterOptions::default(),
     );
     wait_loaded(&b).await;
-    let per_writer = 600;
-    let wa = a.writer.clone();
-    let wb = b.clone();
-    let ta = tokio::spawn(async move {
-        let futs: Vec<_> = (0..per_writer)
-            .map(|i| wa.append(draft(i, "alice")))
-            .collect();
-        futures_util::future::join_all(futs).await
-    });
-    let tb = tokio::spawn(async move {
-        let futs: Vec<_> = (0..per_writer)
-            .map(|i| wb.append(draft(i, "bob")))
-            .collect();
-        futures_util::future::join_all(futs).await
-    });
+    // Waves of concurrent appends, so each writer keeps batches in flight (pipelined) while the
+    // other moves the head under them, again and again.
+    let (waves, per_wave) = (30, 20);
+    let per_writer = waves * per_wave;
+    let writes = |w: Arc<AuditChain>, user: &'static str| async move {
+        let mut out = Vec::with_capacity(per_writer);
+        for wave in 0..waves {
+            let futs: Vec<_> = (0..per_wave)
+                .map(|i| w.append(draft(wave * per_wave + i, user)))
+                .collect();
+            out.extend(futures_util::future::join_all(futs).await);
+        }
+        out
+    };
+    let ta = tokio::spawn(writes(a.writer.clone(), "alice"));
+    let tb = tokio::spawn(writes(b.clone(), "bob"));
     let mut seqs: Vec<u64> = Vec::new();
     for r in ta.await.unwrap().into_iter().chain(tb.await.unwrap()) {
         seqs.push(r.expect("append"));
     }
     seqs.sort_unstable();
+    assert!(
+        a.writer.head_moves() + b.head_moves() > 0,
+        "the writers never raced for the head: the test proves nothing"
+    );
     let want: Vec<u64> = (1..=(2 * per_writer) as u64).collect();
     assert_eq!(seqs, want, "seqs handed out are not exactly 1..=N");
     a.checkpoint().await;

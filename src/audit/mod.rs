@@ -1,11 +1,19 @@
 //! The audit chain: one HMAC-chained row per decision in Postgres, appended with group commit.
 //!
 //! Requests enqueue a [`Draft`] and wait for their batch. The writer takes everything queued,
-//! opens one transaction, locks the chain's head row (`SELECT ... FOR UPDATE`, so replicas
-//! sharing a chain serialize and never fork or leave a gap), assigns gapless seqs, computes each
-//! MAC over the canonical record ([`record`]), inserts the batch, moves the head and commits.
-//! Only then are the waiting requests answered. If the queue is full or the commit fails, every
-//! waiter gets an error and the pipeline denies (503): never an allow without its row.
+//! assigns gapless seqs on top of the head it expects, computes each MAC over the canonical
+//! record ([`record`]) and sends the batch as one statement that moves the chain's head row from
+//! that head to the batch's last row and inserts the rows, in one transaction (the row lock
+//! serializes replicas sharing a chain: no fork, no gap). Only once that commit is durable are
+//! the waiting requests answered. If the queue is full or the commit fails, every waiter gets an
+//! error and the pipeline denies (503): never an allow without its row.
+//!
+//! Batches are pipelined on the writer's connection ([`PIPELINE_DEPTH`]): the next batch is sent,
+//! built on the head the previous one will leave, while that one is still committing, so
+//! PostgreSQL starts it as soon as the previous commit is flushed, with no round trip between.
+//! When a batch finds the head moved (another replica appended), nothing of it is written, and
+//! nothing of the batches sent after it either (they expect its head): the writer collects them
+//! all and appends each again, in order, under the head row's lock (`SELECT ... FOR UPDATE`).
 
 pub mod checkpoint;
 pub mod pg;
@@ -165,6 +173,7 @@ pub struct AuditChain {
     feed: tokio::sync::broadcast::Sender<Arc<Committed>>,
     head_loaded: Arc<AtomicBool>,
     size: Arc<AtomicU64>,
+    head_moves: Arc<AtomicU64>,
 }
 
 impl AuditChain {
@@ -181,6 +190,7 @@ impl AuditChain {
         let (tx, rx) = mpsc::channel(opts.queue);
         let head_loaded = Arc::new(AtomicBool::new(false));
         let size = Arc::new(AtomicU64::new(0));
+        let head_moves = Arc::new(AtomicU64::new(0));
         let (feed, _) = tokio::sync::broadcast::channel(1024);
         let writer = Writer {
             skew_checked: std::time::Instant::now(),
@@ -194,6 +204,7 @@ impl AuditChain {
             conn: None,
             head_loaded: head_loaded.clone(),
             size: size.clone(),
+            head_moves: head_moves.clone(),
         };
         tokio::spawn(writer.run(rx));
         Arc::new(AuditChain {
@@ -201,6 +212,7 @@ impl AuditChain {
             feed,
             head_loaded,
             size,
+            head_moves,
         })
     }
 
@@ -217,6 +229,12 @@ impl AuditChain {
     /// The chain size this process last committed or loaded.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
+    }
+
+    /// How many times a batch found the head moved by another writer and was appended again
+    /// under the head row's lock (with the batches pipelined behind it).
+    pub fn head_moves(&self) -> u64 {
+        self.head_moves.load(Ordering::Relaxed)
     }
 
     /// Current queue depth.
@@ -250,8 +268,25 @@ impl Audit for Arc<AuditChain> {
     }
 }
 
+/// Batches in flight on the writer's connection at most.
+const PIPELINE_DEPTH: usize = 2;
+
+/// A sent batch, back from PostgreSQL.
+struct Landed {
+    jobs: Vec<Job>,
+    /// The head size it was built on.
+    size: i64,
+    /// Some(new head) when it landed; None when the head was not the one expected.
+    result: Result<Option<[u8; 32]>, AuditError>,
+    started: std::time::Instant,
+}
+
+type InFlight =
+    futures_util::stream::FuturesOrdered<futures_util::future::BoxFuture<'static, Landed>>;
+
 struct Conn {
-    client: Client,
+    /// Shared with the batches in flight; unique again when none is.
+    client: Arc<Client>,
     lock_head: Statement,
     append: Statement,
     /// The head this writer last saw (size, mac); appends are conditioned on it.
@@ -290,6 +325,7 @@ struct Writer {
     conn: Option<Conn>,
     head_loaded: Arc<AtomicBool>,
     size: Arc<AtomicU64>,
+    head_moves: Arc<AtomicU64>,
 }
 
 /// One batch in one statement (one round trip, its own transaction): move the head row from
@@ -331,78 +367,197 @@ impl Writer {
                 }
             }
         }
-        let mut batch: Vec<Job> = Vec::with_capacity(self.opts.max_batch);
-        while let Some(msg) = rx.recv().await {
-            let mut flush = None;
-            match msg {
-                Msg::Append(job) => batch.push(job),
-                Msg::Flush(done) => {
-                    let _ = done.send(());
-                    continue;
+        use futures_util::StreamExt;
+        let max_batch = self.opts.max_batch;
+        let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+        let mut inflight = InFlight::new();
+        let mut open = true;
+        while open || !inflight.is_empty() {
+            tokio::select! {
+                biased;
+                Some(landed) = inflight.next(), if !inflight.is_empty() => {
+                    self.settle(landed, &mut inflight).await;
                 }
-            }
-            while batch.len() < self.opts.max_batch {
-                match rx.try_recv() {
-                    Ok(Msg::Append(job)) => batch.push(job),
-                    Ok(Msg::Flush(done)) => {
-                        flush = Some(done);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            metrics::histogram!("aegis_audit_batch_size").record(batch.len() as f64);
-            metrics::gauge!("aegis_audit_queue_depth").set(rx.len() as f64);
-            let started = std::time::Instant::now();
-            let result =
-                match tokio::time::timeout(self.opts.commit_timeout, self.commit(&batch)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(AuditError::Timeout),
-                };
-            metrics::histogram!("aegis_audit_append_seconds")
-                .record(started.elapsed().as_secs_f64());
-            match result {
-                Ok(first_seq) => {
-                    metrics::gauge!("aegis_dependency_up", "dependency" => "postgres").set(1.0);
-                    let watched = self.feed.receiver_count() > 0;
-                    for (i, job) in batch.drain(..).enumerate() {
-                        let seq = first_seq + i as u64;
-                        if watched {
-                            let d = &job.draft;
-                            let _ = self.feed.send(Arc::new(Committed {
-                                seq,
-                                ts_unix_micros: d
-                                    .ts
-                                    .duration_since(UNIX_EPOCH)
-                                    .map(|t| t.as_micros() as i64)
-                                    .unwrap_or(0),
-                                trace_id: d.trace_id.clone(),
-                                decision: d.verdict.as_str(),
-                                reason: d.reason.clone(),
-                                user_name: d.user_name.clone(),
-                                agent: d.agent.clone(),
-                                workspace: d.workspace.clone(),
-                                method: d.method.clone(),
-                                path: d.path.clone(),
-                            }));
+                msg = rx.recv(), if open && inflight.len() < PIPELINE_DEPTH => {
+                    let mut flush = None;
+                    match msg {
+                        None => {
+                            open = false;
+                            continue;
                         }
-                        let _ = job.done.send(Ok(seq));
+                        Some(Msg::Append(job)) => batch.push(job),
+                        Some(Msg::Flush(done)) => flush = Some(done),
                     }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, batch = batch.len(), "audit commit failed; denying the batch");
-                    metrics::gauge!("aegis_dependency_up", "dependency" => "postgres").set(0.0);
-                    metrics::counter!("aegis_audit_commit_failures_total").increment(1);
-                    // The connection may be mid-transaction or dead: start over.
-                    self.conn = None;
-                    for job in batch.drain(..) {
-                        let _ = job.done.send(Err(e.clone()));
+                    while flush.is_none() && batch.len() < max_batch {
+                        match rx.try_recv() {
+                            Ok(Msg::Append(job)) => batch.push(job),
+                            Ok(Msg::Flush(done)) => flush = Some(done),
+                            Err(_) => break,
+                        }
+                    }
+                    metrics::gauge!("aegis_audit_queue_depth").set(rx.len() as f64);
+                    if !batch.is_empty() {
+                        let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+                        self.dispatch(jobs, &mut inflight).await;
+                    }
+                    if let Some(done) = flush {
+                        // Everything queued before it has been sent: wait until it has landed.
+                        while let Some(landed) = inflight.next().await {
+                            self.settle(landed, &mut inflight).await;
+                        }
+                        let _ = done.send(());
                     }
                 }
             }
-            if let Some(done) = flush {
-                let _ = done.send(());
+        }
+    }
+
+    /// Seals `jobs` on the head the last batch sent will leave and sends it, pipelined.
+    async fn dispatch(&mut self, jobs: Vec<Job>, inflight: &mut InFlight) {
+        metrics::histogram!("aegis_audit_batch_size").record(jobs.len() as f64);
+        if let Err(e) = self.ensure_conn().await {
+            self.fail(jobs, e);
+            return;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            self.fail(jobs, AuditError::Store("not connected".into()));
+            return;
+        };
+        let signer = Signer {
+            chain_id: &self.chain_id,
+            key_id: &self.key_id,
+            key: &self.key,
+            instance_id: &self.instance_id,
+        };
+        let (size, head) = conn.head;
+        let sealed = match seal(&signer, &jobs, size, head) {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(jobs, e);
+                return;
             }
+        };
+        conn.head = (size + jobs.len() as i64, sealed.new_head);
+        let client = conn.client.clone();
+        let append = conn.append.clone();
+        let ids = [
+            self.chain_id.clone(),
+            self.key_id.clone(),
+            self.instance_id.clone(),
+        ];
+        let timeout = self.opts.commit_timeout;
+        inflight.push_back(Box::pin(async move {
+            let started = std::time::Instant::now();
+            let [chain_id, key_id, instance_id] = &ids;
+            let sent = send(
+                &*client,
+                &append,
+                (chain_id, key_id, instance_id),
+                &jobs,
+                &sealed,
+            );
+            let result = match tokio::time::timeout(timeout, sent).await {
+                Ok(r) => r,
+                Err(_) => Err(AuditError::Timeout),
+            };
+            Landed {
+                jobs,
+                size,
+                result,
+                started,
+            }
+        }));
+    }
+
+    /// Handles the oldest batch in flight coming back.
+    async fn settle(&mut self, landed: Landed, inflight: &mut InFlight) {
+        use futures_util::StreamExt;
+        metrics::histogram!("aegis_audit_append_seconds")
+            .record(landed.started.elapsed().as_secs_f64());
+        match landed.result {
+            Ok(Some(_)) => self.answer(landed.jobs, landed.size as u64 + 1),
+            Ok(None) => {
+                // Another replica appended first. Every batch still in flight expects this one's
+                // head, so none of them lands either: take them back, then append each again,
+                // in order, under the head row's lock.
+                self.head_moves.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("aegis_audit_head_moved_total").increment(1);
+                let mut again = vec![landed.jobs];
+                while let Some(later) = inflight.next().await {
+                    match later.result {
+                        // Not expected, but committed: answer it.
+                        Ok(Some(_)) => self.answer(later.jobs, later.size as u64 + 1),
+                        Ok(None) => again.push(later.jobs),
+                        Err(e) => self.fail(later.jobs, e),
+                    }
+                }
+                let timeout = self.opts.commit_timeout;
+                for jobs in again {
+                    let locked = self.commit_locked(&jobs);
+                    let result = match tokio::time::timeout(timeout, locked).await {
+                        Ok(r) => r,
+                        Err(_) => Err(AuditError::Timeout),
+                    };
+                    match result {
+                        Ok(first_seq) => self.answer(jobs, first_seq),
+                        Err(e) => self.fail(jobs, e),
+                    }
+                }
+            }
+            Err(e) => {
+                // The batches after it expect its head; whatever they did, this connection
+                // starts over.
+                self.fail(landed.jobs, e.clone());
+                while let Some(later) = inflight.next().await {
+                    match later.result {
+                        Ok(Some(_)) => self.answer(later.jobs, later.size as u64 + 1),
+                        _ => self.fail(later.jobs, e.clone()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers a committed batch whose first row is `first_seq`.
+    fn answer(&self, jobs: Vec<Job>, first_seq: u64) {
+        metrics::gauge!("aegis_dependency_up", "dependency" => "postgres").set(1.0);
+        self.size
+            .fetch_max(first_seq + jobs.len() as u64 - 1, Ordering::AcqRel);
+        let watched = self.feed.receiver_count() > 0;
+        for (i, job) in jobs.into_iter().enumerate() {
+            let seq = first_seq + i as u64;
+            if watched {
+                let d = &job.draft;
+                let _ = self.feed.send(Arc::new(Committed {
+                    seq,
+                    ts_unix_micros: d
+                        .ts
+                        .duration_since(UNIX_EPOCH)
+                        .map(|t| t.as_micros() as i64)
+                        .unwrap_or(0),
+                    trace_id: d.trace_id.clone(),
+                    decision: d.verdict.as_str(),
+                    reason: d.reason.clone(),
+                    user_name: d.user_name.clone(),
+                    agent: d.agent.clone(),
+                    workspace: d.workspace.clone(),
+                    method: d.method.clone(),
+                    path: d.path.clone(),
+                }));
+            }
+            let _ = job.done.send(Ok(seq));
+        }
+    }
+
+    /// Denies a batch that did not commit; the connection starts over (it may be dead or
+    /// mid-transaction, and the head it expects is unknown).
+    fn fail(&mut self, jobs: Vec<Job>, e: AuditError) {
+        tracing::warn!(error = %e, batch = jobs.len(), "audit commit failed; denying the batch");
+        metrics::gauge!("aegis_dependency_up", "dependency" => "postgres").set(0.0);
+        metrics::counter!("aegis_audit_commit_failures_total").increment(1);
+        self.conn = None;
+        for job in jobs {
+            let _ = job.done.send(Err(e.clone()));
         }
     }
 
@@ -465,7 +620,7 @@ impl Writer {
         self.size.store(head.0 as u64, Ordering::Release);
         self.head_loaded.store(true, Ordering::Release);
         self.conn = Some(Conn {
-            client,
+            client: Arc::new(client),
             lock_head,
             append,
             head,
@@ -486,12 +641,10 @@ impl Writer {
         Ok(())
     }
 
-    /// Appends one batch; returns the seq of its first record.
-    ///
-    /// First optimistically, in one statement conditioned on the head this writer last saw (one
-    /// round trip). If another replica moved the head, the batch is appended again inside a
-    /// transaction that first locks the head row (`SELECT ... FOR UPDATE`), which cannot lose.
-    async fn commit(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
+    /// Appends one batch inside a transaction that first locks the head row (`SELECT ... FOR
+    /// UPDATE`), which cannot lose to another replica; returns the seq of its first record. Only
+    /// called with nothing in flight.
+    async fn commit_locked(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
         self.ensure_conn().await?;
         let Some(conn) = self.conn.as_mut() else {
             return Err(AuditError::Store("not connected".into()));
@@ -503,17 +656,13 @@ impl Writer {
             key: &self.key,
             instance_id: &self.instance_id,
         };
-        let (size, head) = conn.head;
-        if let Some(new_head) =
-            append_once(&signer, &conn.client, &conn.append, batch, size, head).await?
-        {
-            let new_size = size + batch.len() as i64;
-            conn.head = (new_size, new_head);
-            self.size.store(new_size as u64, Ordering::Release);
-            return Ok(size as u64 + 1);
-        }
+        let Some(client) = Arc::get_mut(&mut conn.client) else {
+            return Err(AuditError::Store(
+                "audit connection still has batches in flight".into(),
+            ));
+        };
         // Another replica appended first: take the head row's lock, then append behind it.
-        let tx = conn.client.transaction().await.map_err(pg)?;
+        let tx = client.transaction().await.map_err(pg)?;
         let row = tx
             .query_opt(&conn.lock_head, &[&self.chain_id])
             .await
@@ -531,9 +680,7 @@ impl Writer {
             ));
         };
         tx.commit().await.map_err(pg)?;
-        let new_size = size + batch.len() as i64;
-        conn.head = (new_size, new_head);
-        self.size.store(new_size as u64, Ordering::Release);
+        conn.head = (size + batch.len() as i64, new_head);
         Ok(size as u64 + 1)
     }
 }
@@ -546,30 +693,43 @@ struct Signer<'a> {
     instance_id: &'a str,
 }
 
-/// Runs [`APPEND_SQL`] for `batch` on top of (`size`, `head`): the new head mac when the head
-/// moved (the rows are in), `None` when the head was not the expected one (nothing written).
-async fn append_once<C: tokio_postgres::GenericClient>(
+/// A batch sealed on top of a head: its seqs, timestamps, links and MACs.
+struct Sealed {
+    seqs: Vec<i64>,
+    tss: Vec<SystemTime>,
+    versions: Vec<i32>,
+    prevs: Vec<Vec<u8>>,
+    macs: Vec<Vec<u8>>,
+    /// The head it builds on, and the one it leaves.
+    size: i64,
+    head: [u8; 32],
+    new_head: [u8; 32],
+}
+
+/// Computes `batch`'s rows on top of (`size`, `head`).
+fn seal(
     signer: &Signer<'_>,
-    client: &C,
-    append: &Statement,
     batch: &[Job],
     size: i64,
     head: [u8; 32],
-) -> Result<Option<[u8; 32]>, AuditError> {
+) -> Result<Sealed, AuditError> {
     if size < 0 {
         return Err(AuditError::Inconsistent(
             "chain head size is negative".into(),
         ));
     }
-    let mut prev = head;
     let n = batch.len();
-    let mut seqs = Vec::with_capacity(n);
-    let mut tss = Vec::with_capacity(n);
-    let mut cols: [Vec<&str>; 14] = Default::default();
-    let mut fps = Vec::with_capacity(n);
-    let mut versions = Vec::with_capacity(n);
-    let mut prevs = Vec::with_capacity(n);
-    let mut macs = Vec::with_capacity(n);
+    let mut out = Sealed {
+        seqs: Vec::with_capacity(n),
+        tss: Vec::with_capacity(n),
+        versions: Vec::with_capacity(n),
+        prevs: Vec::with_capacity(n),
+        macs: Vec::with_capacity(n),
+        size,
+        head,
+        new_head: head,
+    };
+    let mut prev = head;
     let first_seq = size as u64 + 1;
     // One record reused for the whole batch: `clone_from` keeps its buffers, so MACing a batch
     // does not allocate every field of every row again.
@@ -610,8 +770,32 @@ async fn append_once<C: tokio_postgres::GenericClient>(
         rec.prev_mac.clear();
         rec.prev_mac.extend_from_slice(&prev);
         let mac = rec.mac(signer.key.expose());
-        seqs.push(seq as i64);
-        tss.push(UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64));
+        out.seqs.push(seq as i64);
+        out.tss
+            .push(UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64));
+        out.versions.push(RECORD_VERSION as i32);
+        out.prevs.push(prev.to_vec());
+        out.macs.push(mac.to_vec());
+        prev = mac;
+    }
+    out.new_head = prev;
+    Ok(out)
+}
+
+/// Runs [`APPEND_SQL`] for a sealed batch: the new head mac when the head moved (the rows are
+/// in), `None` when the head was not the expected one (nothing written).
+async fn send<C: tokio_postgres::GenericClient>(
+    client: &C,
+    append: &Statement,
+    (chain_id, key_id, instance_id): (&str, &str, &str),
+    batch: &[Job],
+    sealed: &Sealed,
+) -> Result<Option<[u8; 32]>, AuditError> {
+    let n = batch.len();
+    let mut cols: [Vec<&str>; 14] = Default::default();
+    let mut fps = Vec::with_capacity(n);
+    for job in batch {
+        let d = &job.draft;
         cols[0].push(&d.trace_id);
         cols[1].push(&d.request_id);
         cols[2].push(d.verdict.as_str());
@@ -624,25 +808,21 @@ async fn append_once<C: tokio_postgres::GenericClient>(
         cols[9].push(&d.method);
         cols[10].push(&d.path);
         cols[11].push(&d.token_source);
-        cols[12].push(signer.key_id);
+        cols[12].push(key_id);
         cols[13].push(&d.actor_chain);
         fps.push(d.token_fp.as_slice());
-        versions.push(RECORD_VERSION as i32);
-        prevs.push(prev.to_vec());
-        macs.push(mac.to_vec());
-        prev = mac;
     }
-    let instance: Vec<&str> = vec![signer.instance_id; n];
-    let new_size = size + n as i64;
+    let instance: Vec<&str> = vec![instance_id; n];
+    let new_size = sealed.size + n as i64;
     let [trace, request, decision, reason, issuer, subject, user, agent, workspace, method, path, source, key_ids, actors] =
         &cols;
     let row = client
         .query_one(
             append,
             &[
-                &signer.chain_id,
-                &seqs,
-                &tss,
+                &chain_id,
+                &sealed.seqs,
+                &sealed.tss,
                 trace,
                 request,
                 decision,
@@ -658,14 +838,14 @@ async fn append_once<C: tokio_postgres::GenericClient>(
                 &fps,
                 key_ids,
                 &instance,
-                &versions,
-                &prevs,
-                &macs,
+                &sealed.versions,
+                &sealed.prevs,
+                &sealed.macs,
                 actors,
-                &size,
-                &head.as_slice(),
+                &sealed.size,
+                &sealed.head.as_slice(),
                 &new_size,
-                &prev.as_slice(),
+                &sealed.new_head.as_slice(),
             ],
         )
         .await
@@ -673,12 +853,26 @@ async fn append_once<C: tokio_postgres::GenericClient>(
     let moved: i64 = row.get(0);
     let inserted: i64 = row.get(1);
     match (moved, inserted) {
-        (1, k) if k == n as i64 => Ok(Some(prev)),
+        (1, k) if k == n as i64 => Ok(Some(sealed.new_head)),
         (0, 0) => Ok(None),
         _ => Err(AuditError::Inconsistent(format!(
             "append moved {moved} head rows and inserted {inserted} of {n} rows"
         ))),
     }
+}
+
+/// Seals and sends `batch` on top of (`size`, `head`) (see [`send`]).
+async fn append_once<C: tokio_postgres::GenericClient>(
+    signer: &Signer<'_>,
+    client: &C,
+    append: &Statement,
+    batch: &[Job],
+    size: i64,
+    head: [u8; 32],
+) -> Result<Option<[u8; 32]>, AuditError> {
+    let sealed = seal(signer, batch, size, head)?;
+    let ids = (signer.chain_id, signer.key_id, signer.instance_id);
+    send(client, append, ids, batch, &sealed).await
 }
 
 /// A Postgres error as text safe for logs (never the connection string or a parameter value).
