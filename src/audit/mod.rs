@@ -13,7 +13,8 @@
 //! PostgreSQL starts it as soon as the previous commit is flushed, with no round trip between.
 //! When a batch finds the head moved (another replica appended), nothing of it is written, and
 //! nothing of the batches sent after it either (they expect its head): the writer collects them
-//! all and appends each again, in order, under the head row's lock (`SELECT ... FOR UPDATE`).
+//! all and appends each again, in order, under the head row's lock (`SELECT ... FOR UPDATE`),
+//! and sends one batch at a time for a while ([`CONTENDED_FOR`]).
 
 pub mod checkpoint;
 pub mod pg;
@@ -193,6 +194,7 @@ impl AuditChain {
         let head_moves = Arc::new(AtomicU64::new(0));
         let (feed, _) = tokio::sync::broadcast::channel(1024);
         let writer = Writer {
+            last_head_move: None,
             skew_checked: std::time::Instant::now(),
             feed: feed.clone(),
             target,
@@ -271,6 +273,10 @@ impl Audit for Arc<AuditChain> {
 /// Batches in flight on the writer's connection at most.
 const PIPELINE_DEPTH: usize = 2;
 
+/// After another writer moved the head, batches go one at a time for this long: while replicas
+/// race for the head, a pipelined batch would only be taken back and appended again.
+const CONTENDED_FOR: Duration = Duration::from_secs(1);
+
 /// A sent batch, back from PostgreSQL.
 struct Landed {
     jobs: Vec<Job>,
@@ -314,6 +320,8 @@ const SKEW_CHECK_EVERY: Duration = Duration::from_secs(30);
 use crate::clock::unix_ms as now_ms;
 
 struct Writer {
+    /// When a batch last found the head moved by another writer.
+    last_head_move: Option<std::time::Instant>,
     skew_checked: std::time::Instant,
     feed: tokio::sync::broadcast::Sender<Arc<Committed>>,
     target: pg::PgTarget,
@@ -378,7 +386,7 @@ impl Writer {
                 Some(landed) = inflight.next(), if !inflight.is_empty() => {
                     self.settle(landed, &mut inflight).await;
                 }
-                msg = rx.recv(), if open && inflight.len() < PIPELINE_DEPTH => {
+                msg = rx.recv(), if open && inflight.len() < self.depth() => {
                     let mut flush = None;
                     match msg {
                         None => {
@@ -409,6 +417,14 @@ impl Writer {
                     }
                 }
             }
+        }
+    }
+
+    /// How many batches may be in flight now.
+    fn depth(&self) -> usize {
+        match self.last_head_move {
+            Some(at) if at.elapsed() < CONTENDED_FOR => 1,
+            _ => PIPELINE_DEPTH,
         }
     }
 
@@ -481,6 +497,7 @@ impl Writer {
                 // head, so none of them lands either: take them back, then append each again,
                 // in order, under the head row's lock.
                 self.head_moves.fetch_add(1, Ordering::Relaxed);
+                self.last_head_move = Some(std::time::Instant::now());
                 metrics::counter!("aegis_audit_head_moved_total").increment(1);
                 let mut again = vec![landed.jobs];
                 while let Some(later) = inflight.next().await {
