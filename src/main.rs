@@ -116,6 +116,30 @@ enum KeysCommand {
     Generate,
 }
 
+/// The runtime for a command: `serve` passes `server.worker_threads` (1: everything on one thread,
+/// the cheapest per Check); the other commands take tokio's default, a worker per core.
+fn runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
+    let built = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = threads {
+                b.worker_threads(n);
+            }
+            b.enable_all().build()
+        }
+    };
+    match built {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("aegis: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     aegis::logging::init();
@@ -126,43 +150,14 @@ fn main() {
         Command::Keys {
             command: KeysCommand::Generate,
         } => aegis::cli::keys_generate(),
+        Command::Serve { config } => match aegis::cli::serve_config(&config) {
+            Ok(cfg) => runtime(Some(cfg.server.worker_threads)).block_on(aegis::cli::serve(cfg)),
+            Err(code) => code,
+        },
         other => {
-            // `serve` builds its runtime from `server.worker_threads`; the other commands keep
-            // tokio's default (a worker per core).
-            let (serve_cfg, threads) = match &other {
-                Command::Serve { config } => match aegis::cli::serve_config(config) {
-                    Ok(cfg) => {
-                        let n = cfg.server.worker_threads;
-                        (Some(cfg), Some(n))
-                    }
-                    Err(code) => std::process::exit(code),
-                },
-                _ => (None, None),
-            };
-            let built = if threads == Some(1) {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-            } else {
-                let mut b = tokio::runtime::Builder::new_multi_thread();
-                if let Some(n) = threads {
-                    b.worker_threads(n);
-                }
-                b.enable_all().build()
-            };
-            let runtime = match built {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("aegis: cannot start the runtime: {e}");
-                    std::process::exit(1);
-                }
-            };
+            let runtime = runtime(None);
             runtime.block_on(async move {
                 match other {
-                    Command::Serve { .. } => match serve_cfg {
-                        Some(cfg) => aegis::cli::serve(cfg).await,
-                        None => 1,
-                    },
                     Command::Audit {
                         command:
                             AuditCommand::Verify {
@@ -187,7 +182,7 @@ fn main() {
                     Command::Audit {
                         command: AuditCommand::Export { config, since },
                     } => aegis::cli::audit_export(&config, since).await,
-                    Command::Config { .. } | Command::Keys { .. } => 2,
+                    Command::Config { .. } | Command::Keys { .. } | Command::Serve { .. } => 2,
                 }
             })
         }

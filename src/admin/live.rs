@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -405,10 +405,7 @@ impl LiveOps {
                 let s = |i: usize| r.try_get::<_, String>(i).ok();
                 Some(Committed {
                     seq: r.try_get::<_, i64>(0).ok()?.max(0) as u64,
-                    ts_unix_micros: ts
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_micros() as i64)
-                        .unwrap_or(0),
+                    ts_unix_micros: crate::clock::unix_micros_of(ts),
                     trace_id: s(2)?,
                     decision: if s(3)? == "ALLOW" { "ALLOW" } else { "DENY" },
                     reason: s(4)?,

@@ -547,11 +547,7 @@ impl Writer {
                 let d = &job.draft;
                 let _ = self.feed.send(Arc::new(Committed {
                     seq,
-                    ts_unix_micros: d
-                        .ts
-                        .duration_since(UNIX_EPOCH)
-                        .map(|t| t.as_micros() as i64)
-                        .unwrap_or(0),
+                    ts_unix_micros: crate::clock::unix_micros_of(d.ts),
                     trace_id: d.trace_id.clone(),
                     decision: d.verdict.as_str(),
                     reason: d.reason.clone(),
@@ -760,10 +756,7 @@ fn seal(
     for (i, job) in batch.iter().enumerate() {
         let d = &job.draft;
         let seq = first_seq + i as u64;
-        let micros =
-            d.ts.duration_since(UNIX_EPOCH)
-                .map(|t| t.as_micros() as i64)
-                .unwrap_or(0);
+        let micros = crate::clock::unix_micros_of(d.ts);
         rec.seq = seq;
         rec.ts_unix_micros = micros;
         rec.decision = match d.verdict {

@@ -145,10 +145,7 @@ impl Default for Walk {
 /// Rebuilds the canonical record of a row.
 pub fn record_of(row: &Row) -> Result<(AuditRecord, Vec<u8>), String> {
     let ts: std::time::SystemTime = row.try_get(1).map_err(|e| e.to_string())?;
-    let micros = ts
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
+    let micros = crate::clock::unix_micros_of(ts);
     let decision: String = row.try_get(4).map_err(|e| e.to_string())?;
     let seq: i64 = row.try_get(0).map_err(|e| e.to_string())?;
     let version: i32 = row.try_get(17).map_err(|e| e.to_string())?;
