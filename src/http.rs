@@ -1,10 +1,23 @@
-//! The outbound HTTP client (IdP discovery and JWKS, Databricks token endpoints).
+//! The outbound HTTP client (IdP discovery and JWKS, Databricks token endpoints), and
+//! [`cookie`] for our own listeners (the console, the U2M consent pages).
 //!
 //! Bounded everywhere: connect and total timeouts, no redirects (an IdP or token endpoint that
 //! redirects is misconfigured, and following it could leak a subject token), and a cap on the
 //! size of any body we read.
 
 use std::time::Duration;
+
+/// The value of cookie `name` in a request (every `Cookie` header, `;`-separated pairs).
+pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
 
 /// Largest response body read from an IdP or token endpoint.
 pub const MAX_BODY: usize = 1024 * 1024;

@@ -198,12 +198,8 @@ async fn callback(
             "The sign-in answer is incomplete.",
         );
     };
-    let binding = cookie(&headers, state.cookie_name());
-    match state
-        .u2m
-        .finish(&state.workspaces, code, st, binding.as_deref())
-        .await
-    {
+    let binding = crate::http::cookie(&headers, state.cookie_name());
+    match state.u2m.finish(&state.workspaces, code, st, binding).await {
         Ok(claims) => {
             consent_metric("stored");
             page(
@@ -236,18 +232,6 @@ fn failure(e: CallbackError) -> Response {
 
 fn consent_metric(result: &'static str) {
     metrics::counter!("aegis_u2m_consents_total", "result" => result).increment(1);
-}
-
-/// The value of cookie `name` in the request.
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
 }
 
 fn harden(h: &mut HeaderMap) {
@@ -310,8 +294,8 @@ mod tests {
             HeaderValue::from_static("a=1; aegis_u2m=xyz"),
         );
         h.append(header::COOKIE, HeaderValue::from_static("b=2"));
-        assert_eq!(cookie(&h, "aegis_u2m").as_deref(), Some("xyz"));
-        assert_eq!(cookie(&h, "__Host-aegis_u2m"), None);
+        assert_eq!(crate::http::cookie(&h, "aegis_u2m"), Some("xyz"));
+        assert_eq!(crate::http::cookie(&h, "__Host-aegis_u2m"), None);
     }
 
     #[test]

@@ -253,14 +253,7 @@ fn op_error(e: OpError) -> Response {
 // === Session and CSRF checks ===
 
 fn cookie_session(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == session::COOKIE)
-        .map(|(_, v)| v)
+    crate::http::cookie(headers, session::COOKIE)
 }
 
 /// True when the request comes from a page of this same listener: its `Origin` is

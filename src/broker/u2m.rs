@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::Client;
 
-use super::federation::form_encode;
+use super::federation::{form_encode, token_reply, TokenReply};
 use super::redis::{RedisLink, Sealer};
 use super::{now_ms, BrokerError, Minted};
 use crate::audit::pg::PgTarget;
@@ -279,13 +279,6 @@ impl Grant {
     }
 }
 
-/// Tokens from the token endpoint.
-struct TokenSet {
-    access: SecretString,
-    refresh: Option<SecretString>,
-    expires_in: u64,
-}
-
 /// How a token call failed.
 enum TokenCallError {
     /// `invalid_grant`: the code or refresh token is no longer valid.
@@ -293,89 +286,22 @@ enum TokenCallError {
     Broker(BrokerError),
 }
 
-#[derive(Deserialize)]
-struct TokenResponse {
-    access_token: String,
-    #[serde(default)]
-    refresh_token: Option<String>,
-    #[serde(default)]
-    token_type: Option<String>,
-    expires_in: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct OAuthError {
-    #[serde(default)]
-    error: Option<String>,
-}
-
-fn plausible_token(t: &str) -> bool {
-    !t.is_empty() && t.len() <= 16 * 1024 && !t.bytes().any(|b| b <= b' ' || b >= 0x7f)
-}
-
 async fn token_call(
     http: &reqwest::Client,
     url: url::Url,
     body: String,
-) -> Result<TokenSet, TokenCallError> {
+) -> Result<TokenReply, TokenCallError> {
     let resp = post_form(http, url, body).await.map_err(|e| {
         tracing::warn!(error = %e, "u2m: token endpoint request failed");
         TokenCallError::Broker(BrokerError::Unavailable("token endpoint"))
     })?;
-    let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let mut raw = read_body(resp)
-        .await
-        .map_err(|_| TokenCallError::Broker(BrokerError::Unavailable("token endpoint body")))?;
-    let out = match status {
-        200 => match serde_json::from_slice::<TokenResponse>(&raw) {
-            Ok(t)
-                if plausible_token(&t.access_token)
-                    && t.refresh_token.as_deref().is_none_or(plausible_token)
-                    && t.token_type
-                        .as_deref()
-                        .is_none_or(|k| k.eq_ignore_ascii_case("bearer")) =>
-            {
-                match t.expires_in {
-                    Some(expires_in) => Ok(TokenSet {
-                        access: SecretString::new(t.access_token.clone()),
-                        refresh: t.refresh_token.clone().map(SecretString::new),
-                        expires_in,
-                    }),
-                    None => Err(TokenCallError::Broker(BrokerError::Unavailable(
-                        "token endpoint answered no expires_in",
-                    ))),
-                }
-            }
-            _ => Err(TokenCallError::Broker(BrokerError::Unavailable(
-                "token endpoint answered a malformed token",
-            ))),
-        },
-        429 => Err(TokenCallError::Broker(BrokerError::RateLimited {
-            retry_after: retry_after.unwrap_or(1).clamp(1, 300),
-        })),
-        400 | 401 | 403 => {
-            let code = serde_json::from_slice::<OAuthError>(&raw)
-                .ok()
-                .and_then(|e| e.error)
-                .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()))
-                .unwrap_or_else(|| format!("http_{status}"));
-            if code == "invalid_grant" {
-                Err(TokenCallError::InvalidGrant)
-            } else {
-                Err(TokenCallError::Broker(BrokerError::Rejected(code)))
-            }
+    match token_reply(resp).await {
+        Ok(reply) => Ok(reply),
+        Err(BrokerError::Rejected(code)) if code == "invalid_grant" => {
+            Err(TokenCallError::InvalidGrant)
         }
-        _ => Err(TokenCallError::Broker(BrokerError::Unavailable(
-            "token endpoint error status",
-        ))),
-    };
-    zeroize::Zeroize::zeroize(&mut raw);
-    out
+        Err(e) => Err(TokenCallError::Broker(e)),
+    }
 }
 
 // === U2m ===
