@@ -37,6 +37,8 @@ pub struct Listener {
 /// Upstream ports the clusters point at.
 pub struct Upstreams {
     pub null_port: u16,
+    /// The durable floor (`null-authz` with an audit chain).
+    pub durable_port: u16,
     pub aegis_port: u16,
     pub sandbox_port: u16,
     pub issuer: String,
@@ -141,6 +143,7 @@ pub fn config(listeners: &[Listener], up: &Upstreams) -> String {
     };
     out.push_str("  clusters:\n");
     out.push_str(&grpc_cluster("floor", up.null_port));
+    out.push_str(&grpc_cluster("durable", up.durable_port));
     out.push_str(&grpc_cluster("aegis", up.aegis_port));
     out.push_str(&format!(
         r#"    - name: sandbox

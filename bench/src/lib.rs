@@ -1,6 +1,8 @@
 //! Shared helpers for the benchmark binaries: latency summaries, result files, the Check load
-//! generator ([`loadgen`]) and the Envoy/wrk harness ([`envoy`]).
+//! generator ([`loadgen`]), the durable-commit floor ([`commit_floor`]) and the Envoy/wrk harness
+//! ([`envoy`]).
 
+pub mod commit_floor;
 pub mod envoy;
 pub mod loadgen;
 

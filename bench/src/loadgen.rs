@@ -24,7 +24,7 @@ use crate::{histogram, summarize, Latency};
 
 /// Paths an agent calls on a Databricks workspace, with their methods; none is blocked by the
 /// agent-safe defaults, so every warm Check is an ALLOW with an audit row.
-const CALLS: &[(&str, &str)] = &[
+pub const CALLS: &[(&str, &str)] = &[
     ("GET", "/api/2.0/preview/scim/v2/Me"),
     ("POST", "/api/2.0/sql/statements"),
     (
@@ -155,42 +155,56 @@ struct Counts {
 }
 
 impl Counts {
+    fn add(&self, o: Outcome) {
+        let c = match o {
+            Outcome::Allowed => &self.allowed,
+            Outcome::Denied => &self.denied,
+            Outcome::Error => &self.errors,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn record(
         &self,
         r: &Result<tonic::Response<envoy_types::ext_authz::v3::pb::CheckResponse>, tonic::Status>,
     ) {
-        match r {
-            Ok(resp) => {
-                let code = resp.get_ref().status.as_ref().map(|s| s.code).unwrap_or(0);
-                if code == 0 {
-                    self.allowed.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.denied.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(_) => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.add(outcome(r));
     }
 }
 
-/// Open loop: `rate` Checks/s for `duration`, round-robin over `requests` and `channels`.
-pub async fn open_loop(
-    channels: &[Channel],
-    requests: Arc<Vec<CheckRequest>>,
-    rate: f64,
-    duration: Duration,
-) -> RunResult {
+/// How one operation of a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Denied,
+    Error,
+}
+
+fn outcome(
+    r: &Result<tonic::Response<envoy_types::ext_authz::v3::pb::CheckResponse>, tonic::Status>,
+) -> Outcome {
+    match r {
+        Ok(resp) if resp.get_ref().status.as_ref().map(|s| s.code).unwrap_or(0) == 0 => {
+            Outcome::Allowed
+        }
+        Ok(_) => Outcome::Denied,
+        Err(_) => Outcome::Error,
+    }
+}
+
+/// Open loop: `op(i)` for i = 0, 1, ... started at `rate`/s for `duration`. The pacer is an OS
+/// thread on the kernel's high-resolution timer; `op` runs there and its future on the current
+/// runtime. Each latency counts from the operation's *scheduled* time (coordinated omission
+/// corrected).
+pub async fn paced<F, Fut>(mode: &str, rate: f64, duration: Duration, op: F) -> RunResult
+where
+    F: Fn(u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
     let total = (rate * duration.as_secs_f64()) as u64;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let hist = Arc::new(Mutex::new(histogram()));
     let counts = Arc::new(Counts::default());
-    let clients: Vec<AuthorizationClient<Channel>> = channels
-        .iter()
-        .cloned()
-        .map(AuthorizationClient::new)
-        .collect();
     let handle = tokio::runtime::Handle::current();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let started = Instant::now() + Duration::from_millis(20);
@@ -204,15 +218,14 @@ pub async fn open_loop(
                 if at > now {
                     std::thread::sleep(at - now);
                 }
-                let mut client = clients[(i as usize) % clients.len()].clone();
-                let req = stamped(&requests[(i as usize) % requests.len()], i);
+                let run = op(i);
                 let hist = hist.clone();
                 let counts = counts.clone();
                 let done = done_tx.clone();
                 handle.spawn(async move {
-                    let r = client.check(req).await;
+                    let o = run.await;
                     let us = at.elapsed().as_micros() as u64;
-                    counts.record(&r);
+                    counts.add(o);
                     if let Ok(mut h) = hist.lock() {
                         let _ = h.record(us.max(1));
                     }
@@ -221,7 +234,7 @@ pub async fn open_loop(
             }
         })
     };
-    // Every spawned request holds a sender; the channel closes when the last one finishes.
+    // Every spawned operation holds a sender; the channel closes when the last one finishes.
     let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
     while done_rx.recv().await.is_some() {}
     let elapsed = started.elapsed().as_secs_f64();
@@ -229,35 +242,54 @@ pub async fn open_loop(
         .lock()
         .map(|h| h.clone())
         .unwrap_or_else(|_| histogram());
-    finish("open_loop", Some(rate), elapsed, &counts, &h)
+    finish(mode, Some(rate), elapsed, &counts, &h)
 }
 
-/// Closed loop: `in_flight` Checks always outstanding for `duration`, over `channels`.
-pub async fn closed_loop(
+/// Open loop: `rate` Checks/s for `duration`, round-robin over `requests` and `channels`.
+pub async fn open_loop(
     channels: &[Channel],
     requests: Arc<Vec<CheckRequest>>,
-    in_flight: usize,
+    rate: f64,
     duration: Duration,
 ) -> RunResult {
+    let clients: Vec<AuthorizationClient<Channel>> = channels
+        .iter()
+        .cloned()
+        .map(AuthorizationClient::new)
+        .collect();
+    paced("open_loop", rate, duration, move |i| {
+        let mut client = clients[(i as usize) % clients.len()].clone();
+        let req = stamped(&requests[(i as usize) % requests.len()], i);
+        async move { outcome(&client.check(req).await) }
+    })
+    .await
+}
+
+/// Closed loop: `in_flight` workers, each running `op(worker, n)` back to back for `duration`
+/// (n counts operations across all workers).
+pub async fn saturate<F, Fut>(mode: &str, in_flight: usize, duration: Duration, op: F) -> RunResult
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send,
+{
+    let op = Arc::new(op);
     let counts = Arc::new(Counts::default());
     let seq = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::with_capacity(in_flight);
     for w in 0..in_flight {
-        let mut client = AuthorizationClient::new(channels[w % channels.len()].clone());
-        let requests = requests.clone();
+        let op = op.clone();
         let counts = counts.clone();
         let seq = seq.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
             while Instant::now() < deadline {
                 let n = seq.fetch_add(1, Ordering::Relaxed);
-                let req = stamped(&requests[(n as usize) % requests.len()], n);
                 let t = Instant::now();
-                let r = client.check(req).await;
+                let o = op(w, n).await;
                 let _ = h.record((t.elapsed().as_micros() as u64).max(1));
-                counts.record(&r);
+                counts.add(o);
             }
             h
         }));
@@ -269,7 +301,25 @@ pub async fn closed_loop(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    finish("closed_loop", None, elapsed, &counts, &all)
+    finish(mode, None, elapsed, &counts, &all)
+}
+
+/// Closed loop: `in_flight` Checks always outstanding for `duration`, over `channels`.
+pub async fn closed_loop(
+    channels: &[Channel],
+    requests: Arc<Vec<CheckRequest>>,
+    in_flight: usize,
+    duration: Duration,
+) -> RunResult {
+    let clients: Vec<AuthorizationClient<Channel>> = (0..in_flight)
+        .map(|w| AuthorizationClient::new(channels[w % channels.len()].clone()))
+        .collect();
+    saturate("closed_loop", in_flight, duration, move |w, n| {
+        let mut client = clients[w].clone();
+        let req = stamped(&requests[(n as usize) % requests.len()], n);
+        async move { outcome(&client.check(req).await) }
+    })
+    .await
 }
 
 fn finish(

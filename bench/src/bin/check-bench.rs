@@ -6,7 +6,8 @@
 //!
 //! 1. cold path: 1,000 distinct users' first Checks (two simultaneous per user) -> exactly one
 //!    token exchange each at the sandbox, none failed;
-//! 2. Check latency, open loop at 2,000 Checks/s, aegis and the floor;
+//! 2. Check latency, open loop at 2,000 Checks/s, aegis and the floor, plus the commit floor
+//!    (the same PostgreSQL committing one audit-shaped row per operation, nothing else);
 //! 3. saturated Check throughput (closed loop), aegis and the floor, with process CPU per Check
 //!    and a `perf` profile of aegis in an extra run;
 //! 4. through Envoy with wrk: direct response with no auth, `jwt_authn`, ext_authz to the floor,
@@ -115,21 +116,8 @@ async fn run() -> Result<(), String> {
     println!("check-bench: load average at start {}", load());
 
     // The gRPC floor, in its own process like aegis.
-    let mut null = tokio::process::Command::new(env::sibling_bin("null-authz"))
-        .args(["127.0.0.1:0", &(secs * 40 + 600).to_string()])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            format!("starting null-authz (build it with cargo build --release -p bench): {e}")
-        })?;
-    let null_pid = null.id();
-    let mut lines =
-        tokio::io::BufReader::new(null.stdout.take().ok_or("null-authz stdout")?).lines();
-    let null_addr = match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
-        Ok(Ok(Some(l))) => l.trim_start_matches("listening ").to_string(),
-        _ => return Err("null-authz did not say where it listens".into()),
-    };
+    let lifetime = (secs * 50 + 900).to_string();
+    let (mut null, null_pid, null_addr) = spawn_floor(&["127.0.0.1:0", &lifetime]).await?;
 
     // The real stack, with a durable PostgreSQL and a workspace that knows every bench user.
     let mut opts = StackOptions::new(&aegis_bin).with_sandbox(SandboxOptions {
@@ -200,6 +188,19 @@ async fn run() -> Result<(), String> {
         .await
         .map_err(|e| format!("connecting to the floor: {e}"))?;
 
+    // The commit floor: the same PostgreSQL committing one audit-shaped row per operation over
+    // several connections, with nothing of aegis in the way.
+    let commit_conns = env_num("BENCH_COMMIT_CONNS", 4).max(1) as usize;
+    let commit_floor =
+        bench::commit_floor::CommitFloor::start(&stack.postgres, commit_conns).await?;
+    // The durable floor: the do-nothing server that allows each Check once aegis' audit writer
+    // has committed its row, on the same PostgreSQL (its own chain).
+    let (mut durable_null, durable_pid, durable_addr) =
+        spawn_floor(&["127.0.0.1:0", &lifetime, &stack.postgres.url()]).await?;
+    let durable_ch = loadgen::connect(&format!("http://{durable_addr}"), 2)
+        .await
+        .map_err(|e| format!("connecting to the durable floor: {e}"))?;
+
     // 1. Cold path.
     println!("cold path: {COLD_USERS} distinct users, two simultaneous first Checks each");
     let cold = loadgen::each_once(&aegis_ch, &warm_set, 32, 2).await;
@@ -215,6 +216,7 @@ async fn run() -> Result<(), String> {
     // Warm-up of both servers and connections.
     let warm = Duration::from_secs(2);
     loadgen::closed_loop(&null_ch, warm_set.clone(), 16, warm).await;
+    loadgen::closed_loop(&durable_ch, warm_set.clone(), 16, warm).await;
     loadgen::closed_loop(&aegis_ch, warm_set.clone(), 16, warm).await;
 
     // 2. Open loop at the target rate.
@@ -224,6 +226,8 @@ async fn run() -> Result<(), String> {
     // and every run is in the record.
     let repeats = env_num("BENCH_OPEN_REPEAT", 3).max(1) as usize;
     let mut floor_runs = Vec::with_capacity(repeats);
+    let mut commit_runs = Vec::with_capacity(repeats);
+    let mut durable_runs = Vec::with_capacity(repeats);
     let mut aegis_runs = Vec::with_capacity(repeats);
     let mut inside_runs = Vec::with_capacity(repeats);
     let mut m1 = aegis_metrics(&admin_url).await;
@@ -234,6 +238,16 @@ async fn run() -> Result<(), String> {
         )
         .await;
         line(&format!("floor (null-authz) #{}", rep + 1), &f);
+        let c = commit_floor.open_loop(rate, run_for).await;
+        line(&format!("commit floor #{}", rep + 1), &c);
+        commit_runs.push((c, None));
+        let d = with_cpu(
+            durable_pid,
+            loadgen::open_loop(&durable_ch, warm_set.clone(), rate, run_for),
+        )
+        .await;
+        line(&format!("durable floor #{}", rep + 1), &d.0);
+        durable_runs.push(d);
         let m0 = aegis_metrics(&admin_url).await;
         let (a, a_cpu) = with_cpu(
             aegis_pid,
@@ -257,17 +271,35 @@ async fn run() -> Result<(), String> {
         });
         order[order.len() / 2]
     };
-    let (fi, ai) = (median_by_p99(&floor_runs), median_by_p99(&aegis_runs));
+    let (fi, ci, ai) = (
+        median_by_p99(&floor_runs),
+        median_by_p99(&commit_runs),
+        median_by_p99(&aegis_runs),
+    );
+    let commit_open = commit_runs[ci].0.clone();
+    let di = median_by_p99(&durable_runs);
+    let (durable_open, durable_open_cpu) = durable_runs[di].clone();
     let (floor_open, floor_open_cpu) = floor_runs[fi].clone();
     let (aegis_open, aegis_open_cpu) = aegis_runs[ai].clone();
     let inside_open = inside_runs[ai].clone();
     println!(
-        "  median-p99 runs: floor #{} aegis #{} (of {repeats})",
+        "  median-p99 runs: floor #{} commit floor #{} durable floor #{} aegis #{} (of {repeats})",
         fi + 1,
+        ci + 1,
+        di + 1,
         ai + 1
+    );
+    // What a Check that waits for its durable row cannot beat here: the gRPC hop plus the commit.
+    let durable_floor = floors_p50(&floor_runs, &commit_runs);
+    let aegis_p50s: Vec<f64> = aegis_runs.iter().map(|(r, _)| r.latency.p50_ms).collect();
+    println!(
+        "  durable floor p50 (gRPC floor + commit floor, run by run): {durable_floor:?} ms; aegis p50: {aegis_p50s:?} ms"
     );
     let open_runs = json!({
         "floor": floor_runs.iter().map(|(r, c)| json!({ "result": r, "cpu_us_per_check": c })).collect::<Vec<_>>(),
+        "commit_floor": commit_runs.iter().map(|(r, _)| r).collect::<Vec<_>>(),
+        "durable_floor": durable_runs.iter().map(|(r, c)| json!({ "result": r, "cpu_us_per_check": c })).collect::<Vec<_>>(),
+        "durable_floor_p50_ms": durable_floor,
         "aegis": aegis_runs.iter().zip(&inside_runs).map(|((r, c), i)| json!({ "result": r, "cpu_us_per_check": c, "inside_aegis": i })).collect::<Vec<_>>(),
     });
 
@@ -280,6 +312,14 @@ async fn run() -> Result<(), String> {
     )
     .await;
     line("floor (null-authz)", &floor_sat);
+    let commit_sat = commit_floor.closed_loop(in_flight, run_for).await;
+    line("commit floor (1 row/commit)", &commit_sat);
+    let (durable_sat, durable_sat_cpu) = with_cpu(
+        durable_pid,
+        loadgen::closed_loop(&durable_ch, warm_set.clone(), in_flight, run_for),
+    )
+    .await;
+    line("durable floor", &durable_sat);
     let (aegis_sat, aegis_sat_cpu) = with_cpu(
         aegis_pid,
         loadgen::closed_loop(&aegis_ch, warm_set.clone(), in_flight, run_for),
@@ -292,7 +332,7 @@ async fn run() -> Result<(), String> {
         println!("    {l}");
     }
     println!(
-        "  CPU per Check: aegis {aegis_sat_cpu:?} µs, floor {floor_sat_cpu:?} µs (saturated); at {rate}/s: aegis {aegis_open_cpu:?} µs, floor {floor_open_cpu:?} µs"
+        "  CPU per Check: aegis {aegis_sat_cpu:?} µs, durable floor {durable_sat_cpu:?} µs, floor {floor_sat_cpu:?} µs (saturated); at {rate}/s: aegis {aegis_open_cpu:?} µs, durable floor {durable_open_cpu:?} µs, floor {floor_open_cpu:?} µs"
     );
 
     let profile_out = if profile {
@@ -337,6 +377,12 @@ async fn run() -> Result<(), String> {
             route: Route::Direct,
         },
         Listener {
+            name: "direct_extauthz_durable_floor",
+            port: port()?,
+            auth: Auth::ExtAuthz("durable"),
+            route: Route::Direct,
+        },
+        Listener {
             name: "direct_extauthz_aegis",
             port: port()?,
             auth: Auth::ExtAuthz("aegis"),
@@ -361,6 +407,11 @@ async fn run() -> Result<(), String> {
             .next()
             .and_then(|p| p.parse().ok())
             .ok_or("null port")?,
+        durable_port: durable_addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or("durable floor port")?,
         aegis_port: aegis_addr
             .rsplit(':')
             .next()
@@ -425,6 +476,11 @@ async fn run() -> Result<(), String> {
     // Ratios and the record.
     let direct_floor = by("direct_extauthz_floor");
     let direct_aegis = by("direct_extauthz_aegis");
+    let direct_durable = by("direct_extauthz_durable_floor");
+    let envoy_ratio_durable = match (&direct_aegis, &direct_durable) {
+        (Some(a), Some(f)) => ratio(a.requests_per_s, f.requests_per_s),
+        _ => 0.0,
+    };
     let sb_no = by("sandbox_noauth");
     let sb_aegis = by("sandbox_extauthz_aegis");
     let envoy_ratio = match (&direct_aegis, &direct_floor) {
@@ -447,15 +503,30 @@ async fn run() -> Result<(), String> {
         aegis_open.latency.p50_ms, aegis_open.latency.p99_ms, aegis_open.latency.p999_ms,
         floor_open.latency.p50_ms, floor_open.latency.p99_ms, floor_open.latency.p999_ms
     );
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let (durable_p50, aegis_p50) = (median(durable_floor.clone()), median(aegis_p50s));
     println!(
-        "  saturated: aegis {:.0}/s = {:.1}% of the floor's {:.0}/s (target 60%)",
-        aegis_sat.achieved_per_s,
-        sat_ratio * 100.0,
-        floor_sat.achieved_per_s
+        "  open loop {rate}/s, medians of the runs: aegis p50 {aegis_p50:.3} ms; durable floor p50 {durable_p50:.3} ms (gRPC floor + commit floor); aegis beyond it {:.3} ms; commit floor alone p50 {:.3} p99 {:.3} ms",
+        aegis_p50 - durable_p50,
+        commit_open.latency.p50_ms,
+        commit_open.latency.p99_ms
     );
     println!(
-        "  envoy direct: aegis {:.1}% of ext_authz floor req/s (target 70%), p99 floor + {p99_over:.3} ms (target + 2)",
-        envoy_ratio * 100.0
+        "  saturated: aegis {:.0}/s = {:.1}% of the floor's {:.0}/s (target 60%) and {:.1}% of the durable floor's {:.0}/s; single-row commits ({in_flight} in flight over {commit_conns} connections) {:.0}/s",
+        aegis_sat.achieved_per_s,
+        sat_ratio * 100.0,
+        floor_sat.achieved_per_s,
+        ratio(aegis_sat.achieved_per_s, durable_sat.achieved_per_s) * 100.0,
+        durable_sat.achieved_per_s,
+        commit_sat.achieved_per_s
+    );
+    println!(
+        "  envoy direct: aegis {:.1}% of ext_authz floor req/s (target 70%), p99 floor + {p99_over:.3} ms (target + 2); {:.1}% of the durable floor's",
+        envoy_ratio * 100.0,
+        envoy_ratio_durable * 100.0
     );
     println!(
         "  envoy to sandbox: aegis {:.1}% of no ext_authz (target 90%)",
@@ -476,13 +547,19 @@ async fn run() -> Result<(), String> {
         "settings": { "postgres_fsync": durable, "secs": secs, "rate": rate, "users": users, "in_flight": in_flight, "grpc_connections": 2,
                       "postgres": "local, fsync=on, synchronous_commit=on", "wrk": "-t2 -c32" },
         "cold": { "result": cold, "users": COLD_USERS, "exchanges_per_user_histogram": mint_counts, "exactly_one": exact_one },
-        "open_loop": { "floor": floor_open, "aegis": aegis_open, "inside_aegis": inside_open, "runs": open_runs,
-                       "cpu_us_per_check": { "floor": floor_open_cpu, "aegis": aegis_open_cpu } },
-        "saturation": { "floor": floor_sat, "aegis": aegis_sat, "ratio": sat_ratio,
-                        "cpu_us_per_check": { "floor": floor_sat_cpu, "aegis": aegis_sat_cpu },
+        "open_loop": { "floor": floor_open, "commit_floor": commit_open, "commit_floor_connections": commit_conns,
+                       "aegis": aegis_open, "inside_aegis": inside_open, "runs": open_runs,
+                       "median_p50_ms": { "aegis": aegis_p50, "durable_floor": durable_p50, "aegis_beyond_durable_floor": aegis_p50 - durable_p50 },
+                       "durable_floor": durable_open,
+                       "cpu_us_per_check": { "floor": floor_open_cpu, "durable_floor": durable_open_cpu, "aegis": aegis_open_cpu } },
+        "saturation": { "floor": floor_sat, "commit_floor_one_row_per_commit": commit_sat, "durable_floor": durable_sat,
+                        "aegis": aegis_sat, "ratio": sat_ratio,
+                        "ratio_to_durable_floor": ratio(aegis_sat.achieved_per_s, durable_sat.achieved_per_s),
+                        "durable_floor_ratio_to_floor": ratio(durable_sat.achieved_per_s, floor_sat.achieved_per_s),
+                        "cpu_us_per_check": { "floor": floor_sat_cpu, "durable_floor": durable_sat_cpu, "aegis": aegis_sat_cpu },
                         "inside_aegis": inside_sat, "aegis_metrics": metrics_sat },
         "envoy": { "runs": wrk_results, "direct_ratio_to_extauthz_floor": envoy_ratio,
-                   "direct_p99_over_floor_ms": p99_over, "sandbox_ratio_to_noauth": sandbox_ratio },
+                   "direct_p99_over_floor_ms": p99_over, "direct_ratio_to_durable_floor": envoy_ratio_durable, "sandbox_ratio_to_noauth": sandbox_ratio },
         "memory": { "rss_kib_1000_users": rss_before, "rss_kib_all_users": rss_after, "users": users,
                     "cold_rest": rest, "warm_all": again, "exchanges_total": minted_total },
         "profile": profile_out,
@@ -496,7 +573,9 @@ async fn run() -> Result<(), String> {
     }
     drop(aegis_ch);
     drop(null_ch);
+    drop(durable_ch);
     let _ = null.kill().await;
+    let _ = durable_null.kill().await;
     if let Ok(sb) = Arc::try_unwrap(sandbox) {
         sb.shutdown().await;
     }
@@ -509,6 +588,36 @@ async fn run() -> Result<(), String> {
     postgres.stop().await;
     redis.stop();
     Ok(())
+}
+
+/// Starts `null-authz` with `args`; its child, pid and the address it listens on.
+async fn spawn_floor(
+    args: &[&str],
+) -> Result<(tokio::process::Child, Option<u32>, String), String> {
+    let mut child = tokio::process::Command::new(env::sibling_bin("null-authz"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            format!("starting null-authz (build it with cargo build --release -p bench): {e}")
+        })?;
+    let pid = child.id();
+    let mut lines =
+        tokio::io::BufReader::new(child.stdout.take().ok_or("null-authz stdout")?).lines();
+    match tokio::time::timeout(Duration::from_secs(40), lines.next_line()).await {
+        Ok(Ok(Some(l))) => Ok((child, pid, l.trim_start_matches("listening ").to_string())),
+        _ => Err("null-authz did not say where it listens".into()),
+    }
+}
+
+/// Per repetition, the gRPC floor's p50 plus the commit floor's p50 (ms, rounded to µs): the
+/// least a Check that answers only after its row is durable can take at the median here.
+fn floors_p50(grpc: &[(RunResult, Option<f64>)], commit: &[(RunResult, Option<f64>)]) -> Vec<f64> {
+    grpc.iter()
+        .zip(commit)
+        .map(|((g, _), (c, _))| ((g.latency.p50_ms + c.latency.p50_ms) * 1000.0).round() / 1000.0)
+        .collect()
 }
 
 /// `pg_test_fsync`'s fdatasync figure (µs per op) for a file in `dir`.
