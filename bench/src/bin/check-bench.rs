@@ -395,6 +395,12 @@ async fn run() -> Result<(), String> {
             route: Route::Sandbox,
         },
         Listener {
+            name: "sandbox_extauthz_durable_floor",
+            port: port()?,
+            auth: Auth::ExtAuthz("durable"),
+            route: Route::Sandbox,
+        },
+        Listener {
             name: "sandbox_extauthz_aegis",
             port: port()?,
             auth: Auth::ExtAuthz("aegis"),
@@ -440,7 +446,8 @@ async fn run() -> Result<(), String> {
         for l in &listeners {
             let auth = match (l.auth, l.route) {
                 (Auth::ExtAuthz("aegis"), Route::Sandbox) => Some(alice_bearer.as_str()),
-                (Auth::None, Route::Sandbox) => Some(dbx_bearer.as_str()),
+                // The floors rewrite nothing: the workspace sees the token wrk sends.
+                (_, Route::Sandbox) => Some(dbx_bearer.as_str()),
                 _ => Some(bench_jwt.as_str()),
             };
             let url = format!("http://127.0.0.1:{}/api/2.0/preview/scim/v2/Me", l.port);
@@ -483,6 +490,11 @@ async fn run() -> Result<(), String> {
     };
     let sb_no = by("sandbox_noauth");
     let sb_aegis = by("sandbox_extauthz_aegis");
+    let sb_durable = by("sandbox_extauthz_durable_floor");
+    let sandbox_ratio_durable = match (&sb_aegis, &sb_durable) {
+        (Some(a), Some(f)) => ratio(a.requests_per_s, f.requests_per_s),
+        _ => 0.0,
+    };
     let envoy_ratio = match (&direct_aegis, &direct_floor) {
         (Some(a), Some(f)) => ratio(a.requests_per_s, f.requests_per_s),
         _ => 0.0,
@@ -529,8 +541,9 @@ async fn run() -> Result<(), String> {
         envoy_ratio_durable * 100.0
     );
     println!(
-        "  envoy to sandbox: aegis {:.1}% of no ext_authz (target 90%)",
-        sandbox_ratio * 100.0
+        "  envoy to sandbox: aegis {:.1}% of no ext_authz (target 90%); {:.1}% of the durable floor's",
+        sandbox_ratio * 100.0,
+        sandbox_ratio_durable * 100.0
     );
     println!("  RSS with {users} users: {rss_mib:?} MiB (target 64)");
     println!(
@@ -559,7 +572,8 @@ async fn run() -> Result<(), String> {
                         "cpu_us_per_check": { "floor": floor_sat_cpu, "durable_floor": durable_sat_cpu, "aegis": aegis_sat_cpu },
                         "inside_aegis": inside_sat, "aegis_metrics": metrics_sat },
         "envoy": { "runs": wrk_results, "direct_ratio_to_extauthz_floor": envoy_ratio,
-                   "direct_p99_over_floor_ms": p99_over, "direct_ratio_to_durable_floor": envoy_ratio_durable, "sandbox_ratio_to_noauth": sandbox_ratio },
+                   "direct_p99_over_floor_ms": p99_over, "direct_ratio_to_durable_floor": envoy_ratio_durable, "sandbox_ratio_to_noauth": sandbox_ratio,
+                   "sandbox_ratio_to_durable_floor": sandbox_ratio_durable },
         "memory": { "rss_kib_1000_users": rss_before, "rss_kib_all_users": rss_after, "users": users,
                     "cold_rest": rest, "warm_all": again, "exchanges_total": minted_total },
         "profile": profile_out,
