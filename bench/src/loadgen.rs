@@ -387,3 +387,119 @@ pub async fn each_once(
         &all,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paced_runs_every_operation_once_and_counts_outcomes() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let r = paced("t", 1000.0, Duration::from_millis(200), move |i| {
+            if let Ok(mut v) = log.lock() {
+                v.push(i);
+            }
+            async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                match i % 10 {
+                    0 => Outcome::Denied,
+                    1 => Outcome::Error,
+                    _ => Outcome::Allowed,
+                }
+            }
+        })
+        .await;
+        let mut ops = seen.lock().map(|v| v.clone()).unwrap_or_default();
+        ops.sort_unstable();
+        assert_eq!(ops, (0..200).collect::<Vec<u64>>());
+        assert_eq!(
+            (r.allowed, r.denied, r.errors, r.latency.count),
+            (160, 20, 20, 200)
+        );
+        assert_eq!(r.offered_per_s, Some(1000.0));
+        assert!(r.latency.p50_ms >= 2.0, "{:?}", r.latency);
+    }
+
+    /// A server that stalls is charged for every request it delayed, from each one's scheduled
+    /// time: the generator keeps sending on schedule instead of waiting for answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paced_latency_counts_from_the_schedule_through_a_stall() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let handle = tokio::runtime::Handle::current();
+        let r = paced("t", 1000.0, Duration::from_millis(100), move |i| {
+            let gate = gate.clone();
+            if i == 0 {
+                // The server stalls for 150 ms from the first request's scheduled time.
+                let opener = gate.clone();
+                handle.spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    opener.add_permits(1_000);
+                });
+            }
+            async move {
+                let _ = gate.acquire().await;
+                Outcome::Allowed
+            }
+        })
+        .await;
+        assert_eq!(r.latency.count, 100);
+        // Scheduled over the first 100 ms, all answered after ~150 ms: the first waited ~150 ms,
+        // the last ~50 ms, the median ~100 ms.
+        assert!(r.latency.max_ms >= 140.0, "{:?}", r.latency);
+        assert!(r.latency.p50_ms >= 90.0, "{:?}", r.latency);
+    }
+
+    /// When the generator itself falls behind, the requests it sent late are charged from their
+    /// scheduled time too (a send-time clock would report them as instant).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paced_latency_includes_the_generators_own_lag() {
+        let r = paced("t", 1000.0, Duration::from_millis(100), |i| {
+            if i == 0 {
+                std::thread::sleep(Duration::from_millis(80)); // the pacer thread stalls
+            }
+            async { Outcome::Allowed }
+        })
+        .await;
+        assert_eq!(r.latency.count, 100);
+        // Requests 1..80 went out at ~80 ms instead of at 1..79 ms.
+        assert!(r.latency.max_ms >= 75.0, "{:?}", r.latency);
+        assert!(r.latency.p50_ms >= 20.0, "{:?}", r.latency);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn saturate_keeps_each_worker_busy_until_the_deadline() {
+        let busy = Arc::new(AtomicU64::new(0));
+        let most = Arc::new(AtomicU64::new(0));
+        let (b, m) = (busy.clone(), most.clone());
+        let r = saturate("t", 4, Duration::from_millis(200), move |w, _| {
+            let (b, m) = (b.clone(), m.clone());
+            async move {
+                let now = b.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                b.fetch_sub(1, Ordering::SeqCst);
+                if w < 4 {
+                    Outcome::Allowed
+                } else {
+                    Outcome::Error
+                }
+            }
+        })
+        .await;
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            4,
+            "never more than in_flight at once"
+        );
+        assert_eq!(r.errors, 0);
+        assert_eq!(r.allowed, r.latency.count);
+        // 4 workers, 2 ms (or a timer tick more) each, for 200 ms.
+        assert!(
+            (100..=400).contains(&r.latency.count),
+            "{} operations",
+            r.latency.count
+        );
+        assert!(r.offered_per_s.is_none());
+    }
+}
