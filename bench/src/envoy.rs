@@ -247,12 +247,15 @@ pub struct WrkResult {
     pub p99_ms: f64,
 }
 
-/// `wrk -t2 -c<conns> -d<secs>s --latency [-H authorization] <url>`; `authorization` is passed
-/// to wrk only, never printed.
+/// Runs `wrk -t2` with `conns` connections for `secs` against `url`. Each request carries the next
+/// of `bearers` as its `authorization` header, round-robin (several: through a Lua script written
+/// to `script_dir` that pre-formats one request per token); none when `bearers` is empty. The
+/// tokens go to wrk only, never to the output.
 pub async fn wrk(
     name: &str,
     url: &str,
-    authorization: Option<&str>,
+    bearers: &[String],
+    script_dir: &Path,
     conns: u32,
     secs: u32,
 ) -> Result<WrkResult, String> {
@@ -269,8 +272,17 @@ pub async fn wrk(
         "user-agent: copilot-agent/1.4.2 (databricks-sdk-py/0.40.0)",
     ])
     .kill_on_drop(true);
-    if let Some(a) = authorization {
-        cmd.args(["-H", &format!("authorization: {a}")]);
+    match bearers {
+        [] => {}
+        [one] => {
+            cmd.args(["-H", &format!("authorization: {one}")]);
+        }
+        many => {
+            let script = script_dir.join(format!("wrk-{name}.lua"));
+            std::fs::write(&script, rotation_script(many)?)
+                .map_err(|e| format!("writing {}: {e}", script.display()))?;
+            cmd.arg("-s").arg(&script);
+        }
     }
     cmd.arg(url);
     let out = tokio::time::timeout(Duration::from_secs(secs as u64 + 30), cmd.output())
@@ -278,7 +290,41 @@ pub async fn wrk(
         .map_err(|_| "wrk did not finish".to_string())?
         .map_err(|e| format!("running wrk: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Only wrk's report is shown: its stderr could echo the script, which holds the tokens.
     parse_wrk(name, &text).ok_or_else(|| format!("unparsable wrk output: {text}"))
+}
+
+/// A wrk script whose requests take `bearers` in turn: each thread formats one request per token
+/// in `init` (with the command line's headers), so sending one costs a table lookup.
+fn rotation_script(bearers: &[String]) -> Result<String, String> {
+    let mut lua = String::from("local tokens = {\n");
+    for b in bearers {
+        if !b
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_. +/=".contains(&c))
+        {
+            return Err("a bearer for wrk has a character a Lua string cannot take as is".into());
+        }
+        lua.push_str(&format!("  \"{b}\",\n"));
+    }
+    lua.push_str(concat!(
+        "}\n",
+        "local reqs = {}\n",
+        "local n = 0\n",
+        "init = function(args)\n",
+        "  for i, t in ipairs(tokens) do\n",
+        "    local h = {}\n",
+        "    for k, v in pairs(wrk.headers) do h[k] = v end\n",
+        "    h[\"authorization\"] = t\n",
+        "    reqs[i] = wrk.format(nil, nil, h)\n",
+        "  end\n",
+        "end\n",
+        "request = function()\n",
+        "  n = n + 1\n",
+        "  return reqs[(n % #reqs) + 1]\n",
+        "end\n",
+    ));
+    Ok(lua)
 }
 
 fn parse_duration_ms(s: &str) -> Option<f64> {
@@ -351,4 +397,25 @@ pub fn sibling_bin(name: &str) -> PathBuf {
         .ok()
         .and_then(|p| p.parent().map(|d| d.join(name)))
         .unwrap_or_else(|| PathBuf::from(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_script_lists_every_bearer_once_and_refuses_what_would_break_it() {
+        let bearers = vec![
+            "Bearer aaa.bbb.c-_".to_string(),
+            "Bearer ddd.eee.fff".to_string(),
+        ];
+        let lua = rotation_script(&bearers).expect("script");
+        for b in &bearers {
+            assert_eq!(lua.matches(&format!("\"{b}\"")).count(), 1, "{lua}");
+        }
+        assert!(lua.contains("request = function()"));
+        for bad in ["Bearer a\"b", "Bearer a\\b", "Bearer a\nb"] {
+            assert!(rotation_script(&[bad.to_string()]).is_err(), "{bad:?}");
+        }
+    }
 }

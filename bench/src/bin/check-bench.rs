@@ -438,22 +438,28 @@ async fn run() -> Result<(), String> {
             sandbox.mint_idp_token(&req)
         };
         let alice_dbx = exchange(&sandbox.workspace_url, &alice_jwt).await?;
-        let bench_jwt = format!("Bearer {}", tokens[0]);
-        let alice_bearer = format!("Bearer {alice_jwt}");
-        let dbx_bearer = format!("Bearer {alice_dbx}");
+        // The warm users' IdP tokens, one per request in turn (aegis has seen them all).
+        let user_bearers: Vec<String> = tokens[..COLD_USERS]
+            .iter()
+            .map(|t| format!("Bearer {t}"))
+            .collect();
+        // The workspace's own APIs know only its fixture users (the bench users can exchange a
+        // token but nothing more), so the sandbox route sends alice: her IdP token to aegis, her
+        // Databricks token to the listeners that rewrite nothing.
+        let alice_bearer = vec![format!("Bearer {alice_jwt}")];
+        let dbx_bearer = vec![format!("Bearer {alice_dbx}")];
         let wrk_secs = secs as u32;
         println!("through Envoy (concurrency 2): wrk -t2 -c32 -d{wrk_secs}s, GET /api/2.0/preview/scim/v2/Me");
         for l in &listeners {
-            let auth = match (l.auth, l.route) {
-                (Auth::ExtAuthz("aegis"), Route::Sandbox) => Some(alice_bearer.as_str()),
-                // The floors rewrite nothing: the workspace sees the token wrk sends.
-                (_, Route::Sandbox) => Some(dbx_bearer.as_str()),
-                _ => Some(bench_jwt.as_str()),
+            let bearers = match (l.auth, l.route) {
+                (Auth::ExtAuthz("aegis"), Route::Sandbox) => &alice_bearer,
+                (_, Route::Sandbox) => &dbx_bearer,
+                _ => &user_bearers,
             };
             let url = format!("http://127.0.0.1:{}/api/2.0/preview/scim/v2/Me", l.port);
             // A short warm-up, then the measured run.
-            let _ = env::wrk(l.name, &url, auth, 32, 2).await;
-            let r = env::wrk(l.name, &url, auth, 32, wrk_secs).await?;
+            let _ = env::wrk(l.name, &url, bearers, &work_dir, 32, 2).await;
+            let r = env::wrk(l.name, &url, bearers, &work_dir, 32, wrk_secs).await?;
             println!(
                 "  {:<26} {:>8.0} req/s  p50 {:>6.3}  p99 {:>6.3} ms  non-2xx {}",
                 r.listener, r.requests_per_s, r.p50_ms, r.p99_ms, r.non_2xx
@@ -545,6 +551,17 @@ async fn run() -> Result<(), String> {
         sandbox_ratio * 100.0,
         sandbox_ratio_durable * 100.0
     );
+    let refused: Vec<String> = wrk_results
+        .iter()
+        .filter(|r| r.non_2xx > 0)
+        .map(|r| format!("{} ({} of {})", r.listener, r.non_2xx, r.requests))
+        .collect();
+    if !refused.is_empty() {
+        println!(
+            "  WARNING: Envoy answered non-2xx in {}: those variants measured refusals, not the route",
+            refused.join(", ")
+        );
+    }
     println!("  RSS with {users} users: {rss_mib:?} MiB (target 64)");
     println!(
         "  cold path: {exact_one}/{COLD_USERS} users minted exactly once, {} Checks failed (target {COLD_USERS}, 0); {minted_total} exchanges for {users} users",
