@@ -198,10 +198,10 @@ impl AuditChain {
             skew_checked: std::time::Instant::now(),
             feed: feed.clone(),
             target,
-            chain_id,
-            key_id,
+            chain_id: chain_id.into(),
+            key_id: key_id.into(),
             key,
-            instance_id,
+            instance_id: instance_id.into(),
             opts,
             conn: None,
             head_loaded: head_loaded.clone(),
@@ -325,10 +325,11 @@ struct Writer {
     skew_checked: std::time::Instant,
     feed: tokio::sync::broadcast::Sender<Arc<Committed>>,
     target: pg::PgTarget,
-    chain_id: String,
-    key_id: String,
+    // Shared with every batch in flight (a reference count, not a copy per batch).
+    chain_id: Arc<str>,
+    key_id: Arc<str>,
     key: Key32,
-    instance_id: String,
+    instance_id: Arc<str>,
     opts: WriterOptions,
     conn: Option<Conn>,
     head_loaded: Arc<AtomicBool>,
@@ -612,7 +613,7 @@ impl Writer {
             let row = client
                 .query_one(
                     "SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1",
-                    &[&self.chain_id],
+                    &[&&*self.chain_id],
                 )
                 .await?;
             let size: i64 = row.get(0);
@@ -677,7 +678,7 @@ impl Writer {
         // Another replica appended first: take the head row's lock, then append behind it.
         let tx = client.transaction().await.map_err(pg)?;
         let row = tx
-            .query_opt(&conn.lock_head, &[&self.chain_id])
+            .query_opt(&conn.lock_head, &[&&*self.chain_id])
             .await
             .map_err(pg)?
             .ok_or_else(|| AuditError::Inconsistent("chain head row is missing".into()))?;

@@ -39,10 +39,10 @@ const SELECT: &str = "SELECT seq, ts, trace_id, request_id, decision, reason, is
     user_name, agent, workspace, method, path, token_source, token_fp, key_id, instance_id, \
     version, prev_mac, mac, chain_id, actor_chain FROM aegis_audit WHERE chain_id = $1 AND seq > $2 ORDER BY seq";
 
-/// Rows `$2 < seq <= $3` of chain `$1`, in order.
 /// Rows a walk checks between yields to the runtime (about a millisecond of HMACs).
 pub const YIELD_EVERY: u64 = 256;
 
+/// Rows `$2 < seq <= $3` of chain `$1`, in order.
 pub const SELECT_RANGE: &str = "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
     user_name, agent, workspace, method, path, token_source, token_fp, key_id, instance_id, \
     version, prev_mac, mac, chain_id, actor_chain FROM aegis_audit WHERE chain_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq";
