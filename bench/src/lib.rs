@@ -39,6 +39,28 @@ pub fn summarize(h: &Histogram<u64>) -> Latency {
     }
 }
 
+/// Decision `n` as aegis would audit an agent's SQL call by one of 1,000 bench users: the row
+/// audit-bench appends and the durable floor commits for every Check.
+pub fn sample_draft(n: u64) -> aegis::audit::Draft {
+    aegis::audit::Draft {
+        ts: std::time::SystemTime::now(),
+        trace_id: format!("{n:032x}"),
+        request_id: format!("bench-{n}"),
+        verdict: aegis::audit::Verdict::Allow,
+        reason: String::new(),
+        issuer: "http://127.0.0.1/idp".into(),
+        subject: format!("bench-u{:05}", n % 1000),
+        user_name: format!("bench-u{:05}@example.com", n % 1000),
+        agent: "claude-code/1.0".into(),
+        workspace: "sandbox".into(),
+        method: "POST".into(),
+        path: "/api/2.0/sql/statements".into(),
+        token_source: "federation".into(),
+        token_fp: vec![7; 32],
+        actor_chain: String::new(),
+    }
+}
+
 /// `<repo>/bench-results/<name>.json`.
 pub fn write_result(name: &str, value: &serde_json::Value) -> std::io::Result<PathBuf> {
     let dir = sandbox::stack::workspace_root().join("bench-results");

@@ -4,33 +4,14 @@
 //! corrected), and verify speed.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use aegis::audit::checkpoint;
 use aegis::audit::pg::PgTarget;
-use aegis::audit::{verify, AuditChain, Draft, Verdict, WriterOptions};
+use aegis::audit::{verify, AuditChain, WriterOptions};
 use aegis::secret::Key32;
+use bench::loadgen::Outcome;
 use sandbox::stack::PostgresServer;
-
-fn draft(i: u64) -> Draft {
-    Draft {
-        ts: SystemTime::now(),
-        trace_id: format!("{i:032x}"),
-        request_id: format!("req-{i}"),
-        verdict: Verdict::Allow,
-        reason: String::new(),
-        issuer: "https://idp.example.com".into(),
-        subject: format!("u-{}", i % 1000),
-        user_name: format!("user{}@example.com", i % 1000),
-        agent: "copilot".into(),
-        workspace: "prod".into(),
-        method: "POST".into(),
-        path: "/api/2.0/sql/statements".into(),
-        token_source: "federation".into(),
-        token_fp: vec![1, 2, 3, 4, 5, 6, 7, 8],
-        actor_chain: String::new(),
-    }
-}
 
 fn writer(target: &PgTarget, chain: &str, key: &Key32, instance: &str) -> Arc<AuditChain> {
     AuditChain::start(
@@ -62,7 +43,7 @@ async fn closed_loop(writers: &[Arc<AuditChain>], n: u64, window: usize) -> f64 
         let permit = sem.clone().acquire_owned().await.expect("semaphore");
         let w = writers[(i as usize) % writers.len()].clone();
         tasks.push(tokio::spawn(async move {
-            let r = w.append(draft(i)).await;
+            let r = w.append(bench::sample_draft(i)).await;
             drop(permit);
             r
         }));
@@ -106,7 +87,9 @@ async fn main() {
     let mut serial = bench::histogram();
     for i in 0..2_000u64 {
         let t = Instant::now();
-        w1.append(draft(500_000 + i)).await.expect("append");
+        w1.append(bench::sample_draft(500_000 + i))
+            .await
+            .expect("append");
         let _ = serial.record((t.elapsed().as_micros() as u64).max(1));
     }
     let serial = bench::summarize(&serial);
@@ -115,45 +98,27 @@ async fn main() {
         serial.p50_ms, serial.p99_ms, serial.p999_ms
     );
 
-    // Open loop at 2,000/s for 10 s: wait for the committed append. The pacer is an OS thread
-    // sleeping on the kernel's high-resolution timer (tokio's timer has 1 ms granularity, which
-    // would add up to a millisecond of generator error to each sample); latency counts from the
-    // scheduled time, so coordinated omission is corrected.
+    // Open loop at 2,000/s for 10 s: wait for the committed append (the load generator's pacer:
+    // an OS thread on the high-resolution timer, latency from the scheduled time).
     let rate = 2_000u64;
-    let secs = 10u64;
-    let total = rate * secs;
-    let interval = Duration::from_nanos(1_000_000_000 / rate);
-    let hist = Arc::new(std::sync::Mutex::new(bench::histogram()));
-    let handle = tokio::runtime::Handle::current();
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let start = Instant::now() + Duration::from_millis(50);
-    let pacer = {
-        let hist = hist.clone();
-        let w1 = w1.clone();
-        std::thread::spawn(move || {
-            for i in 0..total {
-                let at = start + interval * i as u32;
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
+    let w = w1.clone();
+    let run = bench::loadgen::paced(
+        "append_wait",
+        rate as f64,
+        Duration::from_secs(10),
+        move |i| {
+            let w = w.clone();
+            async move {
+                match w.append(bench::sample_draft(1_000_000 + i)).await {
+                    Ok(_) => Outcome::Allowed,
+                    Err(_) => Outcome::Error,
                 }
-                let w = w1.clone();
-                let hist = hist.clone();
-                let done = done_tx.clone();
-                handle.spawn(async move {
-                    w.append(draft(1_000_000 + i)).await.expect("append");
-                    let us = at.elapsed().as_micros() as u64;
-                    if let Ok(mut h) = hist.lock() {
-                        let _ = h.record(us.max(1));
-                    }
-                    drop(done);
-                });
             }
-        })
-    };
-    let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
-    while done_rx.recv().await.is_some() {}
-    let wait = bench::summarize(&hist.lock().expect("histogram"));
+        },
+    )
+    .await;
+    assert_eq!(run.errors, 0, "appends failed in the open loop");
+    let wait = run.latency;
     println!(
         "append wait at {rate}/s: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
         wait.p50_ms, wait.p99_ms, wait.p999_ms, wait.max_ms

@@ -14,10 +14,10 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use aegis::audit::pg::PgTarget;
-use aegis::audit::{AuditChain, Draft, Verdict, WriterOptions};
+use aegis::audit::{AuditChain, WriterOptions};
 use aegis::secret::Key32;
 
 use envoy_types::ext_authz::v3::pb::{
@@ -40,27 +40,6 @@ fn allowed() -> CheckResponse {
     }
 }
 
-/// A decision row the size of aegis' for an agent's SQL call.
-fn draft(n: u64) -> Draft {
-    Draft {
-        ts: SystemTime::now(),
-        trace_id: format!("{n:032x}"),
-        request_id: format!("durable-floor-{n}"),
-        verdict: Verdict::Allow,
-        reason: String::new(),
-        issuer: "http://127.0.0.1/idp".into(),
-        subject: format!("bench-u{:05}", n % 1000),
-        user_name: format!("bench-u{:05}@example.com", n % 1000),
-        agent: "claude-code/1.0".into(),
-        workspace: "sandbox".into(),
-        method: "POST".into(),
-        path: "/api/2.0/sql/statements".into(),
-        token_source: "federation".into(),
-        token_fp: vec![7; 32],
-        actor_chain: String::new(),
-    }
-}
-
 #[tonic::async_trait]
 impl Authorization for Null {
     async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
@@ -68,7 +47,7 @@ impl Authorization for Null {
             return Ok(Response::new(allowed()));
         };
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        match audit.append(draft(n)).await {
+        match audit.append(bench::sample_draft(n)).await {
             Ok(_) => Ok(Response::new(allowed())),
             Err(_) => Ok(Response::new(CheckResponse {
                 status: Some(rpc::Status {
