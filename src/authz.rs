@@ -133,8 +133,15 @@ pub trait Tokens: Send + Sync + 'static {
 }
 
 /// Makes the signed consent link a `consent_required` deny carries (U2M workspaces).
+/// The link is bound to the verified principal (issuer, subject) as well as the user name.
 pub trait ConsentLink: Send + Sync + 'static {
-    fn consent_url(&self, workspace: &str, user_name: &str, issuer: &str) -> Option<String>;
+    fn consent_url(
+        &self,
+        workspace: &str,
+        user_name: &str,
+        issuer: &str,
+        subject: &str,
+    ) -> Option<String>;
 }
 
 /// Appends a decision to the audit chain; resolves once the row is committed.
@@ -267,9 +274,12 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             }
             Err((reason, retry_after)) => {
                 let consent_url = match (reason, &self.consent) {
-                    (Reason::ConsentRequired, Some(c)) => {
-                        c.consent_url(&draft.workspace, &draft.user_name, &draft.issuer)
-                    }
+                    (Reason::ConsentRequired, Some(c)) => c.consent_url(
+                        &draft.workspace,
+                        &draft.user_name,
+                        &draft.issuer,
+                        &draft.subject,
+                    ),
                     _ => None,
                 };
                 draft.verdict = Verdict::Deny;

@@ -244,15 +244,26 @@ pub fn keys_generate() -> i32 {
     0
 }
 
-/// `aegis token revoke`: drops a user's cached Databricks tokens on every replica (Redis + the
-/// events channel each replica follows) and records the action in the audit chain.
-pub async fn token_revoke(
-    path: &Path,
-    user: &str,
-    workspace: Option<String>,
-    consent: bool,
-) -> i32 {
+/// What `aegis token revoke` revokes.
+pub struct RevokeTarget {
+    /// The Databricks user name.
+    pub user: String,
+    /// One workspace, or all.
+    pub workspace: Option<String>,
+    /// One principal: (issuer name or `iss`, subject); None: every principal of the user name.
+    pub principal: Option<(String, String)>,
+    /// Also delete the U2M grants (the user must consent again).
+    pub consent: bool,
+}
+
+/// `aegis token revoke`: drops the cached Databricks tokens of every principal that maps to a
+/// user name (or of one principal) on every replica (Redis + the events channel each replica
+/// follows), discards or deletes their U2M grants, and records the action in the audit chain.
+/// Grants go first: a request racing the revocation can then only refresh, never re-serve.
+pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
     use crate::broker::redis::RedisLink;
+    let user = target.user.as_str();
+    let consent = target.consent;
     let cfg = match load(path) {
         Ok(c) => c,
         Err(errs) => {
@@ -260,14 +271,69 @@ pub async fn token_revoke(
             return EXIT_BAD_CONFIG;
         }
     };
-    let workspaces: Vec<String> = match workspace {
-        Some(w) if cfg.workspace(&w).is_some() => vec![w],
-        Some(w) => {
-            eprintln!("aegis token revoke: no workspace named {w:?} in the config");
-            return 2;
-        }
-        None => cfg.workspaces.iter().map(|w| w.name.clone()).collect(),
+    let workspaces: Vec<&crate::config::WorkspaceConfig> = match &target.workspace {
+        Some(w) => match cfg.workspace(w) {
+            Some(ws) => vec![ws],
+            None => {
+                eprintln!("aegis token revoke: no workspace named {w:?} in the config");
+                return 2;
+            }
+        },
+        None => cfg.workspaces.iter().collect(),
     };
+    let narrow: Option<(String, String)> = match &target.principal {
+        None => None,
+        Some((issuer, subject)) => {
+            match cfg
+                .issuers
+                .iter()
+                .find(|i| i.name == *issuer || i.issuer == *issuer)
+            {
+                Some(i) => Some((i.issuer.clone(), subject.clone())),
+                None => {
+                    eprintln!(
+                        "aegis token revoke: no issuer named {issuer:?} in the config (give its name or its iss)"
+                    );
+                    return 2;
+                }
+            }
+        }
+    };
+    let narrow_ref = narrow.as_ref().map(|(i, s)| (i.as_str(), s.as_str()));
+
+    // 1. U2M grants: deleted (--consent) or their access tokens discarded, before any cache is
+    //    dropped.
+    let u2m: Vec<&str> = workspaces
+        .iter()
+        .filter(|w| w.token_source == crate::config::TokenSourceKind::U2m)
+        .map(|w| w.name.as_str())
+        .collect();
+    if !u2m.is_empty() {
+        let done = async {
+            let client = connect(&cfg.postgres.url).await?;
+            let mut n = 0;
+            for w in &u2m {
+                n += if consent {
+                    crate::broker::u2m::forget(&client, w, user, narrow_ref).await
+                } else {
+                    crate::broker::u2m::discard_access(&client, w, user, narrow_ref).await
+                }
+                .map_err(|e| crate::audit::pg_error_text(&e))?;
+            }
+            Ok::<u64, String>(n)
+        }
+        .await;
+        match done {
+            Ok(n) if consent => println!("dropped {n} stored U2M grant(s) of {user}"),
+            Ok(n) => println!("discarded the access token of {n} stored U2M grant(s) of {user}"),
+            Err(e) => {
+                eprintln!("aegis token revoke: the U2M grants could not be changed; nothing was revoked: {e}");
+                return 1;
+            }
+        }
+    }
+
+    // 2. Cached tokens, on every replica.
     let link = match RedisLink::from_config(&cfg.redis) {
         Ok(l) => l,
         Err(_) => {
@@ -279,46 +345,24 @@ pub async fn token_revoke(
     let start = std::time::Instant::now();
     while !link.healthy() {
         if start.elapsed() > std::time::Duration::from_secs(5) {
-            eprintln!("aegis token revoke: redis is unreachable; nothing was revoked");
+            eprintln!("aegis token revoke: redis is unreachable; cached tokens were not revoked");
             monitor.abort();
             return 1;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    let mut principals = Vec::new();
     for w in &workspaces {
-        if let Err(e) = crate::broker::revoke_everywhere(&link, w, user).await {
-            eprintln!("aegis token revoke: {w}: {e}");
-            monitor.abort();
-            return 1;
-        }
-    }
-    monitor.abort();
-
-    if consent {
-        // The user's stored U2M grant too: their next request needs a fresh consent.
-        let dropped = async {
-            let client = connect(&cfg.postgres.url).await?;
-            let mut n = 0;
-            for w in &workspaces {
-                n += client
-                    .execute(
-                        "DELETE FROM aegis_u2m_tokens WHERE workspace = $1 AND user_name = $2",
-                        &[w, &user],
-                    )
-                    .await
-                    .map_err(|e| crate::audit::pg_error_text(&e))?;
-            }
-            Ok::<u64, String>(n)
-        }
-        .await;
-        match dropped {
-            Ok(n) => println!("dropped {n} stored U2M grant(s) of {user}"),
+        match crate::broker::revoke_everywhere(&link, &w.name, user, narrow_ref).await {
+            Ok(r) => principals.push(r.principals.len()),
             Err(e) => {
-                eprintln!("aegis token revoke: cached tokens revoked, but the U2M grant was not dropped: {e}");
+                eprintln!("aegis token revoke: {}: {e}", w.name);
+                monitor.abort();
                 return 1;
             }
         }
     }
+    monitor.abort();
 
     // Record it: an operator action in the same chain as the decisions it affects.
     let target = match PgTarget::parse(&cfg.postgres.url) {
@@ -340,7 +384,7 @@ pub async fn token_revoke(
         },
     );
     let mut failed = false;
-    for w in &workspaces {
+    for (w, n) in workspaces.iter().map(|w| &w.name).zip(principals) {
         let draft = crate::audit::Draft {
             ts: std::time::SystemTime::now(),
             trace_id: crate::authz::TraceId::random().as_str().to_string(),
@@ -351,6 +395,8 @@ pub async fn token_revoke(
                 "token_revoked".into()
             },
             user_name: user.to_string(),
+            issuer: narrow.as_ref().map(|(i, _)| i.clone()).unwrap_or_default(),
+            subject: narrow.as_ref().map(|(_, s)| s.clone()).unwrap_or_default(),
             agent: "aegis-cli".into(),
             workspace: w.clone(),
             method: "REVOKE".into(),
@@ -370,7 +416,7 @@ pub async fn token_revoke(
         })
         .await;
         match appended {
-            Ok(Ok(seq)) => println!("revoked {user} in {w} (audit seq {seq})"),
+            Ok(Ok(seq)) => println!("revoked {user} in {w}: {n} principal(s) (audit seq {seq})"),
             Ok(Err(e)) => {
                 eprintln!("aegis token revoke: revoked {user} in {w}, but not audited: {e}");
                 failed = true;

@@ -94,7 +94,8 @@ enum AuditCommand {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Drop a user's cached tokens on every replica (within about a second), audited.
+    /// Drop a user's cached tokens on every replica (within about a second), audited: every
+    /// principal (issuer, subject) that maps to the user name, or the one named.
     Revoke {
         #[arg(long)]
         config: PathBuf,
@@ -104,6 +105,12 @@ enum TokenCommand {
         /// Only this workspace (default: all).
         #[arg(long)]
         workspace: Option<String>,
+        /// Only the principal of this issuer (its configured name or its `iss`); needs --subject.
+        #[arg(long, requires = "subject")]
+        issuer: Option<String>,
+        /// Only the principal with this subject (`sub`); needs --issuer.
+        #[arg(long, requires = "issuer")]
+        subject: Option<String>,
         /// Also drop the user's stored U2M grant (they must consent again).
         #[arg(long)]
         consent: bool,
@@ -173,9 +180,19 @@ fn main() {
                                 config,
                                 user,
                                 workspace,
+                                issuer,
+                                subject,
                                 consent,
                             },
-                    } => aegis::cli::token_revoke(&config, &user, workspace, consent).await,
+                    } => {
+                        let target = aegis::cli::RevokeTarget {
+                            user,
+                            workspace,
+                            principal: issuer.zip(subject),
+                            consent,
+                        };
+                        aegis::cli::token_revoke(&config, &target).await
+                    }
                     Command::Migrate { config, grant_to } => {
                         aegis::cli::migrate(&config, grant_to).await
                     }

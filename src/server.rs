@@ -88,8 +88,9 @@ pub async fn run(
         .and_then(|b| b.install_recorder().ok());
 
     // Outbound calls must finish well inside the Check deadline.
-    let http = crate::http::client(cfg.server.check_timeout.mul_f32(0.7))
-        .map_err(|e| ServeError::Http(e.to_string()))?;
+    let outbound_timeout = cfg.server.check_timeout.mul_f32(0.7);
+    let http =
+        crate::http::client(outbound_timeout).map_err(|e| ServeError::Http(e.to_string()))?;
 
     let validator = Arc::new(Validator::new(&cfg.issuers, http.clone()));
     tokio::spawn(keep_keys_fresh(validator.clone()));
@@ -98,11 +99,14 @@ pub async fn run(
         .map_err(|e| ServeError::Redis(format!("{:?}", e.kind())))?;
     tokio::spawn(redis.clone().monitor());
 
-    let broker = Arc::new(Broker::new(
-        redis.clone(),
-        Sealer::new(&cfg.redis.cache_key),
-        http.clone(),
-    ));
+    let broker = Arc::new(
+        Broker::new(
+            redis.clone(),
+            Sealer::new(&cfg.redis.cache_key),
+            http.clone(),
+        )
+        .with_mint_timeout(outbound_timeout),
+    );
     tokio::spawn(broker.clone().follow_revocations());
     let target = PgTarget::parse(&cfg.postgres.url).map_err(ServeError::Postgres)?;
     let audit = AuditChain::start(

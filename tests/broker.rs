@@ -6,56 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use sandbox::stack::{
-    dev_envoy_yaml, envoy_bin, free_port, AegisProcess, EnvoyProcess, EnvoyUpstreams,
-};
 use sandbox::SandboxOptions;
 use support::*;
-
-/// A second aegis replica (same Redis, Postgres, chain and keys) behind its own Envoy.
-struct Replica {
-    envoy: EnvoyProcess,
-    _aegis: AegisProcess,
-}
-
-async fn second_replica(stack: &Stack) -> Replica {
-    let grpc = free_port().unwrap();
-    let admin = free_port().unwrap();
-    let mut cfg = stack.config().clone();
-    let server = cfg
-        .get_mut("server")
-        .and_then(|v| v.as_table_mut())
-        .expect("server table");
-    server.insert("grpc_listen".into(), format!("127.0.0.1:{grpc}").into());
-    server.insert("admin_listen".into(), format!("127.0.0.1:{admin}").into());
-    server.insert("instance_id".into(), "replica-b".into());
-    let path = stack.write_config_as("aegis-b.toml", &cfg).unwrap();
-    let aegis = AegisProcess::start(stack.aegis_bin(), &path)
-        .await
-        .expect("second aegis starts");
-    let ws_port: u16 = stack
-        .sandbox
-        .workspace_url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("workspace port");
-    let envoy = EnvoyProcess::start(
-        &envoy_bin().unwrap(),
-        &dev_envoy_yaml().unwrap(),
-        &stack.work_dir().join("envoy-b"),
-        EnvoyUpstreams {
-            databricks_port: ws_port,
-            aegis_port: grpc,
-        },
-    )
-    .await
-    .expect("second envoy starts");
-    Replica {
-        envoy,
-        _aegis: aegis,
-    }
-}
 
 async fn get_at(base: &str, bearer: &str) -> u16 {
     http()

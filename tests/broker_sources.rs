@@ -156,11 +156,12 @@ async fn u2m_rows(stack: &Stack) -> Vec<serde_json::Value> {
     stack
         .postgres
         .query_json(
-            "SELECT workspace, user_name, generation, key_id, encode(sealed, 'escape') AS sealed \
-             FROM aegis_u2m_tokens ORDER BY user_name",
+            "SELECT workspace, issuer, subject, user_name, generation, key_id, \
+             access_discarded, encode(sealed, 'escape') AS sealed \
+             FROM aegis_u2m_grants ORDER BY user_name",
         )
         .await
-        .expect("read aegis_u2m_tokens")
+        .expect("read aegis_u2m_grants")
 }
 
 /// No token the sandbox issues (access `dsbx…`, refresh `dsbr…`, code `dsbc…`) in the text.
@@ -194,6 +195,9 @@ async fn u2m_consent_flow_end_to_end() {
     let rows = u2m_rows(&stack).await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["user_name"], "alice@example.com");
+    // The grant belongs to the verified principal, not to the user name.
+    assert_eq!(rows[0]["issuer"], stack.sandbox.idp_url.as_str());
+    assert_eq!(rows[0]["subject"], "u-alice");
     assert_no_tokens(
         "the sealed row",
         rows[0]["sealed"].as_str().unwrap_or_default(),
@@ -213,6 +217,71 @@ async fn u2m_consent_flow_end_to_end() {
 
     // Nothing aegis wrote holds a token.
     assert_no_tokens("the aegis log", &stack.aegis.log());
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn u2m_revoke_sends_a_different_token_and_consent_revoke_drops_the_grant_first() {
+    let stack = u2m_stack(Duration::from_secs(3600)).await;
+    let alice = token(&stack, "alice");
+    let link = consent_url(&get(&stack, ME, Some(&alice)).await);
+    let (status, page) = consent(&link, "alice@example.com").await;
+    assert_eq!(status, 200, "{page}");
+    let serial = |r: &Resp| {
+        let trace = r.trace_id();
+        stack
+            .sandbox
+            .requests()
+            .into_iter()
+            .find(|x| x.trace_id.as_deref() == Some(trace.as_str()))
+            .and_then(|x| x.token_serial)
+            .unwrap_or_else(|| panic!("the workspace saw no request for {trace}"))
+    };
+    let r = get(&stack, ME, Some(&alice)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let before = serial(&r);
+    // Positive control: without a revocation the same token is used again.
+    let r = get(&stack, ME, Some(&alice)).await;
+    assert_eq!(serial(&r), before);
+
+    let config = stack.config_path().to_str().expect("path").to_string();
+    let (code, out, err) = aegis(&[
+        "token",
+        "revoke",
+        "--config",
+        &config,
+        "--user",
+        "alice@example.com",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let rows = u2m_rows(&stack).await;
+    assert_eq!(rows[0]["access_discarded"], true, "{rows:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = get(&stack, ME, Some(&alice)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let after = serial(&r);
+    assert_ne!(
+        after, before,
+        "a revoked U2M access token was sent upstream again"
+    );
+    assert_eq!(stack.sandbox.u2m_counts().refreshes, 1);
+    assert_eq!(u2m_rows(&stack).await[0]["access_discarded"], false);
+
+    // --consent: the grant is gone, and the next request asks for consent again.
+    let (code, out, err) = aegis(&[
+        "token",
+        "revoke",
+        "--config",
+        &config,
+        "--user",
+        "alice@example.com",
+        "--consent",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("dropped 1 stored U2M grant(s)"), "{out}");
+    assert!(u2m_rows(&stack).await.is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    consent_url(&get(&stack, ME, Some(&alice)).await);
     stack.shutdown().await;
 }
 
@@ -369,10 +438,20 @@ async fn u2m_refresh_rotation_under_concurrency_across_two_replicas() {
             ))
         })
         .collect();
+    let alice_identity = aegis::identity::Identity {
+        issuer_name: "sandbox".into(),
+        issuer: stack.sandbox.idp_url.as_str().into(),
+        subject: "u-alice".into(),
+        user_name: "alice@example.com".into(),
+        agent: None,
+        expires_at: i64::MAX / 2,
+        actor_chain: String::new(),
+    };
     let calls = (0..50).map(|i| {
         let source = sources[i % 2].clone();
         let ws = ws.clone();
-        tokio::spawn(async move { source.access_token(&ws, "alice@example.com").await })
+        let who = alice_identity.clone();
+        tokio::spawn(async move { source.access_token(&ws, &who).await })
     });
     for r in futures_util::future::join_all(calls).await {
         let minted = r.expect("task").expect("a token");

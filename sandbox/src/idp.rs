@@ -236,7 +236,10 @@ impl IdpState {
         let mut validation = Validation::new(key.alg);
         validation.leeway = 0;
         validation.validate_nbf = true;
-        validation.set_issuer(&[self.issuer.as_str()]);
+        // Two federation policies: the dev IdP's own issuer, and a second tenant that shares
+        // its keys (`{issuer}/tenant-b`), so tests can run two issuers whose users collide.
+        let second = format!("{}{}", self.issuer, crate::SECOND_ISSUER_PATH);
+        validation.set_issuer(&[self.issuer.as_str(), second.as_str()]);
         validation.set_audience(&[audience]);
         validation.required_spec_claims = ["exp", "iss", "aud"]
             .iter()

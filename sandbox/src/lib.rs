@@ -128,6 +128,13 @@ pub struct RequestRecord {
     pub token_expired: bool,
     /// The Databricks user the token (or, for a token exchange, the subject) resolved to.
     pub user: Option<String>,
+    /// Sandbox only (no Databricks audit field): for a token that came from a token exchange,
+    /// the IdP principal (`iss#sub`) whose subject token was exchanged for it.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// Sandbox only: which access token this workspace issued was presented (1 = the first).
+    #[serde(default)]
+    pub token_serial: Option<u64>,
     pub user_agent: Option<String>,
     /// From the user agent's `aegis-trace/<id>` product token.
     pub trace_id: Option<String>,
@@ -139,6 +146,11 @@ pub struct RequestRecord {
     pub action: String,
     pub status: u16,
 }
+
+/// The path of the second issuer the workspace's federation trusts: `{idp_url}/tenant-b`,
+/// signing with the dev IdP's own keys (`{idp_url}/jwks`). Tokens for it are minted with
+/// [`TokenRequest::extra_claims`] setting `iss`.
+pub const SECOND_ISSUER_PATH: &str = "/tenant-b";
 
 /// A running dev IdP and workspace. Dropping it stops the servers without waiting.
 pub struct Sandbox {
@@ -299,6 +311,13 @@ impl Sandbox {
 
     pub fn clear_requests(&self) {
         self.workspace.clear_requests();
+    }
+
+    /// `/oidc/v1/token` requests received so far, counted on arrival (before any delay).
+    pub fn token_requests(&self) -> u64 {
+        self.workspace
+            .token_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Successful `/oidc/v1/token` exchanges for that Databricks user (e.g. "alice@example.com").

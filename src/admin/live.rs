@@ -490,7 +490,7 @@ impl Operations for LiveOps {
             for w in &targets {
                 self.parts
                     .broker
-                    .revoke(w, &user)
+                    .revoke(w, &user, None)
                     .await
                     .map_err(|_| OpError::Unavailable("redis"))?;
             }

@@ -63,21 +63,30 @@ CREATE TRIGGER aegis_audit_no_update_delete BEFORE UPDATE OR DELETE ON aegis_aud
 DROP TRIGGER IF EXISTS aegis_audit_no_truncate ON aegis_audit;
 CREATE TRIGGER aegis_audit_no_truncate BEFORE TRUNCATE ON aegis_audit
     FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse_change();
-CREATE TABLE IF NOT EXISTS aegis_u2m_tokens (
-    workspace  text        NOT NULL,
-    user_name  text        NOT NULL,
-    sealed     bytea       NOT NULL,
-    key_id     text        NOT NULL,
-    generation bigint      NOT NULL DEFAULT 1,
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (workspace, user_name)
+-- Version 3: U2M grants belong to a verified principal (workspace, issuer, subject). The
+-- version-2 rows were keyed by user name alone and cannot be bound to a principal, so they
+-- are dropped, never served: those users consent once more.
+DROP TABLE IF EXISTS aegis_u2m_tokens;
+CREATE TABLE IF NOT EXISTS aegis_u2m_grants (
+    workspace        text        NOT NULL,
+    issuer           text        NOT NULL,
+    subject          text        NOT NULL,
+    user_name        text        NOT NULL,
+    sealed           bytea       NOT NULL,
+    key_id           text        NOT NULL,
+    access_discarded boolean     NOT NULL DEFAULT false,
+    generation       bigint      NOT NULL DEFAULT 1,
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace, issuer, subject)
 );
-INSERT INTO aegis_schema_version (version) VALUES (1), (2) ON CONFLICT DO NOTHING;
+CREATE INDEX IF NOT EXISTS aegis_u2m_grants_by_name ON aegis_u2m_grants (workspace, user_name);
+INSERT INTO aegis_schema_version (version) VALUES (1), (2), (3) ON CONFLICT DO NOTHING;
 "#;
 
 /// The schema version this build writes.
-/// (2 added `aegis_u2m_tokens`, the sealed U2M refresh tokens.)
-pub const SCHEMA_VERSION: i32 = 2;
+/// (2 added `aegis_u2m_tokens`, the sealed U2M refresh tokens; 3 replaced it with
+/// `aegis_u2m_grants`, one per verified principal.)
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The installed schema version, `None` when aegis' tables are absent.
 pub async fn installed_version(client: &Client) -> Result<Option<i32>, SchemaError> {
@@ -124,12 +133,12 @@ pub async fn grant_service_role(client: &Client, role: &str) -> Result<(), Schem
     }
     client
         .batch_execute(&format!(
-            "REVOKE ALL ON aegis_audit, aegis_chain_head, aegis_schema_version, aegis_u2m_tokens \
+            "REVOKE ALL ON aegis_audit, aegis_chain_head, aegis_schema_version, aegis_u2m_grants \
              FROM {role}; \
              GRANT SELECT, INSERT ON aegis_audit TO {role}; \
              GRANT SELECT, INSERT, UPDATE ON aegis_chain_head TO {role}; \
              GRANT SELECT ON aegis_schema_version TO {role}; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON aegis_u2m_tokens TO {role};"
+             GRANT SELECT, INSERT, UPDATE, DELETE ON aegis_u2m_grants TO {role};"
         ))
         .await?;
     Ok(())

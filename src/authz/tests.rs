@@ -62,6 +62,7 @@ impl Tokens for FakeTokens {
             use_until_ms: i64::MAX / 2,
             refresh_at_ms: i64::MAX / 2,
             source: TokenSourceKind::Federation,
+            seq: 0,
         }))
     }
 }
@@ -360,6 +361,7 @@ fn responses_follow_the_header_contract() {
             use_until_ms: 0,
             refresh_at_ms: 0,
             source: TokenSourceKind::Federation,
+            seq: 0,
         }),
         user_agent: "ua".into(),
         remove_headers: vec!["x-aegis-user".into()],

@@ -1,12 +1,17 @@
 //! Per-user Databricks tokens: L1 (in-process) → L2 (Redis, encrypted) → mint.
 //!
-//! Concurrent misses for one (workspace, user) in one process make one mint (the L1 cache's
-//! `try_get_with` coalesces them). A cached token is used only until
+//! Everything is keyed by the verified principal (workspace, issuer, subject; see
+//! [`principal`]), never by the user name alone, so a token minted for one principal is never
+//! served to another that presents the same user name. Concurrent misses for one principal in
+//! one process make one mint (the L1 cache's `try_get_with` coalesces them), and one mint
+//! across replicas (a Redis lock). A revocation gives the principal a new generation: a mint
+//! in flight meanwhile is discarded, never cached or served. A cached token is used only until
 //! `min(Databricks expiry, subject token expiry) − margin`, so an expired token is never sent
 //! upstream. If Redis is unreachable, every lookup fails closed (see [`redis`]).
 
 pub mod entra;
 pub mod federation;
+pub mod principal;
 pub mod redis;
 pub mod stats;
 pub mod u2m;
@@ -16,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::authz::{Reason, Tokens};
 use crate::config::{TokenSourceKind, WorkspaceConfig};
@@ -36,6 +40,9 @@ pub struct DbToken {
     /// users rarely wait for a mint.
     pub refresh_at_ms: i64,
     pub source: TokenSourceKind,
+    /// The broker's revocation count when the lookup that found or minted this token began;
+    /// a revocation of the principal after that means it is never served again.
+    pub seq: u64,
 }
 
 #[derive(Debug, thiserror::Error, Clone)]
@@ -77,30 +84,76 @@ pub struct Minted {
     pub expires_in: u64,
 }
 
-/// Prefix of a revocation event: `revoke:<hex of the L1 key>`.
-pub const REVOKE_PREFIX: &str = "revoke:";
+pub use principal::REVOKE_PREFIX;
 
-/// Deletes a user's cached token in Redis and tells every replica to drop its L1 copy.
+/// What one revocation reached.
+#[derive(Debug, Default)]
+pub struct Revoked {
+    /// Principals (ids) whose cached tokens were dropped.
+    pub principals: Vec<String>,
+}
+
+/// Revokes the cached tokens of principals that map to `user` in `workspace`: every such
+/// principal, or only `narrow` = (issuer, subject). In one atomic step in Redis each gets a
+/// fresh revocation generation (so a mint in flight anywhere is discarded, not cached) and loses
+/// its L2 token; then every replica is told to drop its L1 copy.
 pub async fn revoke_everywhere(
     redis: &RedisLink,
     workspace: &str,
     user: &str,
-) -> Result<(), redis::RedisError> {
-    redis.del(&[Broker::l2_key(workspace, user)]).await?;
-    let key = Broker::l1_key(workspace, user);
-    redis
-        .publish(&format!("{REVOKE_PREFIX}{}", hex::encode(key)))
+    narrow: Option<(&str, &str)>,
+) -> Result<Revoked, redis::RedisError> {
+    let prefix = principal::name_prefix(workspace, user);
+    let generation = {
+        use rand::RngCore;
+        let mut raw = [0u8; 16];
+        rand::rng().fill_bytes(&mut raw);
+        hex::encode(raw)
+    };
+    let ttl = principal::INDEX_TTL_MS.to_string();
+    let narrowed = narrow.map(|(iss, sub)| principal::principal_id(iss, sub));
+    let mut args: Vec<&[u8]> = vec![prefix.as_bytes(), ttl.as_bytes(), generation.as_bytes()];
+    if let Some(pid) = &narrowed {
+        args.push(pid.as_bytes());
+    }
+    let pids: Vec<String> = redis
+        .script(&scripts().revoke, &[&principal::index_key(&prefix)], &args)
         .await?;
-    Ok(())
+    for pid in &pids {
+        let key = principal::l1_key(workspace, user, pid);
+        redis
+            .publish(&format!("{REVOKE_PREFIX}{}", hex::encode(key)))
+            .await?;
+    }
+    Ok(Revoked { principals: pids })
+}
+
+struct Scripts {
+    lookup: ::redis::Script,
+    store: ::redis::Script,
+    revoke: ::redis::Script,
+}
+
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        lookup: ::redis::Script::new(principal::LOOKUP_SCRIPT),
+        store: ::redis::Script::new(principal::STORE_SCRIPT),
+        revoke: ::redis::Script::new(principal::REVOKE_SCRIPT),
+    })
 }
 
 /// Upper bound on the safety margin before expiry.
 const MAX_MARGIN_MS: i64 = 60_000;
-/// How long a mint lock lives if its holder dies (mints time out well before this).
-const LOCK_LEASE: Duration = Duration::from_secs(3);
+/// How long a mint lock lives if its holder dies, beyond the token endpoint's own timeout.
+const LOCK_LEASE_SLACK: Duration = Duration::from_secs(1);
 /// How long a request waits for another replica's mint before giving up (503).
 const LOCK_WAIT: Duration = Duration::from_millis(2500);
 const LOCK_POLL: Duration = Duration::from_millis(20);
+/// How long this process remembers that a principal was revoked: far longer than any lookup
+/// (a Check's deadline, a refresh-ahead's token call), so a lookup that began before the
+/// revocation can never outlive the mark.
+const REVOKED_MEMORY: Duration = Duration::from_secs(600);
 
 /// [`Stored`], borrowed, for sealing.
 #[derive(Serialize)]
@@ -137,6 +190,52 @@ impl moka::Expiry<[u8; 32], Arc<DbToken>> for UntilUse {
     }
 }
 
+/// Why a lookup produced no token.
+enum LookupError {
+    Broker(BrokerError),
+    /// A revocation came in while the lookup ran; its token was discarded.
+    Revoked,
+}
+
+impl From<BrokerError> for LookupError {
+    fn from(e: BrokerError) -> Self {
+        LookupError::Broker(e)
+    }
+}
+
+/// One principal's lookup: its keys and where it started in this process' revocation order.
+struct Lookup<'a> {
+    ws: &'a WorkspaceConfig,
+    identity: &'a Identity,
+    subject_token: &'a str,
+    keys: principal::Keys,
+    /// [`Broker::revocations`] when the lookup began.
+    seq: u64,
+}
+
+/// The mint lock, released when dropped (also when a Check gives up mid-mint).
+struct LockGuard {
+    redis: Arc<RedisLink>,
+    key: String,
+    nonce: String,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let redis = self.redis.clone();
+        let key = std::mem::take(&mut self.key);
+        let nonce = std::mem::take(&mut self.nonce);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = redis.release(&key, &nonce).await {
+                    // The lease frees it anyway.
+                    tracing::debug!(error = %e, "could not release the mint lock");
+                }
+            });
+        }
+    }
+}
+
 pub struct Broker {
     l1: moka::future::Cache<[u8; 32], Arc<DbToken>>,
     redis: Arc<RedisLink>,
@@ -149,6 +248,15 @@ pub struct Broker {
     /// L1 keys with a refresh-ahead in flight.
     refreshing: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
     stats: Arc<stats::CacheStats>,
+    /// Revocations seen by this process, in order: each revocation event (and each loss of
+    /// Redis) takes the next number. A token carries the number current when its lookup
+    /// began, and is served only while no revocation of its key (nor a flush) came later.
+    revocations: AtomicU64,
+    /// L1 key → the number of its latest revocation.
+    revoked: moka::sync::Cache<[u8; 32], u64>,
+    /// The number of the latest flush of everything (Redis was away: events may be lost).
+    flushed: AtomicU64,
+    lock_lease: Duration,
 }
 
 impl Broker {
@@ -166,7 +274,21 @@ impl Broker {
             refreshing: std::sync::Mutex::new(std::collections::HashSet::new()),
             u2m: std::sync::OnceLock::new(),
             stats: Arc::new(stats::CacheStats::default()),
+            revocations: AtomicU64::new(0),
+            revoked: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(REVOKED_MEMORY)
+                .build(),
+            flushed: AtomicU64::new(0),
+            lock_lease: Duration::from_secs(3),
         }
+    }
+
+    /// Sizes the mint lock's lease to the token endpoint's timeout: a holder that dies frees
+    /// the lock soon after its mint would have timed out, and a live mint never outlives it.
+    pub fn with_mint_timeout(mut self, timeout: Duration) -> Broker {
+        self.lock_lease = timeout + LOCK_LEASE_SLACK;
+        self
     }
 
     /// Gives the broker the U2M grant store (once, at start).
@@ -193,31 +315,48 @@ impl Broker {
         self.mints.load(Ordering::Relaxed)
     }
 
-    /// The Redis key for a (workspace, user): the user name is hashed so it never appears in
-    /// Redis key names.
-    pub fn l2_key(workspace: &str, user: &str) -> String {
-        let h = Sha256::digest(user.as_bytes());
-        format!("aegis:v1:tok:{workspace}:{}", hex::encode(&h[..16]))
-    }
-
-    fn l1_key(workspace: &str, user: &str) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(workspace.as_bytes());
-        h.update([0u8]);
-        h.update(user.as_bytes());
-        h.finalize().into()
-    }
-
-    /// Drops the cached tokens of one user in one workspace, here, in Redis and (through the
-    /// events channel) on every other replica.
-    pub async fn revoke(&self, workspace: &str, user: &str) -> Result<(), BrokerError> {
-        let key = Self::l1_key(workspace, user);
-        self.l1.invalidate(&key).await;
-        revoke_everywhere(&self.redis, workspace, user)
+    /// Drops the cached tokens of every principal that maps to `user` in one workspace (or
+    /// only `narrow` = (issuer, subject)), here, in Redis and (through the events channel) on
+    /// every other replica. A U2M workspace also discards the stored access token, so the next
+    /// request refreshes and sends a different token upstream.
+    pub async fn revoke(
+        &self,
+        workspace: &str,
+        user: &str,
+        narrow: Option<(&str, &str)>,
+    ) -> Result<Revoked, BrokerError> {
+        if let Some(u) = self.u2m.get() {
+            u.discard_access(workspace, user, narrow).await?;
+        }
+        let revoked = revoke_everywhere(&self.redis, workspace, user, narrow)
             .await
             .map_err(|_| BrokerError::Unavailable("redis"))?;
+        for pid in &revoked.principals {
+            self.mark_revoked(principal::l1_key(workspace, user, pid));
+        }
         self.stats.record(workspace, stats::Event::Revoked);
-        Ok(())
+        Ok(revoked)
+    }
+
+    fn mark_revoked(&self, key: [u8; 32]) {
+        let n = self.revocations.fetch_add(1, Ordering::AcqRel) + 1;
+        self.revoked.insert(key, n);
+        // The L1 copy goes too (memory); serving is guarded by the mark either way.
+        let l1 = self.l1.clone();
+        tokio::spawn(async move { l1.invalidate(&key).await });
+    }
+
+    fn flush_all(&self) {
+        let n = self.revocations.fetch_add(1, Ordering::AcqRel) + 1;
+        self.flushed.fetch_max(n, Ordering::AcqRel);
+        self.l1.invalidate_all();
+    }
+
+    /// Whether a token found under `key` may be served: no revocation of the key, and no
+    /// flush, since its lookup began.
+    fn current(&self, key: &[u8; 32], t: &DbToken) -> bool {
+        t.seq >= self.flushed.load(Ordering::Acquire)
+            && self.revoked.get(key).is_none_or(|n| t.seq >= n)
     }
 
     /// Applies revocations published by any replica (or `aegis token revoke`) to this L1.
@@ -231,12 +370,12 @@ impl Broker {
                         .and_then(|h| hex::decode(h).ok())
                         .and_then(|k| <[u8; 32]>::try_from(k).ok())
                     {
-                        self.l1.invalidate(&key).await;
+                        self.mark_revoked(key);
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     // Some revocations were dropped locally: trust nothing cached.
-                    self.l1.invalidate_all();
+                    self.flush_all();
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
@@ -254,13 +393,15 @@ impl Broker {
         }
         let epoch = self.redis.epoch();
         if self.seen_epoch.swap(epoch, Ordering::AcqRel) != epoch {
-            // Redis was away: revocations may have been missed, so trust nothing cached here.
-            self.l1.invalidate_all();
+            // Redis (or the events subscription) was away: revocations may have been missed,
+            // so trust nothing cached here, nor any lookup that began before.
+            self.flush_all();
         }
-        let key = Self::l1_key(&ws.name, &identity.user_name);
+        let pid = principal::principal_id(&identity.issuer, &identity.subject);
+        let key = principal::l1_key(&ws.name, &identity.user_name, &pid);
         if let Some(t) = self.l1.get(&key).await {
             let now = now_ms();
-            if t.use_until_ms > now {
+            if t.use_until_ms > now && self.current(&key, &t) {
                 metrics::counter!("aegis_token_cache_total", "tier" => "l1", "result" => "hit")
                     .increment(1);
                 self.stats.record(&ws.name, stats::Event::L1Hit);
@@ -273,17 +414,57 @@ impl Broker {
         }
         metrics::counter!("aegis_token_cache_total", "tier" => "l1", "result" => "miss")
             .increment(1);
-        let result = self
-            .l1
-            .try_get_with(key, self.load_or_mint(ws, identity, subject_token, None))
-            .await;
-        match result {
-            Ok(t) if t.use_until_ms > now_ms() => Ok(t),
-            Ok(_) => {
-                self.l1.invalidate(&key).await;
-                Err(BrokerError::Unavailable("token expired while minting"))
+        // A lookup that a revocation overtook is discarded and run once more: the second one
+        // starts after the revocation, so what it finds or mints is the user's fresh token.
+        for _ in 0..2 {
+            let lookup = self.lookup(ws, identity, subject_token, pid.clone());
+            let result = self
+                .l1
+                .try_get_with(key, async {
+                    match self.load_or_mint(&lookup, None).await {
+                        Ok(t) => Ok(t),
+                        Err(LookupError::Revoked) => Err(None),
+                        Err(LookupError::Broker(e)) => Err(Some(e)),
+                    }
+                })
+                .await;
+            match result {
+                Ok(t) if !self.current(&key, &t) => {
+                    self.l1.invalidate(&key).await;
+                    metrics::counter!("aegis_token_discarded_total", "why" => "revoked")
+                        .increment(1);
+                }
+                Ok(t) if t.use_until_ms > now_ms() => return Ok(t),
+                Ok(_) => {
+                    self.l1.invalidate(&key).await;
+                    return Err(BrokerError::Unavailable("token expired while minting"));
+                }
+                Err(e) => match (*e).clone() {
+                    Some(e) => return Err(e),
+                    None => metrics::counter!("aegis_token_discarded_total", "why" => "revoked")
+                        .increment(1),
+                },
             }
-            Err(e) => Err((*e).clone()),
+        }
+        Err(BrokerError::Unavailable("revoked while minting"))
+    }
+
+    fn lookup<'a>(
+        &self,
+        ws: &'a WorkspaceConfig,
+        identity: &'a Identity,
+        subject_token: &'a str,
+        pid: String,
+    ) -> Lookup<'a> {
+        Lookup {
+            ws,
+            identity,
+            subject_token,
+            keys: principal::Keys {
+                prefix: principal::name_prefix(&ws.name, &identity.user_name),
+                pid,
+            },
+            seq: self.revocations.load(Ordering::Acquire),
         }
     }
 
@@ -309,16 +490,18 @@ impl Broker {
         let identity = identity.clone();
         let subject = SecretString::new(subject_token.to_string());
         tokio::spawn(async move {
-            let fresh = this
-                .load_or_mint(&ws, &identity, subject.expose(), Some(current_until))
-                .await;
+            let pid = principal::principal_id(&identity.issuer, &identity.subject);
+            let lookup = this.lookup(&ws, &identity, subject.expose(), pid);
+            let fresh = this.load_or_mint(&lookup, Some(current_until)).await;
             let outcome = match fresh {
-                Ok(t) if t.use_until_ms > current_until => {
+                // Inserted only while no revocation overtook it; `get` re-checks on every use.
+                Ok(t) if t.use_until_ms > current_until && this.current(&key, &t) => {
                     this.l1.insert(key, t).await;
                     "ok"
                 }
                 Ok(_) => "unchanged",
-                Err(_) => "error",
+                Err(LookupError::Revoked) => "revoked",
+                Err(LookupError::Broker(_)) => "error",
             };
             metrics::counter!("aegis_token_refresh_ahead_total", "outcome" => outcome).increment(1);
             if let Ok(mut set) = this.refreshing.lock() {
@@ -327,32 +510,40 @@ impl Broker {
         });
     }
 
-    /// A token from L2 that is usable now and, when `newer_than` is set, outlives it.
-    async fn l2_fresh(
+    /// Registers the principal under its user name and reads its L2 token and revocation
+    /// generation (one round trip). The token is returned when usable now and, when
+    /// `newer_than` is set, outliving it.
+    async fn l2_read(
         &self,
-        l2_key: &str,
+        lookup: &Lookup<'_>,
         newer_than: Option<i64>,
-    ) -> Result<Option<DbToken>, BrokerError> {
-        match self.redis.get(l2_key).await {
-            Ok(Some(sealed)) => Ok(self
-                .open(&sealed, l2_key)
-                .filter(|t| t.use_until_ms > newer_than.unwrap_or(0).max(now_ms()))),
-            Ok(None) => Ok(None),
-            Err(_) => Err(BrokerError::Unavailable("redis")),
-        }
+    ) -> Result<(Option<DbToken>, String), BrokerError> {
+        let ttl = principal::INDEX_TTL_MS.to_string();
+        let (tok, gen): (Option<Vec<u8>>, Option<String>) = self
+            .redis
+            .script(
+                &scripts().lookup,
+                &[&lookup.keys.tok(), &lookup.keys.gen(), &lookup.keys.index()],
+                &[lookup.keys.pid.as_bytes(), ttl.as_bytes()],
+            )
+            .await
+            .map_err(|_| BrokerError::Unavailable("redis"))?;
+        let token = tok.and_then(|sealed| {
+            self.open(&sealed, &lookup.keys.tok(), lookup.seq)
+                .filter(|t| t.use_until_ms > newer_than.unwrap_or(0).max(now_ms()))
+        });
+        Ok((token, gen.unwrap_or_default()))
     }
 
     /// L2, else mint under a cross-replica lock (reload after taking it), so N replicas with M
-    /// concurrent requests each make exactly one mint per user.
+    /// concurrent requests each make exactly one mint per principal.
     async fn load_or_mint(
         &self,
-        ws: &WorkspaceConfig,
-        identity: &Identity,
-        subject_token: &str,
+        lookup: &Lookup<'_>,
         newer_than: Option<i64>,
-    ) -> Result<Arc<DbToken>, BrokerError> {
-        let l2_key = Self::l2_key(&ws.name, &identity.user_name);
-        if let Some(t) = self.l2_fresh(&l2_key, newer_than).await? {
+    ) -> Result<Arc<DbToken>, LookupError> {
+        let ws = lookup.ws;
+        if let (Some(t), _) = self.l2_read(lookup, newer_than).await? {
             metrics::counter!("aegis_token_cache_total", "tier" => "l2", "result" => "hit")
                 .increment(1);
             self.stats.record(&ws.name, stats::Event::L2Hit);
@@ -361,7 +552,7 @@ impl Broker {
         metrics::counter!("aegis_token_cache_total", "tier" => "l2", "result" => "miss")
             .increment(1);
 
-        let lock_key = l2_key.replacen(":tok:", ":lock:", 1);
+        let lock_key = lookup.keys.lock();
         let nonce = {
             use rand::RngCore;
             let mut raw = [0u8; 16];
@@ -370,58 +561,60 @@ impl Broker {
         };
         let started = std::time::Instant::now();
         loop {
-            match self.redis.set_nx_px(&lock_key, &nonce, LOCK_LEASE).await {
+            match self
+                .redis
+                .set_nx_px(&lock_key, &nonce, self.lock_lease)
+                .await
+            {
                 Ok(true) => break,
                 Ok(false) => {
                     if started.elapsed() > LOCK_WAIT {
-                        return Err(BrokerError::Unavailable("another replica is minting"));
+                        return Err(BrokerError::Unavailable("another replica is minting").into());
                     }
                     tokio::time::sleep(LOCK_POLL).await;
-                    if let Some(t) = self.l2_fresh(&l2_key, newer_than).await? {
+                    if let (Some(t), _) = self.l2_read(lookup, newer_than).await? {
                         self.stats.record(&ws.name, stats::Event::L2Hit);
                         return Ok(Arc::new(t));
                     }
                 }
-                Err(_) => return Err(BrokerError::Unavailable("redis")),
+                Err(_) => return Err(BrokerError::Unavailable("redis").into()),
             }
         }
+        let _lock = LockGuard {
+            redis: self.redis.clone(),
+            key: lock_key,
+            nonce,
+        };
         // Reload after lock: the previous holder may have stored a token since our first read.
-        let result = match self.l2_fresh(&l2_key, newer_than).await {
-            Ok(Some(t)) => {
+        // The generation read here is the one the minted token must still find when stored.
+        match self.l2_read(lookup, newer_than).await? {
+            (Some(t), _) => {
                 self.stats.record(&ws.name, stats::Event::L2Hit);
                 Ok(Arc::new(t))
             }
-            Ok(None) => {
-                self.mint_and_store(ws, identity, subject_token, &l2_key)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = self.redis.release(&lock_key, &nonce).await {
-            // The lease frees it anyway.
-            tracing::debug!(error = %e, "could not release the mint lock");
+            (None, generation) => self.mint_and_store(lookup, &generation).await,
         }
-        result
     }
 
     async fn mint_and_store(
         &self,
-        ws: &WorkspaceConfig,
-        identity: &Identity,
-        subject_token: &str,
-        l2_key: &str,
-    ) -> Result<Arc<DbToken>, BrokerError> {
+        lookup: &Lookup<'_>,
+        generation: &str,
+    ) -> Result<Arc<DbToken>, LookupError> {
+        let (ws, identity) = (lookup.ws, lookup.identity);
         self.stats.record(&ws.name, stats::Event::Miss);
         let minted = match ws.token_source {
             TokenSourceKind::Federation => {
-                federation::exchange(&self.http, ws, subject_token).await
+                federation::exchange(&self.http, ws, lookup.subject_token).await
             }
             TokenSourceKind::U2m => match self.u2m.get() {
-                Some(u) => u.access_token(ws, &identity.user_name).await,
+                Some(u) => u.access_token(ws, identity).await,
                 // A process without the U2M store denies U2M workspaces.
                 None => Err(BrokerError::Unavailable("u2m store")),
             },
-            TokenSourceKind::EntraObo => entra::exchange(&self.http, ws, subject_token).await,
+            TokenSourceKind::EntraObo => {
+                entra::exchange(&self.http, ws, lookup.subject_token).await
+            }
         };
         let outcome = match &minted {
             Ok(_) => "ok",
@@ -455,16 +648,30 @@ impl Broker {
             use_until_ms,
             refresh_at_ms: now + (use_until_ms - now) * 3 / 4,
             source: ws.token_source,
+            seq: lookup.seq,
         };
         if token.use_until_ms <= now {
-            return Err(BrokerError::Rejected("token lifetime too short".into()));
+            return Err(BrokerError::Rejected("token lifetime too short".into()).into());
         }
-        if let Some(sealed) = self.seal(&token, l2_key) {
-            let ttl = Duration::from_millis((token.use_until_ms - now) as u64);
-            // A failed L2 write only costs another replica a mint; the token is still good here.
-            if let Err(e) = self.redis.set_px(l2_key, &sealed, ttl).await {
-                tracing::warn!(error = %e, "could not store token in redis");
-            }
+        // Stored only if no revocation came in since the generation was read (before the
+        // mint). A token that cannot be proven unrevoked is not used, here or anywhere.
+        let tok_key = lookup.keys.tok();
+        let sealed = self
+            .seal(&token, &tok_key)
+            .ok_or(BrokerError::Unavailable("seal"))?;
+        let ttl = ((token.use_until_ms - now) as u64).max(1).to_string();
+        let stored: i64 = self
+            .redis
+            .script(
+                &scripts().store,
+                &[&tok_key, &lookup.keys.gen()],
+                &[generation.as_bytes(), &sealed, ttl.as_bytes()],
+            )
+            .await
+            .map_err(|_| BrokerError::Unavailable("redis"))?;
+        if stored != 1 {
+            tracing::info!(workspace = %ws.name, "a revocation overtook a mint; its token is discarded");
+            return Err(LookupError::Revoked);
         }
         Ok(Arc::new(token))
     }
@@ -484,7 +691,9 @@ impl Broker {
         sealed
     }
 
-    fn open(&self, sealed: &[u8], aad: &str) -> Option<DbToken> {
+    /// Opens an L2 value sealed under `aad` (its key name, so a value copied to another
+    /// principal's key does not open); `seq` is the lookup's place in the revocation order.
+    fn open(&self, sealed: &[u8], aad: &str, seq: u64) -> Option<DbToken> {
         let mut plain = self.sealer.open(sealed, aad.as_bytes())?;
         let stored: Option<Stored> = serde_json::from_slice(&plain).ok();
         zeroize::Zeroize::zeroize(&mut plain);
@@ -501,6 +710,7 @@ impl Broker {
             use_until_ms: stored.u,
             refresh_at_ms: stored.r,
             source,
+            seq,
         })
     }
 }

@@ -134,6 +134,9 @@ impl RedisLink {
                 let subscribed =
                     tokio::time::timeout(OP_TIMEOUT, pubsub.subscribe(EVENTS_CHANNEL)).await;
                 if matches!(subscribed, Ok(Ok(()))) {
+                    // Events published while we were not subscribed are lost: a new epoch
+                    // makes the broker flush everything cached before this point.
+                    self.epoch.fetch_add(1, Ordering::AcqRel);
                     self.subscribed.store(true, Ordering::Release);
                     let mut stream = pubsub.into_on_message();
                     while let Some(msg) = stream.next().await {
@@ -142,15 +145,17 @@ impl RedisLink {
                         }
                     }
                     self.subscribed.store(false, Ordering::Release);
-                    tracing::warn!("redis events subscription lost");
+                    self.down("events subscription lost");
                 }
             }
             tokio::time::sleep(PING_EVERY).await;
         }
     }
 
+    /// Redis answers and the events subscription is up. Losing the subscription counts at
+    /// once: a replica that could miss a revocation must deny.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
+        self.healthy.load(Ordering::Acquire) && self.subscribed.load(Ordering::Acquire)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -221,6 +226,28 @@ impl RedisLink {
         }
     }
 
+    /// A failed command; a lost connection turns the link down at once (every Check denies
+    /// from now on), not at the next probe.
+    fn failed(&self, e: redis::RedisError) -> RedisError {
+        if e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal() {
+            self.down("command connection lost");
+        }
+        RedisError::Op(format!("{:?}", e.kind()))
+    }
+
+    /// Marks the link down now; the monitor brings it back (and bumps the epoch, so L1 is
+    /// flushed) once Redis answers again.
+    fn down(&self, why: &'static str) {
+        self.set_connection(None);
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                why,
+                "redis link lost; denying every request until it returns"
+            );
+            metrics::gauge!("aegis_dependency_up", "dependency" => "redis").set(0.0);
+        }
+    }
+
     fn live(&self) -> Result<Conn, RedisError> {
         if !self.healthy() {
             return Err(RedisError::Down);
@@ -233,7 +260,7 @@ impl RedisLink {
         let mut c = self.live()?;
         match tokio::time::timeout(OP_TIMEOUT, cmd.query_async::<T>(&mut c)).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(RedisError::Op(format!("{:?}", e.kind()))),
+            Ok(Err(e)) => Err(self.failed(e)),
             Err(_) => Err(RedisError::Timeout),
         }
     }
@@ -281,7 +308,29 @@ impl RedisLink {
         inv.arg(value);
         match tokio::time::timeout(OP_TIMEOUT, inv.invoke_async::<i64>(&mut c)).await {
             Ok(Ok(n)) => Ok(n == 1),
-            Ok(Err(e)) => Err(RedisError::Op(format!("{:?}", e.kind()))),
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(_) => Err(RedisError::Timeout),
+        }
+    }
+
+    /// Runs a Lua script (EVALSHA, loading it on first use) on the live connection.
+    pub async fn script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<T, RedisError> {
+        let mut c = self.live()?;
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(*k);
+        }
+        for a in args {
+            inv.arg(*a);
+        }
+        match tokio::time::timeout(OP_TIMEOUT, inv.invoke_async::<T>(&mut c)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.failed(e)),
             Err(_) => Err(RedisError::Timeout),
         }
     }

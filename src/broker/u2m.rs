@@ -1,16 +1,20 @@
 //! U2M: the user's own Databricks OAuth tokens from an authorization code + PKCE consent, kept
 //! fresh with their refresh token.
 //!
-//! - **Consent.** A user with no stored refresh token is denied `consent_required` with a
-//!   `consent_url`: a link to `{public_url}/oauth/start` bound to (workspace, user name, issuer)
-//!   and an expiry, signed with HMAC-SHA256 under a key derived from the cache key
+//! - **Consent.** A principal with no stored refresh token is denied `consent_required` with a
+//!   `consent_url`: a link to `{public_url}/oauth/start` bound to (workspace, user name, issuer,
+//!   subject) and an expiry, signed with HMAC-SHA256 under a key derived from the cache key
 //!   ([`ConsentLinks`]). `/oauth/start` (see `crate::public`) keeps the PKCE verifier in Redis,
 //!   sealed, under a random `state`, and binds it to the browser with a cookie; `/oauth/callback`
 //!   exchanges the code, asks SCIM `Me` who consented, and stores the refresh token only when
 //!   that Databricks user *is* the user the IdP token maps to.
-//! - **Durable.** Refresh tokens live in Postgres (`aegis_u2m_tokens`), sealed with the cache
-//!   AEAD ([`Sealer`]) under AAD = workspace and user, so a Redis flush costs a refresh, never a
-//!   consent.
+//! - **Durable.** Refresh tokens live in Postgres (`aegis_u2m_grants`), one row per principal
+//!   (workspace, issuer, subject), sealed with the cache AEAD ([`Sealer`]) under AAD = workspace,
+//!   issuer, subject and user name, so a row copied to another principal does not open, and a
+//!   Redis flush costs a refresh, never a consent. A grant is used only while the principal
+//!   still maps to the user name that consented.
+//! - **Revocation.** `discard_access` marks the stored access token unusable (the next request
+//!   refreshes and sends a different token); `forget` deletes the grant.
 //! - **Rotation.** Refresh tokens may be single-use. Every refresh runs inside one Postgres
 //!   transaction holding the user's row (`SELECT ... FOR UPDATE`), and the rotated token is
 //!   written before the row is released, so no replica ever sends a spent token. The row also
@@ -37,6 +41,7 @@ use super::{now_ms, BrokerError, Minted};
 use crate::audit::pg::PgTarget;
 use crate::config::{TokenSourceKind, WorkspaceConfig};
 use crate::http::{post_form, read_body, without_url};
+use crate::identity::Identity;
 use crate::secret::{Key32, SecretString};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -67,6 +72,7 @@ pub struct LinkClaims {
     pub workspace: String,
     pub user_name: String,
     pub issuer: String,
+    pub subject: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -98,6 +104,7 @@ impl ConsentLinks {
             c.workspace.as_bytes(),
             c.user_name.as_bytes(),
             c.issuer.as_bytes(),
+            c.subject.as_bytes(),
             exp.to_string().as_bytes(),
         ] {
             // Length-prefixed, so no two claim sets encode alike.
@@ -107,7 +114,7 @@ impl ConsentLinks {
         mac
     }
 
-    /// `{public_url}/oauth/start?w=..&u=..&i=..&e=..&s=..`, valid for [`CONSENT_TTL`].
+    /// `{public_url}/oauth/start?w=..&u=..&i=..&p=..&e=..&s=..`, valid for [`CONSENT_TTL`].
     pub fn link(&self, c: &LinkClaims, now_ms: i64) -> String {
         let exp = now_ms / 1000 + CONSENT_TTL.as_secs() as i64;
         let sig = URL_SAFE_NO_PAD.encode(self.mac(c, exp).finalize().into_bytes());
@@ -121,20 +128,21 @@ impl ConsentLinks {
             .append_pair("w", &c.workspace)
             .append_pair("u", &c.user_name)
             .append_pair("i", &c.issuer)
+            .append_pair("p", &c.subject)
             .append_pair("e", &exp.to_string())
             .append_pair("s", &sig);
         url.into()
     }
 
-    /// Checks a link's query parameters (`w`, `u`, `i`, `e`, `s`).
+    /// Checks a link's query parameters (`w`, `u`, `i`, `p`, `e`, `s`).
     pub fn verify(
         &self,
         params: &std::collections::HashMap<String, String>,
         now_ms: i64,
     ) -> Result<LinkClaims, LinkError> {
         let get = |k: &str| params.get(k).filter(|v| !v.is_empty());
-        let (Some(w), Some(u), Some(i), Some(e), Some(s)) =
-            (get("w"), get("u"), get("i"), get("e"), get("s"))
+        let (Some(w), Some(u), Some(i), Some(p), Some(e), Some(s)) =
+            (get("w"), get("u"), get("i"), get("p"), get("e"), get("s"))
         else {
             return Err(LinkError::Malformed);
         };
@@ -146,6 +154,7 @@ impl ConsentLinks {
             workspace: w.clone(),
             user_name: u.clone(),
             issuer: i.clone(),
+            subject: p.clone(),
         };
         self.mac(&claims, exp)
             .verify_slice(&sig)
@@ -169,12 +178,19 @@ impl ConsentLinks {
 }
 
 impl crate::authz::ConsentLink for U2m {
-    fn consent_url(&self, workspace: &str, user_name: &str, issuer: &str) -> Option<String> {
+    fn consent_url(
+        &self,
+        workspace: &str,
+        user_name: &str,
+        issuer: &str,
+        subject: &str,
+    ) -> Option<String> {
         Some(self.links.link(
             &LinkClaims {
                 workspace: workspace.to_string(),
                 user_name: user_name.to_string(),
                 issuer: issuer.to_string(),
+                subject: subject.to_string(),
             },
             now_ms(),
         ))
@@ -304,6 +320,79 @@ async fn token_call(
     }
 }
 
+/// Which grant: a principal in a workspace and the user name it consented as.
+struct GrantOf<'a> {
+    workspace: &'a str,
+    issuer: &'a str,
+    subject: &'a str,
+    user_name: &'a str,
+}
+
+/// The `WHERE` clause of a revocation: every principal of a user name, or one of them.
+const BY_NAME: &str = "workspace = $1 AND user_name = $2";
+const BY_PRINCIPAL: &str = "workspace = $1 AND user_name = $2 AND issuer = $3 AND subject = $4";
+
+async fn by_principals(
+    client: &Client,
+    statement: &str,
+    workspace: &str,
+    user_name: &str,
+    narrow: Option<(&str, &str)>,
+) -> Result<u64, tokio_postgres::Error> {
+    match narrow {
+        None => {
+            client
+                .execute(
+                    &format!("{statement} WHERE {BY_NAME}"),
+                    &[&workspace, &user_name],
+                )
+                .await
+        }
+        Some((iss, sub)) => {
+            client
+                .execute(
+                    &format!("{statement} WHERE {BY_PRINCIPAL}"),
+                    &[&workspace, &user_name, &iss, &sub],
+                )
+                .await
+        }
+    }
+}
+
+/// Marks the stored access tokens of a user name's principals (or one) unusable.
+pub async fn discard_access(
+    client: &Client,
+    workspace: &str,
+    user_name: &str,
+    narrow: Option<(&str, &str)>,
+) -> Result<u64, tokio_postgres::Error> {
+    by_principals(
+        client,
+        "UPDATE aegis_u2m_grants SET access_discarded = true, updated_at = now()",
+        workspace,
+        user_name,
+        narrow,
+    )
+    .await
+}
+
+/// Deletes the grants of a user name's principals (or one).
+pub async fn forget(
+    client: &Client,
+    workspace: &str,
+    user_name: &str,
+    narrow: Option<(&str, &str)>,
+) -> Result<u64, tokio_postgres::Error> {
+    by_principals(
+        client,
+        "DELETE FROM aegis_u2m_grants",
+        workspace,
+        user_name,
+        narrow,
+    )
+    .await
+}
+
 // === U2m ===
 
 /// The U2M token source: stored grants, consent links, pending consents.
@@ -323,6 +412,8 @@ struct Pending {
     w: String,
     u: String,
     i: String,
+    /// The principal's subject.
+    p: String,
     /// Browser binding (the cookie's value).
     b: String,
 }
@@ -386,23 +477,25 @@ impl U2m {
         &self.links
     }
 
-    fn aad(workspace: &str, user_name: &str) -> Vec<u8> {
-        let mut aad = b"aegis.u2m.v1\0".to_vec();
-        aad.extend_from_slice(workspace.as_bytes());
-        aad.push(0);
-        aad.extend_from_slice(user_name.as_bytes());
+    /// AAD of a stored grant: the principal and the user name it consented as.
+    fn aad(p: &GrantOf<'_>) -> Vec<u8> {
+        let mut aad = b"aegis.u2m.v2".to_vec();
+        for part in [p.workspace, p.issuer, p.subject, p.user_name] {
+            aad.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            aad.extend_from_slice(part.as_bytes());
+        }
         aad
     }
 
-    fn seal(&self, g: &Grant, workspace: &str, user_name: &str) -> Result<Vec<u8>, BrokerError> {
+    fn seal(&self, g: &Grant, p: &GrantOf<'_>) -> Result<Vec<u8>, BrokerError> {
         let mut plain = serde_json::to_vec(g).map_err(|_| BrokerError::Unavailable("seal"))?;
-        let sealed = self.sealer.seal(&plain, &Self::aad(workspace, user_name));
+        let sealed = self.sealer.seal(&plain, &Self::aad(p));
         zeroize::Zeroize::zeroize(&mut plain);
         sealed.ok_or(BrokerError::Unavailable("seal"))
     }
 
-    fn open(&self, sealed: &[u8], workspace: &str, user_name: &str) -> Option<Grant> {
-        let mut plain = self.sealer.open(sealed, &Self::aad(workspace, user_name))?;
+    fn open(&self, sealed: &[u8], p: &GrantOf<'_>) -> Option<Grant> {
+        let mut plain = self.sealer.open(sealed, &Self::aad(p))?;
         let g = serde_json::from_slice(&plain).ok();
         zeroize::Zeroize::zeroize(&mut plain);
         g
@@ -414,28 +507,40 @@ impl U2m {
             .map_err(|_| BrokerError::Unavailable("workspace url"))
     }
 
-    /// The user's access token: the stored one while fresh, else a refresh. Runs on its own
-    /// task so that, once the refresh request is sent, the rotated token is always stored.
+    /// The principal's access token: the stored one while fresh, else a refresh. Runs on its
+    /// own task so that, once the refresh request is sent, the rotated token is always stored.
     pub async fn access_token(
         self: &Arc<Self>,
         ws: &WorkspaceConfig,
-        user_name: &str,
+        identity: &Identity,
     ) -> Result<Minted, BrokerError> {
         if ws.token_source != TokenSourceKind::U2m {
             return Err(BrokerError::Unavailable("not a u2m workspace"));
         }
         let this = self.clone();
         let ws = ws.clone();
-        let user = user_name.to_string();
-        tokio::spawn(async move { this.refresh_locked(&ws, &user).await })
-            .await
-            .unwrap_or(Err(BrokerError::Unavailable("u2m refresh task")))
+        let (issuer, subject, user) = (
+            identity.issuer.to_string(),
+            identity.subject.clone(),
+            identity.user_name.clone(),
+        );
+        tokio::spawn(async move {
+            let p = GrantOf {
+                workspace: &ws.name,
+                issuer: &issuer,
+                subject: &subject,
+                user_name: &user,
+            };
+            this.refresh_locked(&ws, &p).await
+        })
+        .await
+        .unwrap_or(Err(BrokerError::Unavailable("u2m refresh task")))
     }
 
     async fn refresh_locked(
         &self,
         ws: &WorkspaceConfig,
-        user_name: &str,
+        p: &GrantOf<'_>,
     ) -> Result<Minted, BrokerError> {
         let mut conn = self.pool.get().await?;
         let client = conn.client()?;
@@ -448,9 +553,9 @@ impl U2m {
         .map_err(pg_err)?;
         let row = tx
             .query_opt(
-                "SELECT sealed FROM aegis_u2m_tokens WHERE workspace = $1 AND user_name = $2 \
-                 FOR UPDATE",
-                &[&ws.name, &user_name],
+                "SELECT sealed, user_name, access_discarded FROM aegis_u2m_grants \
+                 WHERE workspace = $1 AND issuer = $2 AND subject = $3 FOR UPDATE",
+                &[&p.workspace, &p.issuer, &p.subject],
             )
             .await
             .map_err(pg_err)?;
@@ -458,13 +563,21 @@ impl U2m {
             return Err(BrokerError::ConsentRequired);
         };
         let sealed: Vec<u8> = row.get(0);
-        let Some(grant) = self.open(&sealed, &ws.name, user_name) else {
+        let consented_as: String = row.get(1);
+        let discarded: bool = row.get(2);
+        if consented_as != p.user_name {
+            // The principal now maps to another user name than the one that consented: that
+            // consent does not cover the new name.
+            tracing::warn!(workspace = %ws.name, "u2m: the principal's user name changed since consent; consent needed");
+            return Err(BrokerError::ConsentRequired);
+        }
+        let Some(grant) = self.open(&sealed, p) else {
             // Sealed under another cache key (rotated), or tampered with: unusable.
             tracing::warn!(workspace = %ws.name, "u2m: a stored grant does not open; consent needed");
             return Err(BrokerError::ConsentRequired);
         };
         let now = now_ms();
-        if grant.access_fresh(now) {
+        if !discarded && grant.access_fresh(now) {
             // Another replica refreshed while we waited for the row.
             return Ok(Minted {
                 token: SecretString::new(grant.a.clone()),
@@ -492,13 +605,20 @@ impl U2m {
                     x: issued.saturating_add((set.expires_in as i64).saturating_mul(1000)),
                     n: issued,
                 };
-                let sealed = self.seal(&next, &ws.name, user_name)?;
+                let sealed = self.seal(&next, p)?;
                 let stored = async {
                     tx.execute(
-                        "UPDATE aegis_u2m_tokens SET sealed = $3, key_id = $4, \
-                         generation = generation + 1, updated_at = now() \
-                         WHERE workspace = $1 AND user_name = $2",
-                        &[&ws.name, &user_name, &sealed, &self.sealer.key_id()],
+                        "UPDATE aegis_u2m_grants SET sealed = $4, key_id = $5, \
+                         access_discarded = false, generation = generation + 1, \
+                         updated_at = now() \
+                         WHERE workspace = $1 AND issuer = $2 AND subject = $3",
+                        &[
+                            &p.workspace,
+                            &p.issuer,
+                            &p.subject,
+                            &sealed,
+                            &self.sealer.key_id(),
+                        ],
                     )
                     .await?;
                     tx.commit().await
@@ -525,8 +645,9 @@ impl U2m {
                     .increment(1);
                 tracing::info!(workspace = %ws.name, "u2m: refresh token rejected; consent needed");
                 tx.execute(
-                    "DELETE FROM aegis_u2m_tokens WHERE workspace = $1 AND user_name = $2",
-                    &[&ws.name, &user_name],
+                    "DELETE FROM aegis_u2m_grants \
+                     WHERE workspace = $1 AND issuer = $2 AND subject = $3",
+                    &[&p.workspace, &p.issuer, &p.subject],
                 )
                 .await
                 .map_err(pg_err)?;
@@ -540,18 +661,32 @@ impl U2m {
         }
     }
 
-    /// Forgets a user's grant (revocation); true when one was stored.
-    pub async fn forget(&self, workspace: &str, user_name: &str) -> Result<bool, BrokerError> {
+    /// Discards the stored access tokens of the principals that map to `user_name` (or only
+    /// `narrow` = (issuer, subject)): their next request refreshes. The number of grants.
+    pub async fn discard_access(
+        &self,
+        workspace: &str,
+        user_name: &str,
+        narrow: Option<(&str, &str)>,
+    ) -> Result<u64, BrokerError> {
         let mut conn = self.pool.get().await?;
-        let n = conn
-            .client()?
-            .execute(
-                "DELETE FROM aegis_u2m_tokens WHERE workspace = $1 AND user_name = $2",
-                &[&workspace, &user_name],
-            )
+        discard_access(conn.client()?, workspace, user_name, narrow)
             .await
-            .map_err(pg_err)?;
-        Ok(n > 0)
+            .map_err(pg_err)
+    }
+
+    /// Deletes the grants of the principals that map to `user_name` (or only `narrow`); the
+    /// number deleted.
+    pub async fn forget(
+        &self,
+        workspace: &str,
+        user_name: &str,
+        narrow: Option<(&str, &str)>,
+    ) -> Result<u64, BrokerError> {
+        let mut conn = self.pool.get().await?;
+        forget(conn.client()?, workspace, user_name, narrow)
+            .await
+            .map_err(pg_err)
     }
 
     // --- consent ---
@@ -576,6 +711,7 @@ impl U2m {
             w: claims.workspace.clone(),
             u: claims.user_name.clone(),
             i: claims.issuer.clone(),
+            p: claims.subject.clone(),
             b: binding.secret().to_string(),
         };
         let key = Self::pending_key(state.secret());
@@ -684,8 +820,14 @@ impl U2m {
             x: issued.saturating_add((set.expires_in as i64).saturating_mul(1000)),
             n: issued,
         };
+        let principal = GrantOf {
+            workspace: &ws.name,
+            issuer: &pending.i,
+            subject: &pending.p,
+            user_name: &pending.u,
+        };
         let sealed = self
-            .seal(&grant, &ws.name, &pending.u)
+            .seal(&grant, &principal)
             .map_err(|_| CallbackError::Unavailable)?;
         let mut conn = self
             .pool
@@ -695,12 +837,21 @@ impl U2m {
         conn.client()
             .map_err(|_| CallbackError::Unavailable)?
             .execute(
-                "INSERT INTO aegis_u2m_tokens (workspace, user_name, sealed, key_id) \
-                 VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (workspace, user_name) DO UPDATE SET sealed = EXCLUDED.sealed, \
-                 key_id = EXCLUDED.key_id, generation = aegis_u2m_tokens.generation + 1, \
-                 updated_at = now()",
-                &[&ws.name, &pending.u, &sealed, &self.sealer.key_id()],
+                "INSERT INTO aegis_u2m_grants \
+                 (workspace, issuer, subject, user_name, sealed, key_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (workspace, issuer, subject) DO UPDATE SET \
+                 user_name = EXCLUDED.user_name, sealed = EXCLUDED.sealed, \
+                 key_id = EXCLUDED.key_id, access_discarded = false, \
+                 generation = aegis_u2m_grants.generation + 1, updated_at = now()",
+                &[
+                    &ws.name,
+                    &pending.i,
+                    &pending.p,
+                    &pending.u,
+                    &sealed,
+                    &self.sealer.key_id(),
+                ],
             )
             .await
             .map_err(|e| {
@@ -712,6 +863,7 @@ impl U2m {
             workspace: ws.name.clone(),
             user_name: pending.u.clone(),
             issuer: pending.i.clone(),
+            subject: pending.p.clone(),
         })
     }
 
@@ -779,6 +931,7 @@ mod tests {
             workspace: "prod".into(),
             user_name: "alice@example.com".into(),
             issuer: "https://idp.example.com".into(),
+            subject: "u-alice".into(),
         }
     }
 
@@ -814,6 +967,7 @@ mod tests {
             ("u", "bob@example.com"),
             ("w", "other"),
             ("i", "https://evil.example.com"),
+            ("p", "mallory"),
             ("e", "99999999999"),
             ("s", "AAAA"),
         ] {

@@ -350,9 +350,11 @@ impl Validator {
             return Err(IdentityError::Expired);
         }
 
+        // The subject is half of the principal everything cached is keyed by: without one, two
+        // people of one issuer could not be told apart, so a token without it is refused.
         let subject = match claims.get("sub") {
-            None => String::new(),
-            Some(serde_json::Value::String(s)) => plain(s, "sub")?,
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => plain(s, "sub")?,
+            Some(serde_json::Value::String(_)) | None => return Err(Rejected("sub is missing")),
             Some(_) => return Err(Rejected("sub is not a string")),
         };
         let user_name = match claims.get(&issuer.cfg.username_claim) {

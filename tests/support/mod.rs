@@ -5,6 +5,9 @@
 
 use std::time::{Duration, Instant};
 
+pub use sandbox::stack::{
+    dev_envoy_yaml, envoy_bin, free_port, AegisProcess, EnvoyProcess, EnvoyUpstreams,
+};
 pub use sandbox::stack::{Stack, StackOptions};
 pub use sandbox::{RequestRecord, TokenRequest};
 
@@ -135,4 +138,53 @@ pub async fn audit_rows(stack: &Stack) -> Vec<serde_json::Value> {
         )
         .await
         .expect("read audit rows")
+}
+
+/// A second aegis replica (same Redis, Postgres, chain and keys) behind its own Envoy.
+pub struct Replica {
+    pub envoy: EnvoyProcess,
+    pub aegis: AegisProcess,
+}
+
+pub async fn second_replica(stack: &Stack) -> Replica {
+    replica(stack, "replica-b").await
+}
+
+/// Another aegis replica named `instance_id`, with its own Envoy.
+pub async fn replica(stack: &Stack, instance_id: &str) -> Replica {
+    let grpc = free_port().unwrap();
+    let admin = free_port().unwrap();
+    let mut cfg = stack.config().clone();
+    let server = cfg
+        .get_mut("server")
+        .and_then(|v| v.as_table_mut())
+        .expect("server table");
+    server.insert("grpc_listen".into(), format!("127.0.0.1:{grpc}").into());
+    server.insert("admin_listen".into(), format!("127.0.0.1:{admin}").into());
+    server.insert("instance_id".into(), instance_id.into());
+    let path = stack
+        .write_config_as(&format!("aegis-{instance_id}.toml"), &cfg)
+        .unwrap();
+    let aegis = AegisProcess::start(stack.aegis_bin(), &path)
+        .await
+        .expect("second aegis starts");
+    let ws_port: u16 = stack
+        .sandbox
+        .workspace_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("workspace port");
+    let envoy = EnvoyProcess::start(
+        &envoy_bin().unwrap(),
+        &dev_envoy_yaml().unwrap(),
+        &stack.work_dir().join(format!("envoy-{instance_id}")),
+        EnvoyUpstreams {
+            databricks_port: ws_port,
+            aegis_port: grpc,
+        },
+    )
+    .await
+    .expect("second envoy starts");
+    Replica { envoy, aegis }
 }

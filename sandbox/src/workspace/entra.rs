@@ -96,6 +96,9 @@ async fn token(
     let fault = *lock(&entra.fault);
     match fault {
         TokenFault::Ok => {}
+        TokenFault::Slow { millis } => {
+            tokio::time::sleep(std::time::Duration::from_millis(millis)).await
+        }
         TokenFault::RateLimited { retry_after_secs } => {
             let mut r = entra_error(
                 StatusCode::TOO_MANY_REQUESTS,

@@ -50,6 +50,10 @@ const MAX_TOKENS: usize = 100_000;
 struct IssuedToken {
     user_name: String,
     expires_at: Instant,
+    /// For a token exchange: the IdP principal (`iss#sub`) whose subject token it came from.
+    subject: Option<String>,
+    /// 1 for the first token this workspace issued, and so on.
+    serial: u64,
 }
 
 pub(crate) struct WorkspaceState {
@@ -64,6 +68,10 @@ pub(crate) struct WorkspaceState {
     genie: genie::Conversations,
     /// How `/oidc/v1/token` misbehaves, for fault tests.
     pub token_fault: Mutex<oauth::TokenFault>,
+    /// `/oidc/v1/token` requests received (counted on arrival, before any fault or delay).
+    pub token_requests: std::sync::atomic::AtomicU64,
+    /// Access tokens issued so far; each token's serial is its place in that order.
+    issued: std::sync::atomic::AtomicU64,
     /// Authorization codes and rotating refresh tokens (U2M).
     pub u2m: u2m::U2mState,
     /// The Entra-shaped OBO endpoint's state (served on the IdP's listener).
@@ -90,6 +98,8 @@ impl WorkspaceState {
             statements: statements::Statements::default(),
             genie: genie::Conversations::default(),
             token_fault: Mutex::new(oauth::TokenFault::Ok),
+            token_requests: std::sync::atomic::AtomicU64::new(0),
+            issued: std::sync::atomic::AtomicU64::new(0),
             u2m: u2m::U2mState::default(),
             entra: entra::EntraState::default(),
         }
@@ -129,6 +139,12 @@ impl WorkspaceState {
 
     /// Issues an opaque access token for `user_name` valid for `token_ttl`.
     pub(crate) fn issue_token(&self, user_name: &str) -> String {
+        self.issue_token_for(user_name, None)
+    }
+
+    /// Issues a token and remembers the IdP principal it was exchanged for (if any), so the
+    /// request log can say whose subject token stands behind every request.
+    pub(crate) fn issue_token_for(&self, user_name: &str, subject: Option<String>) -> String {
         let token = crate::util::random_token("dsbx");
         let now = Instant::now();
         let mut tokens = lock(&self.tokens);
@@ -151,6 +167,11 @@ impl WorkspaceState {
             IssuedToken {
                 user_name: user_name.to_string(),
                 expires_at: now + self.opts.token_ttl,
+                subject,
+                serial: self
+                    .issued
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1,
             },
         );
         drop(tokens);
@@ -160,11 +181,16 @@ impl WorkspaceState {
         token
     }
 
-    fn lookup_token(&self, token: &str) -> Option<(String, bool)> {
+    fn lookup_token(&self, token: &str) -> Option<(String, bool, Option<String>, u64)> {
         let tokens = lock(&self.tokens);
-        tokens
-            .get(token)
-            .map(|t| (t.user_name.clone(), t.expires_at <= Instant::now()))
+        tokens.get(token).map(|t| {
+            (
+                t.user_name.clone(),
+                t.expires_at <= Instant::now(),
+                t.subject.clone(),
+                t.serial,
+            )
+        })
     }
 
     /// Whether `token` is a JWT issued by the dev IdP (looked at, not verified).
@@ -485,6 +511,8 @@ async fn audit_and_authenticate(
         authorization_kind: authorization_kind(&ws, authorizations.first().copied()).to_string(),
         token_expired: false,
         user: None,
+        subject: None,
+        token_serial: None,
         trace_id: trace_id(user_agent.as_deref()),
         user_agent,
         x_aegis_headers: headers
@@ -507,8 +535,10 @@ async fn audit_and_authenticate(
             None => unauthenticated(),
             Some(token) => match ws.lookup_token(&token) {
                 None => invalid_token(),
-                Some((user_name, expired)) => {
+                Some((user_name, expired, subject, serial)) => {
                     rec.user = Some(user_name.clone());
+                    rec.subject = subject;
+                    rec.token_serial = Some(serial);
                     rec.token_expired = expired;
                     match (expired, ws.fixture.user(&user_name)) {
                         (false, Some(user)) => {

@@ -42,6 +42,8 @@ pub enum TokenFault {
     RateLimited { retry_after_secs: u64 },
     /// Answer nothing for [`TOKEN_HANG`], then 503: a token endpoint that times out.
     Hang,
+    /// Answer normally, after `millis` (the token is issued at the end): a slow token endpoint.
+    Slow { millis: u64 },
 }
 
 /// How long a [`TokenFault::Hang`] holds the request.
@@ -52,9 +54,15 @@ pub(super) async fn token(
     headers: HeaderMap,
     form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Response {
+    ws.token_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let fault = *ws.token_fault.lock().unwrap_or_else(|p| p.into_inner());
     match fault {
         TokenFault::Ok => token_inner(&ws, &headers, form),
+        TokenFault::Slow { millis } => {
+            tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+            token_inner(&ws, &headers, form)
+        }
         TokenFault::ServerError => oauth_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "temporarily_unavailable",
@@ -188,7 +196,18 @@ fn token_inner(
         }
     };
     let scope = field("scope").unwrap_or("all-apis").to_string();
-    let access_token = ws.issue_token(&user_name);
+    let principal = format!(
+        "{}#{}",
+        claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+        claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    );
+    let access_token = ws.issue_token_for(&user_name, Some(principal));
     let mut resp = (
         StatusCode::OK,
         [(header::CACHE_CONTROL, "no-store")],
