@@ -351,6 +351,9 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             return fail(Reason::UnknownWorkspace);
         };
         draft.workspace = workspace.name.clone();
+        if !crate::config::Config::issuer_admitted(workspace, &identity.issuer_name) {
+            return fail(Reason::UntrustedIssuer);
+        }
 
         // 3. policy
         if !self

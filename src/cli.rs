@@ -26,6 +26,9 @@ fn print_config_errors(path: &Path, errs: &ConfigErrors) {
 pub fn config_check(path: &Path) -> i32 {
     match load(path) {
         Ok(cfg) => {
+            for w in cfg.warnings() {
+                eprintln!("{}: warning: {w}", path.display());
+            }
             println!(
                 "{}: ok ({} issuer(s), {} workspace(s))",
                 path.display(),

@@ -264,6 +264,8 @@ pub struct WorkspaceConfig {
     pub scopes: Vec<String>,
     /// Per-workspace agent allowlist; `None` falls back to `policy.allowed_agents`.
     pub allowed_agents: Option<Vec<String>>,
+    /// The issuers (by `name`) whose users may reach this workspace; `None`: every issuer.
+    pub issuers: Option<Vec<String>>,
     /// `entra_obo`: the Entra tenant (directory) id.
     pub tenant_id: Option<String>,
     /// `entra_obo`: the token endpoint; default
@@ -332,6 +334,48 @@ impl Config {
                 Err(ConfigErrors(r.errors))
             }
         }
+    }
+
+    /// Whether users of the issuer named `issuer_name` may reach `ws`.
+    pub fn issuer_admitted(ws: &WorkspaceConfig, issuer_name: &str) -> bool {
+        ws.issuers
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|n| n == issuer_name))
+    }
+
+    /// Settings that are valid but risky, for `aegis config check` and the start-up log.
+    ///
+    /// Several issuers that can reach one workspace may assert the same user name for
+    /// different people. aegis keeps their credentials apart (everything is keyed by issuer and
+    /// subject), but Databricks only sees the user name, so each such issuer must be trusted
+    /// to assert it.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, ws) in self.workspaces.iter().enumerate() {
+            let reach: Vec<&IssuerConfig> = self
+                .issuers
+                .iter()
+                .filter(|iss| Config::issuer_admitted(ws, &iss.name))
+                .collect();
+            if reach.len() < 2 {
+                continue;
+            }
+            let names: Vec<String> = reach
+                .iter()
+                .map(|iss| format!("{} ({})", iss.name, iss.username_claim))
+                .collect();
+            out.push(format!(
+                "workspaces[{i}] (\"{}\") can be reached by users of {} issuers: {}; their user-name \
+                 claims can name the same Databricks user for different people, and Databricks \
+                 sees only that name. List only the issuers allowed to reach it \
+                 (workspaces[{i}].issuers = [...]) unless each of them is trusted to assert every \
+                 user name it sends",
+                ws.name,
+                reach.len(),
+                names.join(", ")
+            ));
+        }
+        out
     }
 
     pub fn workspace(&self, name: &str) -> Option<&WorkspaceConfig> {
@@ -680,6 +724,16 @@ impl Reader<'_> {
         let audit = self.audit(&audit_t);
         let issuers = self.issuers(doc);
         let workspaces = self.workspaces(doc);
+        for (i, w) in workspaces.iter().enumerate() {
+            for name in w.issuers.iter().flatten() {
+                if !issuers.iter().any(|c| c.name == *name) {
+                    self.err(
+                        &format!("workspaces[{i}].issuers"),
+                        format!("\"{name}\" is not the name of a configured issuer"),
+                    );
+                }
+            }
+        }
         let policy = self.policy(&policy_t, &workspaces);
         if workspaces
             .iter()
@@ -1235,6 +1289,7 @@ impl Reader<'_> {
                     "client_id",
                     "scopes",
                     "allowed_agents",
+                    "issuers",
                     "tenant_id",
                     "entra_token_url",
                     "client_secret_file",
@@ -1285,6 +1340,13 @@ impl Reader<'_> {
                 self.err(&format!("{path}.scopes"), "must not be empty");
             }
             let allowed_agents = self.string_list(t, "allowed_agents", &path, false);
+            let issuers = self.string_list(t, "issuers", &path, false);
+            if matches!(&issuers, Some(i) if i.is_empty()) {
+                self.err(
+                    &format!("{path}.issuers"),
+                    "must not be empty (leave it out to admit every issuer)",
+                );
+            }
             let entra = self.entra_keys(t, &path, name.as_deref(), token_source, &client_id);
             if let (Some(name), Some(url), Some(token_source), Some(scopes), Some(entra)) =
                 (name, url, token_source, scopes, entra)
@@ -1297,6 +1359,7 @@ impl Reader<'_> {
                     client_id,
                     scopes,
                     allowed_agents,
+                    issuers,
                     tenant_id: entra.tenant_id,
                     entra_token_url: entra.token_url,
                     client_secret: entra.client_secret,

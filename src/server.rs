@@ -87,6 +87,10 @@ pub async fn run(
         .ok()
         .and_then(|b| b.install_recorder().ok());
 
+    for w in cfg.warnings() {
+        tracing::warn!("config: {w}");
+    }
+
     // Outbound calls must finish well inside the Check deadline.
     let outbound_timeout = cfg.server.check_timeout.mul_f32(0.7);
     let http =

@@ -290,3 +290,60 @@ async fn revoke_by_user_name_reaches_every_principal_and_can_be_narrowed() {
     assert_eq!(rows[0]["subject"], "mallory");
     assert_eq!(rows[1]["subject"], "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_admits_only_its_listed_issuers_and_config_check_warns_otherwise() {
+    let mut stack = two_issuer_stack().await;
+    let config = stack.config_path().to_str().expect("path").to_string();
+    // Two issuers can reach the one workspace: valid, but config check says why it is risky.
+    let (code, out, err) = aegis(&["config", "check", "--config", &config]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("warning: workspaces[0]") && err.contains("2 issuers"),
+        "{err}"
+    );
+
+    // The workspace admits only the first issuer.
+    let first = stack.config()["issuers"][0]["name"]
+        .as_str()
+        .expect("issuer name")
+        .to_string();
+    stack
+        .update_config(|c| {
+            c["workspaces"][0]
+                .as_table_mut()
+                .expect("workspace")
+                .insert("issuers".into(), vec![first.clone()].into());
+        })
+        .expect("config written");
+    let (code, out, err) = aegis(&["config", "check", "--config", &config]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("warning"), "{err}");
+    stack.aegis.restart().await.expect("aegis restarts");
+
+    let alice = token(&stack, "alice");
+    let mallory = tenant_b_token(&stack, "mallory", "alice@example.com");
+    // Positive control: the listed issuer's user is let through.
+    assert_eq!(get(&stack, ME, Some(&alice)).await.status, 200);
+    let r = get(&stack, ME, Some(&mallory)).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    assert_eq!(r.body["error"], "untrusted_issuer", "{}", r.text);
+    assert_eq!(r.body["trace_id"].as_str(), Some(r.trace_id().as_str()));
+    assert_eq!(stack.sandbox.exchange_count("alice@example.com"), 1);
+
+    // A name that is not a configured issuer is a config error.
+    stack
+        .update_config(|c| {
+            c["workspaces"][0]
+                .as_table_mut()
+                .expect("workspace")
+                .insert("issuers".into(), vec!["tenant-c".to_string()].into());
+        })
+        .expect("config written");
+    let (code, _out, err) = aegis(&["config", "check", "--config", &config]);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("workspaces[0].issuers") && err.contains("\"tenant-c\""),
+        "{err}"
+    );
+}

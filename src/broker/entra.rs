@@ -72,6 +72,7 @@ mod tests {
             client_id: Some("app".into()),
             scopes: vec!["all-apis".into()],
             allowed_agents: None,
+            issuers: None,
             tenant_id: tenant.map(str::to_string),
             entra_token_url: url.map(|u| url::Url::parse(u).unwrap()),
             client_secret: None,

@@ -1017,6 +1017,7 @@ mod tests {
             client_id: Some("app".into()),
             scopes: vec!["all-apis".into()],
             allowed_agents: None,
+            issuers: None,
             tenant_id: None,
             entra_token_url: None,
             client_secret: None,

@@ -40,6 +40,7 @@ async fn main() {
         client_id: None,
         scopes: vec!["all-apis".into()],
         allowed_agents: None,
+        issuers: None,
         tenant_id: None,
         entra_token_url: None,
         client_secret: None,
