@@ -7,7 +7,13 @@
 //! requests flow again with no restart.
 //!
 //! Revocations travel on the pub/sub channel [`EVENTS_CHANNEL`]; the link counts as healthy only
-//! while its subscription is up, so a replica that could miss a revocation denies instead.
+//! while its subscription is up, so a replica that could miss a revocation denies instead. Loss
+//! is seen at once, not at the next probe: a command that finds its connection gone, or the
+//! subscription's stream ending, turns the link down immediately. A subscription that stays
+//! open but delivers nothing (a connection silently dropped by a load balancer) is caught by a
+//! heartbeat: every probe publishes this link's own nonce on the channel, and unless it comes
+//! back within [`HEARTBEAT_DEADLINE`] the link goes down and resubscribes. Every connection has
+//! TCP keepalive and a TCP user timeout, so a peer that vanished is also noticed by the kernel.
 //!
 //! Tokens at rest in Redis are sealed with XChaCha20-Poly1305 under the cache key; the key id is
 //! stored beside the ciphertext and the Redis key name is the AAD, so a value copied to another
@@ -30,6 +36,41 @@ pub const PING_EVERY: Duration = Duration::from_millis(250);
 /// The pub/sub channel revocations (and other cross-replica events) travel on.
 pub const EVENTS_CHANNEL: &str = "aegis:v1:events";
 const OP_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long the link waits for its own heartbeat to come back through the subscription.
+pub const HEARTBEAT_DEADLINE: Duration = Duration::from_millis(1000);
+/// Prefix of a heartbeat event: `hb:<nonce of the publishing link>`; never forwarded.
+const HEARTBEAT_PREFIX: &str = "hb:";
+
+/// Keepalive probes after 5 s idle, every second, 3 tries; unacknowledged data fails the
+/// connection after 2 s (a partition with requests in flight).
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+    let settings = TcpSettings::default().set_nodelay(true).set_keepalive(
+        TcpKeepalive::new()
+            .with_time(Duration::from_secs(5))
+            .with_interval(Duration::from_secs(1))
+            .with_retries(3),
+    );
+    #[cfg(target_os = "linux")]
+    let settings = settings.set_user_timeout(Duration::from_secs(2));
+    settings
+}
+
+/// A client for one node, with [`tcp_settings`].
+fn node_client(url: &str, ca_pem: Option<&[u8]>) -> Result<redis::Client, redis::RedisError> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info()?.set_tcp_settings(tcp_settings());
+    match ca_pem {
+        Some(ca) if url.starts_with("rediss://") => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            },
+        ),
+        _ => redis::Client::open(info),
+    }
+}
 
 pub struct RedisLink {
     source: Source,
@@ -40,6 +81,11 @@ pub struct RedisLink {
     /// The events subscription is up.
     subscribed: AtomicBool,
     events: tokio::sync::broadcast::Sender<String>,
+    /// This link's heartbeat payload (`hb:<random>`), and when it last came back (unix ms).
+    heartbeat: String,
+    heartbeat_seen_ms: std::sync::atomic::AtomicI64,
+    /// Tells the subscription task to drop its connection and subscribe again.
+    resubscribe: tokio::sync::Notify,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +101,7 @@ pub enum RedisError {
 impl RedisLink {
     /// A link to a single node at `url` (tests, tools).
     pub fn new(url: &str) -> Result<Arc<RedisLink>, redis::RedisError> {
-        Self::with_source(Source::Standalone(redis::Client::open(url)?))
+        Self::with_source(Source::Standalone(node_client(url, None)?))
     }
 
     /// A link as configured: standalone, cluster or Sentinel, TLS with an optional private CA.
@@ -64,17 +110,12 @@ impl RedisLink {
             client_tls: None,
             root_cert: cfg.ca_pem.clone(),
         };
-        let client = |url: &str| -> Result<redis::Client, redis::RedisError> {
-            if cfg.ca_pem.is_some() && url.starts_with("rediss://") {
-                redis::Client::build_with_tls(url, certs())
-            } else {
-                redis::Client::open(url)
-            }
-        };
+        let client = |url: &str| node_client(url, cfg.ca_pem.as_deref());
         let source = match &cfg.topology {
             RedisTopology::Standalone(url) => Source::Standalone(client(url)?),
             RedisTopology::Cluster(nodes) => {
                 let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                    .tcp_settings(tcp_settings())
                     .connection_timeout(Duration::from_millis(500))
                     .response_timeout(OP_TIMEOUT);
                 if cfg.ca_pem.is_some() {
@@ -106,6 +147,14 @@ impl RedisLink {
             epoch: AtomicU64::new(0),
             subscribed: AtomicBool::new(false),
             events: tokio::sync::broadcast::channel(1024).0,
+            heartbeat: {
+                use rand::RngCore;
+                let mut raw = [0u8; 12];
+                rand::rng().fill_bytes(&mut raw);
+                format!("{HEARTBEAT_PREFIX}{}", hex::encode(raw))
+            },
+            heartbeat_seen_ms: std::sync::atomic::AtomicI64::new(0),
+            resubscribe: tokio::sync::Notify::new(),
         }))
     }
 
@@ -137,12 +186,27 @@ impl RedisLink {
                     // Events published while we were not subscribed are lost: a new epoch
                     // makes the broker flush everything cached before this point.
                     self.epoch.fetch_add(1, Ordering::AcqRel);
+                    self.heartbeat_seen_ms
+                        .store(crate::clock::unix_ms(), Ordering::Release);
                     self.subscribed.store(true, Ordering::Release);
                     let mut stream = pubsub.into_on_message();
-                    while let Some(msg) = stream.next().await {
-                        if let Ok(payload) = msg.get_payload::<String>() {
-                            let _ = self.events.send(payload);
+                    loop {
+                        let msg = tokio::select! {
+                            msg = stream.next() => msg,
+                            () = self.resubscribe.notified() => None,
+                        };
+                        let Some(msg) = msg else { break };
+                        let Ok(payload) = msg.get_payload::<String>() else {
+                            continue;
+                        };
+                        if payload.starts_with(HEARTBEAT_PREFIX) {
+                            if payload == self.heartbeat {
+                                self.heartbeat_seen_ms
+                                    .store(crate::clock::unix_ms(), Ordering::Release);
+                            }
+                            continue;
                         }
+                        let _ = self.events.send(payload);
                     }
                     self.subscribed.store(false, Ordering::Release);
                     self.down("events subscription lost");
@@ -156,6 +220,27 @@ impl RedisLink {
     /// once: a replica that could miss a revocation must deny.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire) && self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Whether this link's own heartbeat came back through the subscription recently; if not,
+    /// the subscription is told to start over.
+    fn heartbeat_fresh(&self) -> bool {
+        if !self.subscribed.load(Ordering::Acquire) {
+            return false;
+        }
+        let age = crate::clock::unix_ms() - self.heartbeat_seen_ms.load(Ordering::Acquire);
+        if age <= HEARTBEAT_DEADLINE.as_millis() as i64 {
+            return true;
+        }
+        tracing::warn!(
+            age_ms = age,
+            "redis events subscription delivers nothing; resubscribing"
+        );
+        metrics::counter!("aegis_redis_heartbeat_missed_total").increment(1);
+        if self.subscribed.swap(false, Ordering::AcqRel) {
+            self.resubscribe.notify_one();
+        }
+        false
     }
 
     pub fn epoch(&self) -> u64 {
@@ -199,7 +284,15 @@ impl RedisLink {
         if !ok {
             self.set_connection(None);
         }
-        let ok = ok && self.subscribed.load(Ordering::Acquire);
+        let ok = ok && self.subscribed.load(Ordering::Acquire) && self.heartbeat_fresh();
+        if ok {
+            // The next probe checks that this one came back through the subscription.
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(EVENTS_CHANNEL).arg(&self.heartbeat);
+            if let Some(mut c) = self.connection() {
+                let _ = tokio::time::timeout(OP_TIMEOUT, cmd.query_async::<i64>(&mut c)).await;
+            }
+        }
         let was = self.healthy.swap(ok, Ordering::AcqRel);
         if ok && !was {
             self.epoch.fetch_add(1, Ordering::AcqRel);
