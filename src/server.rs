@@ -20,6 +20,7 @@ use crate::broker::Broker;
 use crate::config::{Config, ListenAddr};
 use crate::grpc::AuthzService;
 use crate::identity::Validator;
+use crate::policy::blocklist::BlockStore;
 use crate::policy::{AgentBlocklist, Policy};
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +114,8 @@ pub async fn run(
     );
     tokio::spawn(broker.clone().follow_revocations());
     let target = PgTarget::parse(&cfg.postgres.url).map_err(ServeError::Postgres)?;
+    // Agents blocked from the console: durable in Postgres, fanned out through Redis.
+    let blocks = Arc::new(BlockStore::new(target.clone()));
     let audit = AuditChain::start(
         target.clone(),
         cfg.audit.chain_id.clone(),
@@ -136,9 +139,9 @@ pub async fn run(
         )),
     ));
 
-    // Agents blocked from the console: shared through Redis, re-read every 500 ms.
+    // The in-memory copy the pipeline reads: re-read every 500 ms and on every change event.
     let blocklist = Arc::new(AgentBlocklist::unloaded());
-    tokio::spawn(blocklist.clone().keep_fresh(redis.clone()));
+    tokio::spawn(blocklist.clone().keep_fresh(blocks.clone(), redis.clone()));
 
     let ready = Arc::new(AtomicBool::new(false));
     // U2M: refresh tokens in Postgres, consent links in `consent_required` denies.
@@ -201,6 +204,7 @@ pub async fn run(
             validator: validator.clone(),
             redis: redis.clone(),
             blocklist: blocklist.clone(),
+            blocks: blocks.clone(),
             readiness: components.clone(),
             http: http.clone(),
             keys: cfg.audit.keys(),

@@ -52,6 +52,8 @@ pub struct Parts {
     pub validator: Arc<Validator>,
     pub redis: Arc<RedisLink>,
     pub blocklist: Arc<AgentBlocklist>,
+    /// The durable agent blocks.
+    pub blocks: Arc<crate::policy::blocklist::BlockStore>,
     pub readiness: Arc<dyn Readiness>,
     pub http: reqwest::Client,
     /// Audit HMAC keys by key id, for "verify now".
@@ -99,6 +101,34 @@ fn set_up(name: &str, up: bool, latency: Option<Duration>) {
 // === impl LiveOps ===
 
 impl LiveOps {
+    /// Records an operator action from the console as an `ADMIN` row; fails when the row does
+    /// not commit, so the console never reports an action the chain does not hold.
+    async fn admin_row(
+        &self,
+        method: &str,
+        reason: &str,
+        user: &str,
+        agent: &str,
+        workspace: &str,
+    ) -> Result<u64, OpError> {
+        let draft = crate::audit::Draft {
+            ts: std::time::SystemTime::now(),
+            trace_id: crate::authz::TraceId::random().as_str().to_string(),
+            verdict: crate::audit::Verdict::Admin,
+            reason: reason.to_string(),
+            user_name: user.to_string(),
+            agent: agent.to_string(),
+            workspace: workspace.to_string(),
+            method: method.to_string(),
+            path: "aegis console".to_string(),
+            ..Default::default()
+        };
+        match tokio::time::timeout(Duration::from_secs(5), self.parts.audit.append(draft)).await {
+            Ok(Ok(seq)) => Ok(seq),
+            _ => Err(OpError::Unavailable("audit")),
+        }
+    }
+
     pub fn new(cfg: &Config, parts: Parts) -> Arc<LiveOps> {
         Arc::new(LiveOps {
             parts,
@@ -493,6 +523,8 @@ impl Operations for LiveOps {
                     .revoke(w, &user, None)
                     .await
                     .map_err(|_| OpError::Unavailable("redis"))?;
+                self.admin_row("REVOKE", "token_revoked", &user, "", w)
+                    .await?;
             }
             Ok(targets)
         }
@@ -505,13 +537,28 @@ impl Operations for LiveOps {
         blocked: bool,
     ) -> BoxFuture<'_, Result<(), OpError>> {
         async move {
-            let bl = &self.parts.blocklist;
-            let r = if blocked {
-                bl.block(&self.parts.redis, &agent).await
+            let (bl, store, redis) = (&self.parts.blocklist, &self.parts.blocks, &self.parts.redis);
+            let by = format!("console@{}", self.instance_id);
+            if blocked {
+                // Blocked first (fail closed), then recorded; a block whose row does not commit
+                // stays in force and the operator is told it was not recorded.
+                use crate::policy::blocklist::BlockError;
+                match bl.block(store, redis, &agent, &by).await {
+                    Err(BlockError::Postgres(_)) => Err(OpError::Unavailable("postgres")),
+                    fanned_out => {
+                        self.admin_row("BLOCK", "agent_blocked", "", &agent, "")
+                            .await?;
+                        fanned_out.map_err(|_| OpError::Unavailable("redis"))
+                    }
+                }
             } else {
-                bl.unblock(&self.parts.redis, &agent).await
-            };
-            r.map_err(|_| OpError::Unavailable("redis"))
+                // Recorded first: an unblock the chain does not hold does not happen.
+                self.admin_row("UNBLOCK", "agent_unblocked", "", &agent, "")
+                    .await?;
+                bl.unblock(store, redis, &agent)
+                    .await
+                    .map_err(|_| OpError::Unavailable("postgres"))
+            }
         }
         .boxed()
     }

@@ -80,12 +80,18 @@ CREATE TABLE IF NOT EXISTS aegis_u2m_grants (
     PRIMARY KEY (workspace, issuer, subject)
 );
 CREATE INDEX IF NOT EXISTS aegis_u2m_grants_by_name ON aegis_u2m_grants (workspace, user_name);
+-- Version 3 too: agent blocks are durable (Redis only fans changes out).
+CREATE TABLE IF NOT EXISTS aegis_agent_blocks (
+    agent      text        PRIMARY KEY,
+    blocked_by text        NOT NULL,
+    blocked_at timestamptz NOT NULL DEFAULT now()
+);
 INSERT INTO aegis_schema_version (version) VALUES (1), (2), (3) ON CONFLICT DO NOTHING;
 "#;
 
 /// The schema version this build writes.
 /// (2 added `aegis_u2m_tokens`, the sealed U2M refresh tokens; 3 replaced it with
-/// `aegis_u2m_grants`, one per verified principal.)
+/// `aegis_u2m_grants`, one per verified principal, and added `aegis_agent_blocks`.)
 pub const SCHEMA_VERSION: i32 = 3;
 
 /// The installed schema version, `None` when aegis' tables are absent.
@@ -133,12 +139,13 @@ pub async fn grant_service_role(client: &Client, role: &str) -> Result<(), Schem
     }
     client
         .batch_execute(&format!(
-            "REVOKE ALL ON aegis_audit, aegis_chain_head, aegis_schema_version, aegis_u2m_grants \
-             FROM {role}; \
+            "REVOKE ALL ON aegis_audit, aegis_chain_head, aegis_schema_version, aegis_u2m_grants, \
+             aegis_agent_blocks FROM {role}; \
              GRANT SELECT, INSERT ON aegis_audit TO {role}; \
              GRANT SELECT, INSERT, UPDATE ON aegis_chain_head TO {role}; \
              GRANT SELECT ON aegis_schema_version TO {role}; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON aegis_u2m_grants TO {role};"
+             GRANT SELECT, INSERT, UPDATE, DELETE ON aegis_u2m_grants TO {role}; \
+             GRANT SELECT, INSERT, DELETE ON aegis_agent_blocks TO {role};"
         ))
         .await?;
     Ok(())

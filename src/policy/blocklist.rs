@@ -1,28 +1,145 @@
 //! The agent blocklist: agents an operator blocked from the console.
 //!
-//! The set lives in Redis (one Redis set, shared by every replica) and in memory here; the
-//! pipeline only ever reads the in-memory copy (a read lock and a hash lookup, no allocation, no
-//! I/O). [`AgentBlocklist::keep_fresh`] re-reads Redis every [`REFRESH_EVERY`], so a block made
-//! on one replica reaches every other within about a second. A blocklist backed by Redis
-//! reports [`AgentBlocklist::loaded`] false until its first successful read, and the pipeline
-//! denies (`dependency_unavailable`) until then: an agent blocked before a restart is never let
-//! through by a replica that has not read the list yet.
+//! The list lives durably in PostgreSQL (`aegis_agent_blocks`; every change is also an `ADMIN`
+//! row in the audit chain, written by the console) and in memory here; the pipeline only ever
+//! reads the in-memory copy (a read lock and a hash lookup, no allocation, no I/O). Redis only
+//! fans changes out: a `block:`/`unblock:` event makes every replica apply a block at once and
+//! re-read the durable list. [`AgentBlocklist::keep_fresh`] also re-reads it every
+//! [`REFRESH_EVERY`]. A missing or flushed Redis therefore never unblocks anyone.
+//!
+//! A blocklist that could not read the durable list reports [`AgentBlocklist::loaded`] false,
+//! at start and after any failed read, and the pipeline denies (`dependency_unavailable`) until
+//! a read succeeds: an agent blocked before a restart is never let through by a replica that
+//! cannot tell.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::broker::redis::{RedisError, RedisLink};
+use tokio_postgres::Client;
 
-/// The Redis set holding blocked agent names.
-pub const REDIS_KEY: &str = "aegis:v1:blocked_agents";
+use crate::audit::pg::PgTarget;
+use crate::broker::redis::RedisLink;
 
-/// How often each replica re-reads the set.
+/// The Redis set where blocks lived before they were durable (read once at start and copied
+/// into PostgreSQL, so an upgrade loses no block).
+pub const LEGACY_REDIS_KEY: &str = "aegis:v1:blocked_agents";
+
+/// Prefixes of the events that fan a change out to every replica.
+pub const BLOCK_EVENT: &str = "block:";
+pub const UNBLOCK_EVENT: &str = "unblock:";
+
+/// How often each replica re-reads the durable list.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
 
 /// Longest agent name the console accepts.
 pub const MAX_AGENT_LEN: usize = 256;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the durable list could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("postgres is unavailable: {0}")]
+    Postgres(String),
+    #[error("the change was stored but could not be fanned out through redis")]
+    Redis,
+}
+
+/// The durable list in PostgreSQL, on a connection of its own.
+pub struct BlockStore {
+    target: PgTarget,
+    conn: tokio::sync::Mutex<Option<Client>>,
+}
+
+// === impl BlockStore ===
+
+impl BlockStore {
+    pub fn new(target: PgTarget) -> BlockStore {
+        BlockStore {
+            target,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `f` on the store's connection, (re)connecting first if needed; a failed statement
+    /// drops the connection so the next call starts afresh.
+    async fn with<T>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c Client,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>,
+        >,
+    ) -> Result<T, BlockError> {
+        let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            let c = self
+                .target
+                .connect(CONNECT_TIMEOUT, "aegis-blocklist")
+                .await
+                .map_err(BlockError::Postgres)?;
+            *guard = Some(c);
+        }
+        let Some(client) = guard.as_ref() else {
+            return Err(BlockError::Postgres("no connection".into()));
+        };
+        match tokio::time::timeout(STATEMENT_TIMEOUT, f(client)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                *guard = None;
+                Err(BlockError::Postgres(crate::audit::pg_error_text(&e)))
+            }
+            Err(_) => {
+                *guard = None;
+                Err(BlockError::Postgres("timed out".into()))
+            }
+        }
+    }
+
+    /// Every blocked agent.
+    pub async fn read_all(&self) -> Result<HashSet<String>, BlockError> {
+        self.with(|c| {
+            Box::pin(async move {
+                let rows = c.query("SELECT agent FROM aegis_agent_blocks", &[]).await?;
+                Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+            })
+        })
+        .await
+    }
+
+    /// Blocks `agent` (idempotent).
+    pub async fn block(&self, agent: &str, by: &str) -> Result<(), BlockError> {
+        let (agent, by) = (agent.to_string(), by.to_string());
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO aegis_agent_blocks (agent, blocked_by) VALUES ($1, $2) \
+                     ON CONFLICT (agent) DO NOTHING",
+                    &[&agent, &by],
+                )
+                .await
+                .map(|_| ())
+            })
+        })
+        .await
+    }
+
+    /// Lifts a block (idempotent).
+    pub async fn unblock(&self, agent: &str) -> Result<(), BlockError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute("DELETE FROM aegis_agent_blocks WHERE agent = $1", &[&agent])
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .await
+    }
+}
 
 pub struct AgentBlocklist {
     agents: RwLock<Arc<HashSet<String>>>,
@@ -32,7 +149,7 @@ pub struct AgentBlocklist {
 // === impl AgentBlocklist ===
 
 impl AgentBlocklist {
-    /// An empty list that needs no loading (for a pipeline without Redis, e.g. unit tests).
+    /// An empty list that needs no loading (for a pipeline without stores, e.g. unit tests).
     pub fn empty() -> AgentBlocklist {
         AgentBlocklist {
             agents: RwLock::new(Arc::new(HashSet::new())),
@@ -40,7 +157,7 @@ impl AgentBlocklist {
         }
     }
 
-    /// A list that is not usable until its first read from Redis.
+    /// A list that is not usable until its first read of the durable list.
     pub fn unloaded() -> AgentBlocklist {
         AgentBlocklist {
             agents: RwLock::new(Arc::new(HashSet::new())),
@@ -85,51 +202,115 @@ impl AgentBlocklist {
         }
     }
 
-    /// Re-reads the set from Redis.
-    pub async fn refresh(&self, redis: &RedisLink) -> Result<usize, RedisError> {
-        let mut cmd = redis::cmd("SMEMBERS");
-        cmd.arg(REDIS_KEY);
-        let members: Vec<String> = redis.run(cmd).await?;
-        let n = members.len();
-        self.replace(members.into_iter().collect());
-        Ok(n)
+    /// Re-reads the durable list; a failed read makes the list unusable until the next good
+    /// one (the pipeline denies meanwhile).
+    pub async fn refresh(&self, store: &BlockStore) -> Result<usize, BlockError> {
+        match store.read_all().await {
+            Ok(set) => {
+                let n = set.len();
+                self.replace(set);
+                Ok(n)
+            }
+            Err(e) => {
+                self.loaded.store(false, Ordering::Release);
+                Err(e)
+            }
+        }
     }
 
-    /// Blocks an agent on every replica (Redis first, then here at once).
-    pub async fn block(&self, redis: &RedisLink, agent: &str) -> Result<(), RedisError> {
-        let mut cmd = redis::cmd("SADD");
-        cmd.arg(REDIS_KEY).arg(agent);
-        let _: i64 = redis.run(cmd).await?;
+    /// Blocks an agent: durably first, here at once, then on every replica through Redis.
+    pub async fn block(
+        &self,
+        store: &BlockStore,
+        redis: &RedisLink,
+        agent: &str,
+        by: &str,
+    ) -> Result<(), BlockError> {
+        store.block(agent, by).await?;
         self.edit(|s| {
             s.insert(agent.to_string());
         });
+        // Replicas that miss the event still see the block at their next read.
+        redis
+            .publish(&format!("{BLOCK_EVENT}{agent}"))
+            .await
+            .map_err(|_| BlockError::Redis)?;
         Ok(())
     }
 
-    /// Lifts a block on every replica.
-    pub async fn unblock(&self, redis: &RedisLink, agent: &str) -> Result<(), RedisError> {
-        let mut cmd = redis::cmd("SREM");
-        cmd.arg(REDIS_KEY).arg(agent);
-        let _: i64 = redis.run(cmd).await?;
+    /// Lifts a block durably, here, and on every replica.
+    pub async fn unblock(
+        &self,
+        store: &BlockStore,
+        redis: &RedisLink,
+        agent: &str,
+    ) -> Result<(), BlockError> {
+        store.unblock(agent).await?;
         self.edit(|s| {
             s.remove(agent);
         });
+        redis
+            .publish(&format!("{UNBLOCK_EVENT}{agent}"))
+            .await
+            .map_err(|_| BlockError::Redis)?;
         Ok(())
     }
 
-    /// Re-reads the set every [`REFRESH_EVERY`], forever. A failed read keeps the last list;
-    /// while Redis is unreachable every Check is denied anyway.
-    pub async fn keep_fresh(self: Arc<Self>, redis: Arc<RedisLink>) {
+    /// Copies blocks from the pre-durable Redis set into PostgreSQL (once, at start), so an
+    /// upgrade loses none. Redis being unreachable only delays it to the next start.
+    async fn import_legacy(store: &BlockStore, redis: &RedisLink) {
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(LEGACY_REDIS_KEY);
+        let Ok(members) = redis.run::<Vec<String>>(cmd).await else {
+            return;
+        };
+        for agent in members.iter().filter(|a| valid_agent_name(a)) {
+            if let Err(e) = store.block(agent, "imported from redis").await {
+                tracing::warn!(error = %e, "could not import a legacy agent block");
+                return;
+            }
+        }
+        if !members.is_empty() {
+            tracing::info!(n = members.len(), "imported legacy agent blocks from redis");
+        }
+    }
+
+    /// Re-reads the durable list every [`REFRESH_EVERY`] and whenever a change event arrives,
+    /// forever; a block event is applied at once.
+    pub async fn keep_fresh(self: Arc<Self>, store: Arc<BlockStore>, redis: Arc<RedisLink>) {
+        let mut events = redis.events();
         let mut tick = tokio::time::interval(REFRESH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut imported = false;
         loop {
-            tick.tick().await;
-            match self.refresh(&redis).await {
+            tokio::select! {
+                _ = tick.tick() => {}
+                ev = events.recv() => match ev {
+                    Ok(msg) => {
+                        if let Some(agent) = msg.strip_prefix(BLOCK_EVENT) {
+                            self.edit(|s| {
+                                s.insert(agent.to_string());
+                            });
+                        } else if !msg.starts_with(UNBLOCK_EVENT) {
+                            continue;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        events = redis.events();
+                    }
+                }
+            }
+            if !imported && redis.healthy() {
+                Self::import_legacy(&store, &redis).await;
+                imported = true;
+            }
+            match self.refresh(&store).await {
                 Ok(_) => failing = false,
                 Err(e) => {
                     if !failing {
-                        tracing::warn!(error = %e, "could not re-read the agent blocklist");
+                        tracing::warn!(error = %e, "could not read the agent blocklist; denying until it can");
                     }
                     failing = true;
                 }

@@ -1,0 +1,274 @@
+//! Operator actions hold everywhere and are on the record: an agent block lives in PostgreSQL,
+//! so losing Redis' data (FLUSHALL, a restart without persistence) never unblocks anyone; a
+//! replica that cannot read the durable list denies; console block, unblock and revoke are
+//! `ADMIN` rows in the chain, which `aegis audit verify` then finds intact.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const ME: &str = "/api/2.0/preview/scim/v2/Me";
+
+/// A signed-in console session: the cookie and the CSRF token actions must carry.
+struct Console {
+    base: String,
+    host: String,
+    cookie: String,
+    csrf: String,
+}
+
+async fn sign_in(stack: &Stack) -> Console {
+    let base = stack.aegis_admin_url();
+    let host = base.trim_start_matches("http://").to_string();
+    let resp = http()
+        .post(format!("{base}/console/login"))
+        .header("origin", format!("http://{host}"))
+        .form(&[("token", stack.console_token())])
+        .send()
+        .await
+        .expect("console login");
+    assert_eq!(resp.status().as_u16(), 303);
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_string();
+    let page = http()
+        .get(format!("{base}/console"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("console page")
+        .text()
+        .await
+        .expect("console page text");
+    let csrf = page
+        .split("name=\"aegis-csrf\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a csrf token in the page")
+        .to_string();
+    Console {
+        base,
+        host,
+        cookie,
+        csrf,
+    }
+}
+
+impl Console {
+    async fn act(&self, path: &str, body: serde_json::Value) -> Resp {
+        read(
+            http()
+                .post(format!("{}{path}", self.base))
+                .header("cookie", &self.cookie)
+                .header("x-aegis-csrf", &self.csrf)
+                .header("origin", format!("http://{}", self.host))
+                .json(&body)
+                .send()
+                .await
+                .expect("console action"),
+        )
+        .await
+    }
+}
+
+fn agent_token(stack: &Stack, user: &str, agent: &str) -> String {
+    let mut req = TokenRequest::new(user);
+    req.agent = agent.to_string();
+    stack.sandbox.mint_idp_token(&req)
+}
+
+/// Status and aegis' deny reason for one request.
+async fn decision(stack: &Stack, bearer: &str) -> (u16, String) {
+    let r = get(stack, ME, Some(bearer)).await;
+    if r.status != 200 {
+        // Always aegis' own body, with the trace id it put in the header.
+        assert_eq!(
+            r.body["trace_id"].as_str(),
+            Some(r.trace_id().as_str()),
+            "{}",
+            r.text
+        );
+    }
+    (
+        r.status,
+        r.body["error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+async fn flushall(stack: &Stack) {
+    let client = redis::Client::open(stack.redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("FLUSHALL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_block_survives_redis_data_loss_and_every_action_is_audited() {
+    let mut stack = start().await;
+    let joule = agent_token(&stack, "alice", "joule");
+    let copilot = agent_token(&stack, "alice", "copilot");
+    assert_eq!(decision(&stack, &joule).await.0, 200);
+    let console = sign_in(&stack).await;
+
+    let r = console
+        .act("/console/api/block", serde_json::json!({"agent": "joule"}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let blocked = (403, "agent_not_allowed".to_string());
+    assert_eq!(decision(&stack, &joule).await, blocked);
+    // Positive control: the same user through another agent is let through.
+    assert_eq!(decision(&stack, &copilot).await.0, 200);
+
+    // Redis loses everything: FLUSHALL, then a restart without persistence.
+    flushall(&stack).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(decision(&stack, &joule).await, blocked, "after FLUSHALL");
+    stack.redis.start_again().await.expect("redis restarts");
+    eventually(
+        Duration::from_secs(15),
+        "recovery after the redis restart",
+        || async { decision(&stack, &copilot).await.0 == 200 },
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            decision(&stack, &joule).await,
+            blocked,
+            "after a redis restart"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // And a replica that starts after all that reads the block before it serves.
+    stack.aegis.restart().await.expect("aegis restarts");
+    assert_eq!(
+        decision(&stack, &joule).await,
+        blocked,
+        "after an aegis restart"
+    );
+
+    // A replica that cannot read the durable list denies everyone until it can.
+    stack
+        .postgres
+        .execute("ALTER TABLE aegis_agent_blocks RENAME TO aegis_agent_blocks_away")
+        .await
+        .expect("rename");
+    eventually(
+        Duration::from_secs(5),
+        "deny without the durable list",
+        || async {
+            decision(&stack, &copilot).await == (503, "dependency_unavailable".to_string())
+        },
+    )
+    .await;
+    stack
+        .postgres
+        .execute("ALTER TABLE aegis_agent_blocks_away RENAME TO aegis_agent_blocks")
+        .await
+        .expect("rename back");
+    eventually(
+        Duration::from_secs(5),
+        "recovery with the durable list",
+        || async { decision(&stack, &copilot).await.0 == 200 },
+    )
+    .await;
+    assert_eq!(decision(&stack, &joule).await, blocked);
+
+    // Unblock (a new session: aegis restarted), and revoke alice, from the console.
+    let console = sign_in(&stack).await;
+    let r = console
+        .act(
+            "/console/api/unblock",
+            serde_json::json!({"agent": "joule"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(decision(&stack, &joule).await.0, 200);
+    let r = console
+        .act(
+            "/console/api/revoke",
+            serde_json::json!({"user": "alice@example.com"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let rows = stack
+        .postgres
+        .query_json(
+            "SELECT method, reason, agent, user_name FROM aegis_audit \
+             WHERE decision = 'ADMIN' ORDER BY seq",
+        )
+        .await
+        .expect("admin rows");
+    let got: Vec<(String, String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            let f = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            (f("method"), f("reason"), f("agent"), f("user_name"))
+        })
+        .collect();
+    let want = |m: &str, r: &str, a: &str, u: &str| {
+        (m.to_string(), r.to_string(), a.to_string(), u.to_string())
+    };
+    assert_eq!(
+        got,
+        vec![
+            want("BLOCK", "agent_blocked", "joule", ""),
+            want("UNBLOCK", "agent_unblocked", "joule", ""),
+            want("REVOKE", "token_revoked", "", "alice@example.com"),
+        ]
+    );
+    let config = stack.config_path().to_str().expect("path").to_string();
+    let (code, out, err) = aegis(&["audit", "verify", "--config", &config]);
+    assert_eq!(code, 0, "{out}{err}");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_made_before_the_upgrade_is_kept() {
+    // A block stored the old way (only in Redis) is copied into PostgreSQL at start.
+    let mut stack = start().await;
+    let client = redis::Client::open(stack.redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    redis::cmd("SADD")
+        .arg("aegis:v1:blocked_agents")
+        .arg("joule")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("SADD");
+    stack.aegis.restart().await.expect("aegis restarts");
+    let joule = agent_token(&stack, "alice", "joule");
+    eventually(
+        Duration::from_secs(5),
+        "the legacy block applies",
+        || async { decision(&stack, &joule).await == (403, "agent_not_allowed".to_string()) },
+    )
+    .await;
+    let rows = stack
+        .postgres
+        .query_json("SELECT agent FROM aegis_agent_blocks")
+        .await
+        .expect("blocks");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["agent"], "joule");
+    assert_eq!(
+        decision(&stack, &agent_token(&stack, "alice", "copilot"))
+            .await
+            .0,
+        200
+    );
+    stack.shutdown().await;
+}
