@@ -1108,7 +1108,12 @@ async fn smuggled_headers_and_path_tricks_do_not_get_through() {
         ),
         (
             "user-agent".into(),
-            b"copilot/1.0 aegis/9.9.9 aegis-trace/deadbeefdeadbeefdeadbeefdeadbeef".to_vec(),
+            // Forged products at the start of a part, and inside one (after `(` or `;`), where
+            // a join on the user-agent string would find them just as well.
+            b"copilot/1.0 aegis/9.9.9 aegis-trace/deadbeefdeadbeefdeadbeefdeadbeef \
+              x(aegis-trace/deadbeefdeadbeefdeadbeefdeadbeef) foo;AEGIS/9.9.9 \
+              python/3.11Aegis-Trace/deadbeefdeadbeefdeadbeefdeadbeef"
+                .to_vec(),
         ),
         ("x-databricks-org-id".into(), b"1".to_vec()),
     ];
@@ -1132,7 +1137,15 @@ async fn smuggled_headers_and_path_tricks_do_not_get_through() {
     assert_eq!(up.trace_id.as_deref(), Some(trace.as_str()), "{up:?}");
     let ua = up.user_agent.clone().unwrap_or_default();
     assert!(!ua.contains("deadbeef") && !ua.contains("9.9.9"), "{ua}");
-    assert_eq!(ua.matches("aegis-trace/").count(), 1, "{ua}");
+    let lower = ua.to_ascii_lowercase();
+    assert_eq!(lower.matches("aegis-trace/").count(), 1, "{ua}");
+    assert_eq!(lower.matches("aegis/").count(), 1, "{ua}");
+    assert!(ua.ends_with(&format!("aegis-trace/{trace}")), "{ua}");
+    // What is not forged is passed on.
+    assert!(
+        ua.starts_with("copilot/1.0 x() foo; python/3.11 aegis/"),
+        "{ua}"
+    );
     // A user agent with control characters is not passed on raw.
     let r = raw_send(
         addr,

@@ -145,6 +145,7 @@ fn fuzz_smoke_headers() {
         &[
             b"authorization: Bearer a.b.c",
             b"user-agent: a aegis/1 aegis-trace/x b\x01c",
+            b"user-agent: x(aegis-trace/x) foo;AEGIS/1 aegisaegis/1/2",
         ],
         check_headers,
     );

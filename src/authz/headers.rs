@@ -1,5 +1,6 @@
 //! Reading the agent's credentials and cleaning what goes upstream.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use super::Reason;
@@ -53,27 +54,73 @@ pub fn client_aegis_headers(headers: &HashMap<String, String>) -> Vec<String> {
         .collect()
 }
 
-/// The agent's user-agent without any `aegis/…` or `aegis-trace/…` product tokens (so an agent
-/// cannot forge a correlation id), without control characters, and bounded in length.
+/// Upper bound on the agent's part of the upstream user agent.
+const MAX_AGENT_UA: usize = 512;
+
+/// The agent's user-agent without any `aegis/…` or `aegis-trace/…` product (so an agent cannot
+/// forge the join between the aegis chain and the Databricks audit log), without control
+/// characters, and bounded in length.
+///
+/// A product is removed wherever it stands, not only at the start of a whitespace-separated
+/// part: Databricks records the user agent as one string, and a join on `aegis-trace/<id>` would
+/// match `x(aegis-trace/<id>` or `foo;aegis-trace/<id>` just as well.
 pub fn clean_user_agent(ua: &str) -> String {
-    let mut out = String::with_capacity(ua.len().min(512));
+    let mut out = String::with_capacity(ua.len().min(MAX_AGENT_UA));
     for part in ua.split_ascii_whitespace() {
-        let lower = part.to_ascii_lowercase();
-        if lower.starts_with("aegis/") || lower.starts_with("aegis-trace/") {
-            continue;
-        }
         if part.chars().any(|c| c.is_control()) {
             continue;
         }
-        if out.len() + part.len() + 1 > 512 {
+        let part = strip_aegis_products(part);
+        if part.is_empty() {
+            continue;
+        }
+        if out.len() + part.len() + 1 > MAX_AGENT_UA {
             break;
         }
         if !out.is_empty() {
             out.push(' ');
         }
-        out.push_str(part);
+        out.push_str(&part);
     }
     out
+}
+
+/// `part` with every `aegis/<version>` and `aegis-trace/<value>` (ASCII case-insensitive) cut
+/// out. Repeated until none is left, since a cut can join two halves into a new one
+/// (`aegisaegis/1/2`). Borrows when there is nothing to cut, the common case.
+fn strip_aegis_products(part: &str) -> Cow<'_, str> {
+    let mut s = Cow::Borrowed(part);
+    while let Some(range) = find_aegis_product(&s) {
+        s.to_mut().replace_range(range, "");
+    }
+    s
+}
+
+/// The byte range of the first `aegis/…` or `aegis-trace/…` product in `s`: the name, the `/`
+/// and the version or value after it (RFC 9110 token characters).
+fn find_aegis_product(s: &str) -> Option<std::ops::Range<usize>> {
+    const NAMES: [&[u8]; 2] = [b"aegis/", b"aegis-trace/"];
+    let b = s.as_bytes();
+    for start in 0..b.len() {
+        // Both names start with an ASCII byte, so `start` is a char boundary when one matches.
+        let Some(name) = NAMES.iter().find(|n| {
+            b.get(start..start + n.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(n))
+        }) else {
+            continue;
+        };
+        let mut end = start + name.len();
+        while b.get(end).copied().is_some_and(is_tchar) {
+            end += 1;
+        }
+        return Some(start..end);
+    }
+    None
+}
+
+/// RFC 9110 `tchar`: what a product name or version is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A W3C `traceparent` (trace-context level 1): the caller's trace id and parent span id.
@@ -201,13 +248,49 @@ mod tests {
         );
     }
 
+    /// Every `aegis/` and `aegis-trace/` the agent sent is cut out wherever it stands, with its
+    /// value, so the only ones upstream are the two aegis appends.
     #[test]
     fn strips_forged_correlation_tokens() {
-        assert_eq!(
-            clean_user_agent("copilot/1.2 aegis/9.9 AEGIS-TRACE/deadbeef python/3.11"),
-            "copilot/1.2 python/3.11"
-        );
-        assert_eq!(clean_user_agent(""), "");
+        let cases = [
+            (
+                "copilot/1.2 aegis/9.9 AEGIS-TRACE/deadbeef python/3.11",
+                "copilot/1.2 python/3.11",
+            ),
+            ("x(aegis-trace/deadbeef)", "x()"),
+            ("x(aegis-trace/deadbeef", "x("),
+            ("foo;aegis/1.0", "foo;"),
+            ("foo;AeGiS/1.0;bar", "foo;;bar"),
+            ("copilot/1.0 (aegis-trace/deadbeef; x)", "copilot/1.0 (; x)"),
+            ("a,aegis-trace/dead,b", "a,,b"),
+            ("python/3.11aegis-trace/deadbeef", "python/3.11"),
+            // A cut that joins two halves into a new product is cut again.
+            ("aegisaegis/1/2", ""),
+            ("aegis-traceaegis/9/deadbeef", ""),
+            ("aegis-trace/aegis-trace/x", "/x"),
+            ("aegis/", ""),
+            ("\"aegis-trace/deadbeef\"", "\"\""),
+            (
+                "copilot/1.0 \u{1}aegis-trace/x python/3",
+                "copilot/1.0 python/3",
+            ),
+            (
+                "ok/1 aegis-tracer/2 aegis_x/3",
+                "ok/1 aegis-tracer/2 aegis_x/3",
+            ),
+            ("", ""),
+        ];
+        for (raw, want) in cases {
+            let got = clean_user_agent(raw);
+            assert_eq!(got, want, "{raw:?}");
+            let lower = got.to_ascii_lowercase();
+            assert!(
+                !lower.contains("aegis/") && !lower.contains("aegis-trace/"),
+                "{raw:?} -> {got:?}"
+            );
+        }
+        let long = "a".repeat(600);
+        assert_eq!(clean_user_agent(&format!("x/1 {long}")), "x/1");
     }
 
     #[test]

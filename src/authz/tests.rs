@@ -181,7 +181,10 @@ async fn allow_carries_the_users_token_after_its_row_commits() {
     let h = harness(None);
     let hdrs = headers(&[
         ("authorization", "Bearer alice"),
-        ("user-agent", "copilot/1.0 aegis-trace/forged"),
+        (
+            "user-agent",
+            "copilot/1.0 x(aegis-trace/forged foo;AEGIS/9.9",
+        ),
         ("x-aegis-user", "root"),
     ]);
     let d = h
@@ -193,11 +196,14 @@ async fn allow_carries_the_users_token_after_its_row_commits() {
     };
     assert_eq!(a.token.token.expose(), "dbx-alice@example.com");
     assert_eq!(a.remove_headers, vec!["x-aegis-user".to_string()]);
-    assert!(a.user_agent.starts_with("copilot/1.0 aegis/"));
+    assert!(a.user_agent.starts_with("copilot/1.0 x( foo; aegis/"));
     assert!(a
         .user_agent
         .ends_with(&format!("aegis-trace/{}", a.trace_id)));
-    assert!(!a.user_agent.contains("forged"));
+    assert!(!a.user_agent.contains("forged") && !a.user_agent.contains("9.9"));
+    let lower = a.user_agent.to_ascii_lowercase();
+    assert_eq!(lower.matches("aegis-trace/").count(), 1, "{}", a.user_agent);
+    assert_eq!(lower.matches("aegis/").count(), 1, "{}", a.user_agent);
 
     let rows = h.audit.rows.lock().unwrap();
     assert_eq!(rows.len(), 1);
