@@ -89,6 +89,11 @@ pub async fn check<I: Identify, T: Tokens, A: Audit>(
             .unwrap_or(&http.id),
     };
     let decision = pipeline.check(&input).await;
+    if let Decision::Deny(d) = &decision {
+        if d.reason == Reason::PathBlocked && crate::policy::is_oauth_token_endpoint(&http.path) {
+            return oauth_error_response(d);
+        }
+    }
     let resource_metadata = match &decision {
         Decision::Deny(d) if d.reason.is_credential_problem() => {
             prm::metadata_url(&http.path, &http.scheme, &http.host)
@@ -112,6 +117,37 @@ fn metadata_response(doc: String) -> CheckResponse {
     resp.set_http_response(d);
     resp
 }
+
+/// A blocked OAuth token endpoint, answered the way an OAuth authorization server refuses a
+/// grant (RFC 6749 section 5.2): `databricks-sql-connector` posts a token exchange there on its
+/// own and only falls back to the IdP token after a delay unless it gets an OAuth error at once.
+/// The audit row and the metrics still say `path_blocked`.
+///
+/// Status 400, not the 403 of other policy denials: section 5.2 answers every error but
+/// `invalid_client` with 400 Bad Request, and `unauthorized_client` ("the client is not
+/// authorized to use this authorization grant type") is what this is.
+fn oauth_error_response(deny: &Deny) -> CheckResponse {
+    let trace = deny.trace_id.as_str();
+    let body = serde_json::json!({
+        "error": "unauthorized_client",
+        "error_description": OAUTH_BLOCKED_DESCRIPTION,
+        "trace_id": trace,
+    });
+    let mut d = DeniedHttpResponseBuilder::new();
+    d.set_http_status(HttpStatusCode::BadRequest)
+        .add_header("content-type", "application/json", OVERWRITE, false)
+        .add_header("cache-control", "no-store", OVERWRITE, false)
+        .add_header("pragma", "no-cache", OVERWRITE, false)
+        .add_header("x-aegis-trace-id", trace, OVERWRITE, false)
+        .set_body(body.to_string());
+    let mut resp = CheckResponse::with_status(Status::permission_denied(deny.reason.code()));
+    resp.set_http_response(d);
+    resp
+}
+
+/// The fixed `error_description` of a blocked OAuth token endpoint.
+const OAUTH_BLOCKED_DESCRIPTION: &str = "agents may not obtain Databricks tokens through the \
+    gateway; send the identity provider token with each request instead";
 
 /// Headers from `header_map` (when Envoy sends raw headers), lower-cased and comma-joined the
 /// way the `headers` map would hold them.

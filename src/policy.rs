@@ -1,8 +1,9 @@
 //! Route → workspace, path rules, agent allowlist.
 //!
-//! Agents get an agent-safe policy by default: they may not mint long-lived credentials, read
-//! secrets, change permissions, write SCIM or call account APIs unless an operator lifts a rule
-//! with `[policy] allow`. Operator `deny` rules always win.
+//! Agents get an agent-safe policy by default: they may not mint long-lived credentials, get a
+//! raw Databricks token from the OAuth endpoints, read secrets, change permissions, write SCIM or
+//! call account APIs unless an operator lifts a rule with `[policy] allow`. Operator `deny` rules
+//! always win.
 //!
 //! Paths are matched after [`normalize_path`], which undoes every trick that lets a request reach
 //! the same Databricks handler under a different spelling (`//`, `/./`, `/../`, `%2e`, `%2f`,
@@ -21,6 +22,13 @@ enum Pattern {
     Exact(String),
     /// `/a/b/*` matches `/a/b` and everything below it.
     Prefix(String),
+    /// Segment by segment, a `*` segment standing for any one segment (`/oidc/accounts/*/v1`);
+    /// with `below`, everything under a match too. Only the built-in defaults use it: a
+    /// configured rule may only end in `/*`.
+    Segments {
+        segments: Vec<String>,
+        below: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +72,14 @@ const AGENT_SAFE_DEFAULTS: &[(&[&str], &str)] = &[
         &["POST", "PUT", "PATCH", "DELETE"],
         "/api/2.0/ip-access-lists/*",
     ),
+    // The workspace's and the account's OAuth endpoints: with its IdP JWT as the subject token
+    // an agent would get a raw Databricks token (RFC 8693 token exchange) and could use it without
+    // aegis. The metadata documents (`/oidc/.well-known/*`, `/.well-known/databricks-config`)
+    // stay reachable.
+    (&[], "/oidc/v1/token/*"),
+    (&[], "/oidc/v1/authorize/*"),
+    (&[], "/oidc/accounts/*/v1/token/*"),
+    (&[], "/oidc/accounts/*/v1/authorize/*"),
 ];
 
 pub struct Policy {
@@ -90,9 +106,20 @@ impl Rule {
 
     fn new(methods: Vec<String>, path: &str, agents: Vec<String>, workspaces: Vec<String>) -> Rule {
         let lower = path.to_ascii_lowercase();
-        let pattern = match lower.strip_suffix("/*") {
-            Some(prefix) => Pattern::Prefix(normalize_path(prefix).to_ascii_lowercase()),
-            None => Pattern::Exact(normalize_path(&lower).to_ascii_lowercase()),
+        let (base, below) = match lower.strip_suffix("/*") {
+            Some(prefix) => (prefix, true),
+            None => (lower.as_str(), false),
+        };
+        let base = normalize_path(base).to_ascii_lowercase();
+        let pattern = if base.split('/').any(|s| s == "*") {
+            Pattern::Segments {
+                segments: base.split('/').skip(1).map(str::to_string).collect(),
+                below,
+            }
+        } else if below {
+            Pattern::Prefix(base)
+        } else {
+            Pattern::Exact(base)
         };
         Rule {
             methods,
@@ -126,8 +153,33 @@ impl Rule {
                     || (lower_path.starts_with(p.as_str())
                         && lower_path.as_bytes().get(p.len()) == Some(&b'/'))
             }
+            Pattern::Segments { segments, below } => {
+                let mut have = lower_path.split('/').skip(1);
+                for want in segments {
+                    match have.next() {
+                        Some(h) if want == "*" || h == want => {}
+                        _ => return false,
+                    }
+                }
+                *below || have.next().is_none()
+            }
         }
     }
+}
+
+/// True for the workspace's and the account's OAuth token endpoints (`/oidc/v1/token`,
+/// `/oidc/accounts/<id>/v1/token`, and anything below them). A denial there is answered in the
+/// OAuth error format (RFC 6749 section 5.2), so an OAuth client gives up at once instead of
+/// retrying or waiting.
+pub fn is_oauth_token_endpoint(raw_path: &str) -> bool {
+    let path = normalize_path(raw_path).to_ascii_lowercase();
+    // A decoded `?` or `#` ends the path for a server that re-parses it (see `path_blocked`).
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    matches!(
+        segments.as_slice(),
+        ["oidc", "v1", "token", ..] | ["oidc", "accounts", _, "v1", "token", ..]
+    )
 }
 
 impl Policy {
@@ -379,6 +431,16 @@ allowed_agents = ["joule"]
             ("GET", "/api/2.0/secrets/get"),
             ("POST", "/api/2.0/preview/scim/v2/Users"),
             ("GET", "/api/2.0/accounts/123/workspaces"),
+            // The workspace's and the account's OAuth endpoints hand out raw tokens.
+            ("POST", "/oidc/v1/token"),
+            ("POST", "/OIDC/v1/Token/"),
+            ("POST", "/oidc//v1/./token"),
+            ("POST", "/oidc/v1/%74oken"),
+            ("POST", "/oidc/v1/token%3Fx=1"),
+            ("GET", "/oidc/v1/authorize?client_id=x"),
+            ("POST", "/oidc/accounts/7f3e2c1a/v1/token"),
+            ("GET", "/oidc/accounts/7f3e2c1a/v1/authorize"),
+            ("POST", "/oidc/accounts/x/../7f3e2c1a/v1/token"),
         ];
         for (m, raw) in blocked {
             assert!(
@@ -394,12 +456,46 @@ allowed_agents = ["joule"]
                 "/api/2.1/unity-catalog/permissions/table/main.sales.orders",
             ),
             ("GET", "/api/2.0/token-managementx"),
+            // The OAuth metadata documents stay public.
+            ("GET", "/oidc/.well-known/oauth-authorization-server"),
+            ("GET", "/oidc/.well-known/openid-configuration"),
+            ("GET", "/oidc/jwks.json"),
+            ("GET", "/.well-known/databricks-config"),
+            (
+                "GET",
+                "/oidc/accounts/7f3e2c1a/.well-known/oauth-authorization-server",
+            ),
+            ("POST", "/oidc/v1/tokens"),
+            ("POST", "/oidc/accounts/7f3e2c1a/v2/token"),
         ];
         for (m, raw) in allowed {
             assert!(
                 !p.path_blocked(m, &normalize_path(raw), Some("copilot"), "a"),
                 "{m} {raw}"
             );
+        }
+    }
+
+    #[test]
+    fn oauth_token_endpoints_are_recognized_under_any_spelling() {
+        for raw in [
+            "/oidc/v1/token",
+            "/OIDC/V1/TOKEN/",
+            "//oidc/v1/./token",
+            "/oidc/v1/%74oken",
+            "/oidc/v1/token%3Fx",
+            "/oidc/accounts/7f3e2c1a/v1/token",
+        ] {
+            assert!(is_oauth_token_endpoint(raw), "{raw}");
+        }
+        for raw in [
+            "/oidc/v1/authorize",
+            "/oidc/v1/tokens",
+            "/oidc/.well-known/oauth-authorization-server",
+            "/api/2.0/token/create",
+            "/oidc/accounts/v1/token",
+        ] {
+            assert!(!is_oauth_token_endpoint(raw), "{raw}");
         }
     }
 

@@ -1260,3 +1260,109 @@ async fn smuggled_headers_and_path_tricks_do_not_get_through() {
     );
     stack.shutdown().await;
 }
+
+/// An agent cannot turn its IdP JWT into a raw Databricks token at the workspace's (or the
+/// account's) OAuth endpoints: the token-exchange POST that `databricks-sql-connector` sends on
+/// its own is refused at once with aegis' OAuth-shaped error, nothing reaches the workspace, and
+/// the chain records `path_blocked`. The metadata documents stay reachable (positive control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_exchange_its_jwt_for_a_databricks_token() {
+    let stack = start().await;
+    let alice = token(&stack, "alice");
+    let client = http();
+    let base = stack.envoy_url();
+    let form = [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", alice.as_str()),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("scope", "all-apis"),
+    ];
+    let mut denies = Vec::new();
+    for path in [
+        "/oidc/v1/token",
+        "/OIDC/V1/Token/",
+        "//oidc/v1/./token",
+        "/oidc/v1/%74oken",
+        "/oidc/accounts/7f3e2c1a/v1/token",
+    ] {
+        let before = upstream(&stack).len();
+        let r = read(
+            client
+                .post(format!("{base}{path}"))
+                .bearer_auth(&alice)
+                .form(&form)
+                .send()
+                .await
+                .expect("request through envoy"),
+        )
+        .await;
+        assert_eq!(
+            upstream(&stack).len(),
+            before,
+            "{path}: reached the workspace"
+        );
+        // RFC 6749 section 5.2: unauthorized_client is a 400.
+        assert_eq!(r.status, 400, "{path}: {}", r.text);
+        assert_eq!(r.body["error"], "unauthorized_client", "{path}: {}", r.text);
+        assert!(
+            r.body["error_description"].is_string(),
+            "{path}: {}",
+            r.text
+        );
+        let trace = r.trace_id();
+        assert_eq!(r.body["trace_id"], trace.as_str(), "{path}");
+        assert_eq!(
+            r.body.as_object().map(|o| o.len()),
+            Some(3),
+            "{path}: only error, error_description and trace_id: {}",
+            r.text
+        );
+        assert!(!r.text.contains("access_token"), "{path}: {}", r.text);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|v| v.starts_with("application/json")),
+            "{path}"
+        );
+        denies.push((format!("POST {path}"), trace, "path_blocked"));
+    }
+    // The authorize endpoints are blocked too, with the ordinary policy deny.
+    for path in [
+        "/oidc/v1/authorize?client_id=databricks-cli&response_type=code",
+        "/oidc/accounts/7f3e2c1a/v1/authorize?client_id=x&response_type=code",
+    ] {
+        let before = upstream(&stack).len();
+        let r = get(&stack, path, Some(&alice)).await;
+        assert_eq!(
+            upstream(&stack).len(),
+            before,
+            "{path}: reached the workspace"
+        );
+        assert_eq!(r.status, 403, "{path}: {}", r.text);
+        assert_eq!(r.body["error"], "path_blocked", "{path}: {}", r.text);
+        let trace = r.trace_id();
+        assert_eq!(r.body["trace_id"], trace.as_str(), "{path}");
+        denies.push((format!("GET {path}"), trace, "path_blocked"));
+    }
+    assert_denies_audited(&stack, &denies).await;
+
+    // Positive control: the public metadata documents are still served through Envoy.
+    for path in [
+        "/oidc/.well-known/oauth-authorization-server",
+        "/oidc/.well-known/openid-configuration",
+        "/.well-known/databricks-config",
+    ] {
+        let r = get(&stack, path, Some(&alice)).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+        assert!(r.body.is_object(), "{path}: {}", r.text);
+    }
+    let rows = audit_rows(&stack).await;
+    assert_eq!(
+        rows.iter().filter(|r| r["decision"] == "ALLOW").count(),
+        3,
+        "{rows:#?}"
+    );
+    stack.shutdown().await;
+}
