@@ -72,6 +72,28 @@ const AGENT_SAFE_DEFAULTS: &[(&[&str], &str)] = &[
         &["POST", "PUT", "PATCH", "DELETE"],
         "/api/2.0/ip-access-lists/*",
     ),
+    // Legacy SQL object ACLs (queries, dashboards, alerts, warehouses): permission changes.
+    (
+        &["POST", "PUT", "PATCH", "DELETE"],
+        "/api/2.0/preview/sql/permissions/*",
+    ),
+    // Git credentials: an agent could store its own token as the user's, or remove theirs.
+    (
+        &["POST", "PUT", "PATCH", "DELETE"],
+        "/api/2.0/git-credentials/*",
+    ),
+    // Workspace settings (default namespace, restrict-workspace-admins, compliance profiles...).
+    (&["POST", "PUT", "PATCH", "DELETE"], "/api/2.0/settings/*"),
+    // Unity Catalog workspace bindings: which workspaces may reach a catalog or a credential
+    // (also under the older `workspace-bindings` name).
+    (
+        &["POST", "PUT", "PATCH", "DELETE"],
+        "/api/2.1/unity-catalog/bindings/*",
+    ),
+    (
+        &["POST", "PUT", "PATCH", "DELETE"],
+        "/api/2.1/unity-catalog/workspace-bindings/*",
+    ),
     // The workspace's and the account's OAuth endpoints: with its IdP JWT as the subject token
     // an agent would get a raw Databricks token (RFC 8693 token exchange) and could use it without
     // aegis. The metadata documents (`/oidc/.well-known/*`, `/.well-known/databricks-config`)
@@ -441,6 +463,35 @@ allowed_agents = ["joule"]
             ("POST", "/oidc/accounts/7f3e2c1a/v1/token"),
             ("GET", "/oidc/accounts/7f3e2c1a/v1/authorize"),
             ("POST", "/oidc/accounts/x/../7f3e2c1a/v1/token"),
+            // Writes to legacy SQL ACLs, Git credentials, settings and UC workspace bindings.
+            ("POST", "/api/2.0/preview/sql/permissions/queries/1"),
+            (
+                "POST",
+                "/api/2.0/preview/sql/permissions/dashboards/1/transfer",
+            ),
+            ("DELETE", "/api/2.0/preview/SQL/Permissions/alerts/1"),
+            ("POST", "/api/2.0/git-credentials"),
+            ("PATCH", "/api/2.0/git-credentials/123"),
+            ("DELETE", "/api/2.0/git-credentials/123"),
+            ("POST", "/api/2.0/git-credentials/"),
+            ("POST", "/api/2.0/repos/../git-credentials"),
+            (
+                "PATCH",
+                "/api/2.0/settings/types/default_namespace_ws/names/default",
+            ),
+            ("PUT", "/api/2.0/settings/types/x/names/y"),
+            ("DELETE", "/api/2.0/settings/types/x/names/y"),
+            ("POST", "/api/2.0/%73ettings/types/x/names/y"),
+            ("PATCH", "/api/2.1/unity-catalog/bindings/catalog/main"),
+            ("PATCH", "/api/2.1/unity-catalog/bindings/catalog%2fmain"),
+            (
+                "PUT",
+                "/api/2.1/unity-catalog/bindings/storage_credential/c",
+            ),
+            (
+                "PATCH",
+                "/api/2.1/unity-catalog/workspace-bindings/catalogs/main",
+            ),
         ];
         for (m, raw) in blocked {
             assert!(
@@ -467,6 +518,21 @@ allowed_agents = ["joule"]
             ),
             ("POST", "/oidc/v1/tokens"),
             ("POST", "/oidc/accounts/7f3e2c1a/v2/token"),
+            // Reading them stays allowed.
+            ("GET", "/api/2.0/preview/sql/permissions/queries/1"),
+            ("GET", "/api/2.0/git-credentials"),
+            ("GET", "/api/2.0/git-credentials/123"),
+            (
+                "GET",
+                "/api/2.0/settings/types/default_namespace_ws/names/default",
+            ),
+            ("GET", "/api/2.1/unity-catalog/bindings/catalog/main"),
+            (
+                "GET",
+                "/api/2.1/unity-catalog/workspace-bindings/catalogs/main",
+            ),
+            ("POST", "/api/2.0/preview/sql/queries"),
+            ("POST", "/api/2.0/git-credentialsx"),
         ];
         for (m, raw) in allowed {
             assert!(
