@@ -216,6 +216,26 @@ async fn jwks_outages_never_let_a_bad_key_set_in() {
     stack.sandbox.set_jwks_fault(JwksFault::Ok);
     assert_recovers(&stack, &during, "keys fetched again").await;
 
+    // Key rotation after a compromise: the RSA key leaves the JWKS. Its tokens are refused
+    // from the next refresh on, also one verified (and cached) before; a token signed by the
+    // EC key that remains keeps working.
+    let mut req = TokenRequest::new("alice");
+    req.alg = Some("ES256".into());
+    let ec = stack.sandbox.mint_idp_token(&req);
+    assert_eq!(probe(&stack, &ec).await, (200, String::new()));
+    assert_eq!(probe(&stack, &during).await, (200, String::new()));
+    stack.sandbox.set_jwks_fault(JwksFault::WithoutRsa);
+    eventually(
+        Duration::from_secs(10),
+        "the rotated-out key's cached token refused",
+        || async { probe(&stack, &during).await == (401, "invalid_token".to_string()) },
+    )
+    .await;
+    assert_eq!(probe(&stack, &during).await.0, 401);
+    assert_eq!(probe(&stack, &ec).await, (200, String::new()));
+    stack.sandbox.set_jwks_fault(JwksFault::Ok);
+    assert_recovers(&stack, &during, "the RSA key back in the set").await;
+
     // Down at start: aegis is not ready and refuses everything until the keys load.
     stack.aegis.kill();
     stack.sandbox.set_jwks_fault(JwksFault::Down);

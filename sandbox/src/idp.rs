@@ -41,6 +41,9 @@ pub enum JwksFault {
     Html,
     /// 200 with `{"keys": []}`.
     Empty,
+    /// 200 with the EC key only: the RSA key rotated out (say, after a compromise), so tokens
+    /// it signed must stop being accepted.
+    WithoutRsa,
 }
 
 struct SigningKey {
@@ -348,6 +351,7 @@ async fn jwks(State(idp): State<Arc<IdpState>>) -> Response {
     match idp.jwks_fault() {
         JwksFault::Ok => Json(idp.jwks()).into_response(),
         JwksFault::Empty => Json(json!({ "keys": [] })).into_response(),
+        JwksFault::WithoutRsa => Json(json!({ "keys": [idp.ec.jwk.clone()] })).into_response(),
         JwksFault::Down => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],

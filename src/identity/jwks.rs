@@ -173,6 +173,14 @@ impl JwksCache {
         self.fresh(self.current().as_ref()).is_some()
     }
 
+    /// True while the current set is fresh and still holds the key a token named (`kid`, or
+    /// the only key for `alg` when it named none). Synchronous and network-free: the verified
+    /// token cache asks this on every hit.
+    pub fn holds(&self, kid: Option<&str>, alg: Algorithm) -> bool {
+        self.fresh(self.current().as_ref())
+            .is_some_and(|s| s.find(kid, alg).is_some())
+    }
+
     /// The current set, unless it is older than `max_key_age`.
     fn fresh(&self, set: Option<&Arc<KeySet>>) -> Option<Arc<KeySet>> {
         set.filter(|s| s.fetched_at.elapsed() <= self.max_key_age)

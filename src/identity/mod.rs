@@ -9,7 +9,9 @@
 //! username claim a plain string.
 //!
 //! A verified token is cached by its SHA-256 until its `exp`, so a signature is checked once per
-//! token, not once per request.
+//! token, not once per request. A cached verdict is reused only while the issuer's current key
+//! set is fresh and still holds the key (`kid`, `alg`) that verified it: a key removed from the
+//! JWKS (rotated out after a compromise) stops its tokens at the next key reload.
 
 pub mod jwks;
 
@@ -85,21 +87,33 @@ struct IssuerState {
 /// Validates tokens against the configured issuers.
 pub struct Validator {
     by_iss: HashMap<String, Arc<IssuerState>>,
-    verified: moka::sync::Cache<[u8; 32], Arc<Identity>>,
+    verified: moka::sync::Cache<[u8; 32], Verified>,
+}
+
+/// A cached verdict: the identity and the key that verified its signature.
+#[derive(Clone)]
+struct Verified {
+    identity: Arc<Identity>,
+    kid: Option<Arc<str>>,
+    alg: Algorithm,
 }
 
 struct UntilExp;
 
-impl moka::Expiry<[u8; 32], Arc<Identity>> for UntilExp {
+impl moka::Expiry<[u8; 32], Verified> for UntilExp {
     fn expire_after_create(
         &self,
         _key: &[u8; 32],
-        value: &Arc<Identity>,
+        value: &Verified,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         let now = unix_now();
         Some(Duration::from_secs(
-            value.expires_at.saturating_sub(now).clamp(0, 86_400) as u64,
+            value
+                .identity
+                .expires_at
+                .saturating_sub(now)
+                .clamp(0, 86_400) as u64,
         ))
     }
 }
@@ -208,27 +222,31 @@ impl Validator {
             return Err(IdentityError::Malformed("token over the size cap"));
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(id) = self.verified.get(&digest) {
-            // A cached verdict is only as good as the keys behind it: past the issuer's
-            // max_key_age it is re-checked (and denied until the keys are fetched again).
-            let keys_fresh = self
+        if let Some(hit) = self.verified.get(&digest) {
+            // A cached verdict is only as good as the key behind it: past the issuer's
+            // max_key_age, or once that key is gone from the issuer's key set (rotated out
+            // after a compromise), the token is verified again, and so denied until the keys
+            // are fetched again or for good.
+            let key_held = self
                 .by_iss
-                .get(id.issuer.as_ref())
-                .is_some_and(|st| st.jwks.is_fresh());
-            if id.expires_at > unix_now() && keys_fresh {
+                .get(hit.identity.issuer.as_ref())
+                .is_some_and(|st| st.jwks.holds(hit.kid.as_deref(), hit.alg));
+            if hit.identity.expires_at > unix_now() && key_held {
                 metrics::counter!("aegis_jwt_cache_total", "result" => "hit").increment(1);
-                return Ok(id);
+                return Ok(hit.identity);
             }
+            self.verified.invalidate(&digest);
         }
         metrics::counter!("aegis_jwt_cache_total", "result" => "miss").increment(1);
-        let id = Arc::new(self.verify(token).await?);
+        let verified = self.verify(token).await?;
+        let id = verified.identity.clone();
         if id.expires_at > unix_now() {
-            self.verified.insert(digest, id.clone());
+            self.verified.insert(digest, verified);
         }
         Ok(id)
     }
 
-    async fn verify(&self, token: &str) -> Result<Identity, IdentityError> {
+    async fn verify(&self, token: &str) -> Result<Verified, IdentityError> {
         use IdentityError::{Malformed, Rejected};
 
         let mut parts = token.split('.');
@@ -367,14 +385,18 @@ impl Validator {
             Some(_) => return Err(Rejected("the agent claim is not a string")),
         };
         let actor_chain = actor_chain(claims.get("act"))?;
-        Ok(Identity {
-            issuer_name: issuer.name.clone(),
-            issuer: issuer.iss.clone(),
-            subject,
-            user_name,
-            agent,
-            expires_at: exp,
-            actor_chain,
+        Ok(Verified {
+            identity: Arc::new(Identity {
+                issuer_name: issuer.name.clone(),
+                issuer: issuer.iss.clone(),
+                subject,
+                user_name,
+                agent,
+                expires_at: exp,
+                actor_chain,
+            }),
+            kid: header.kid.as_deref().map(Arc::from),
+            alg,
         })
     }
 }
@@ -513,6 +535,60 @@ mod tests {
                 Some(IdentityError::Rejected("exp is out of range"))
             );
         }
+    }
+
+    /// A verdict cached while the key set was fresh was once reused after the key that signed
+    /// it had been removed from the JWKS (key rotation after a compromise). The sandbox IdP
+    /// signs with an RSA and an EC key; the RSA key is rotated out and the keys reloaded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cached_verdict_dies_with_its_rotated_out_key() {
+        use sandbox::{JwksFault, Sandbox, SandboxOptions, TokenRequest};
+
+        let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
+        let issuer = IssuerConfig {
+            name: "dev".into(),
+            issuer: sb.idp_url.clone(),
+            audiences: vec!["aegis".into()],
+            jwks_uri: url::Url::parse(&format!("{}/jwks", sb.idp_url)).ok(),
+            algorithms: vec![Algorithm::RS256, Algorithm::ES256],
+            username_claim: "email".into(),
+            agent_claim: "azp".into(),
+            leeway: Duration::from_secs(30),
+            max_key_age: Duration::from_secs(3600),
+        };
+        let v = Validator::new(&[issuer], reqwest::Client::new());
+        assert!(v.load_all().await.is_empty());
+        let rsa = sb.mint_idp_token(&TokenRequest::new("alice"));
+        let mut es = TokenRequest::new("bob");
+        es.alg = Some("ES256".into());
+        let ec = sb.mint_idp_token(&es);
+        let user = |r: Result<Arc<Identity>, IdentityError>| r.map(|i| i.user_name.clone());
+        // Both verified, then served from the cache.
+        for _ in 0..2 {
+            assert_eq!(user(v.validate(&rsa).await), Ok("alice@example.com".into()));
+            assert_eq!(user(v.validate(&ec).await), Ok("bob@example.com".into()));
+        }
+        let fetches = sb.jwks_fetch_count();
+
+        sb.set_jwks_fault(JwksFault::WithoutRsa);
+        assert!(v.load_all().await.is_empty());
+        assert_eq!(sb.jwks_fetch_count(), fetches + 1);
+        for _ in 0..2 {
+            assert_eq!(
+                v.validate(&rsa).await.err(),
+                Some(IdentityError::Rejected("no matching signing key"))
+            );
+        }
+        // Control: a token signed by the key that remains is still served from the cache
+        // (no further JWKS fetch).
+        assert_eq!(user(v.validate(&ec).await), Ok("bob@example.com".into()));
+        assert_eq!(sb.jwks_fetch_count(), fetches + 1);
+
+        // The key back in the set: its tokens verify again.
+        sb.set_jwks_fault(JwksFault::Ok);
+        assert!(v.load_all().await.is_empty());
+        assert_eq!(user(v.validate(&rsa).await), Ok("alice@example.com".into()));
+        sb.shutdown().await;
     }
 
     /// `"kid": null` once read as "no kid" (and so matched the only RSA key); `"crit": null`
