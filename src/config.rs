@@ -110,6 +110,16 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// Whether `pem` holds a `-----BEGIN ...<label>-----` block.
+fn pem_has(pem: &[u8], label: &str) -> bool {
+    let text = String::from_utf8_lossy(pem);
+    text.split("-----BEGIN ").skip(1).any(|rest| {
+        rest.split("-----")
+            .next()
+            .is_some_and(|l| l.ends_with(label))
+    })
+}
+
 /// The most `server.worker_threads` may be.
 pub const MAX_WORKER_THREADS: i64 = 256;
 
@@ -125,6 +135,25 @@ pub struct ServerConfig {
     /// Threads that run Checks: 1 (the default) runs everything on one thread, which costs the
     /// least CPU per Check (no cross-thread wake-ups); more spread Checks over that many.
     pub worker_threads: usize,
+    /// mTLS on the gRPC listener. The listener hands out users' Databricks tokens, so a TCP
+    /// address other than loopback needs it (or `grpc_allow_plaintext`).
+    pub grpc_tls: Option<GrpcTls>,
+    /// The operator's explicit opt-out of that rule (a trusted network; logged loudly).
+    pub grpc_allow_plaintext: bool,
+}
+
+/// The gRPC listener's certificate and the CA its clients (Envoy) must present a certificate of.
+#[derive(Clone)]
+pub struct GrpcTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: SecretString,
+    pub client_ca_pem: Vec<u8>,
+}
+
+impl fmt::Debug for GrpcTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcTls").finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -351,6 +380,15 @@ impl Config {
     /// to assert it.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let ListenAddr::Tcp(addr) = &self.server.grpc_listen {
+            if self.server.grpc_tls.is_none() && !addr.ip().is_loopback() {
+                out.push(format!(
+                    "server.grpc_listen {addr} serves gRPC in plaintext on a non-loopback address \
+                     (server.grpc_allow_plaintext = true): anyone who can reach it can obtain \
+                     users' Databricks tokens; use mTLS unless this network is trusted"
+                ));
+            }
+        }
         for (i, ws) in self.workspaces.iter().enumerate() {
             let reach: Vec<&IssuerConfig> = self
                 .issuers
@@ -631,6 +669,65 @@ impl Reader<'_> {
     }
 
     /// Reads a base64 key from `<key>` (a file path) or from env `AEGIS_<SECTION>_<KEY>`.
+    /// A PEM file named by `key` (relative to the config's directory) that must hold a
+    /// `-----BEGIN <label>` block (`label` may be a suffix, e.g. "PRIVATE KEY").
+    fn pem_file(&mut self, t: &Table, key: &str, path: &str, label: &str) -> Option<Vec<u8>> {
+        let p = join(path, key);
+        let f = self.string(t, key, path, false)?;
+        let full = self.base_dir.join(&f);
+        match std::fs::read(&full) {
+            Ok(pem) if pem_has(&pem, label) => Some(pem),
+            Ok(_) => {
+                self.err(
+                    &p,
+                    format!("{} holds no PEM {}", full.display(), label.to_lowercase()),
+                );
+                None
+            }
+            Err(e) => {
+                self.err(&p, format!("cannot read {}: {e}", full.display()));
+                None
+            }
+        }
+    }
+
+    /// `server.grpc_tls_*`: all three files, or none.
+    fn grpc_tls(&mut self, t: &Table) -> Option<GrpcTls> {
+        const KEYS: [&str; 3] = [
+            "grpc_tls_cert_file",
+            "grpc_tls_key_file",
+            "grpc_client_ca_file",
+        ];
+        let given = KEYS.iter().filter(|k| t.contains_key(**k)).count();
+        if given == 0 {
+            return None;
+        }
+        if given < KEYS.len() {
+            for k in KEYS.iter().filter(|k| !t.contains_key(**k)) {
+                self.err(
+                    &format!("server.{k}"),
+                    "is required with the other grpc_tls settings (mTLS needs all three)",
+                );
+            }
+            return None;
+        }
+        let cert = self.pem_file(t, KEYS[0], "server", "CERTIFICATE");
+        let key = self.pem_file(t, KEYS[1], "server", "PRIVATE KEY");
+        let ca = self.pem_file(t, KEYS[2], "server", "CERTIFICATE");
+        let key = key.and_then(|k| match String::from_utf8(k) {
+            Ok(text) => Some(SecretString::new(text)),
+            Err(_) => {
+                self.err("server.grpc_tls_key_file", "is not UTF-8 PEM text");
+                None
+            }
+        });
+        Some(GrpcTls {
+            cert_pem: cert?,
+            key_pem: key?,
+            client_ca_pem: ca?,
+        })
+    }
+
     fn key_file(&mut self, t: &Table, key: &str, path: &str, required: bool) -> Option<Key32> {
         let p = join(path, key);
         let text = self.secret_text(t, key, path, required)?;
@@ -784,6 +881,10 @@ impl Reader<'_> {
                 "instance_id",
                 "check_timeout",
                 "worker_threads",
+                "grpc_tls_cert_file",
+                "grpc_tls_key_file",
+                "grpc_client_ca_file",
+                "grpc_allow_plaintext",
             ],
         );
         let grpc_listen = match self.string(t, "grpc_listen", path, true) {
@@ -837,7 +938,40 @@ impl Reader<'_> {
                 1
             }
         };
+        let grpc_tls = self.grpc_tls(t);
+        let grpc_allow_plaintext = match t.get("grpc_allow_plaintext") {
+            None => false,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(v) => {
+                self.err(
+                    "server.grpc_allow_plaintext",
+                    format!("must be true or false, not {v}"),
+                );
+                false
+            }
+        };
+        match (&grpc_listen, &grpc_tls) {
+            (Some(ListenAddr::Tcp(a)), None) if !a.ip().is_loopback() && !grpc_allow_plaintext => {
+                self.err(
+                    "server.grpc_listen",
+                    format!(
+                        "plaintext gRPC on {a}, a non-loopback address, would hand users' \
+                         Databricks tokens to anyone who can reach it: configure mTLS \
+                         (server.grpc_tls_cert_file, grpc_tls_key_file, grpc_client_ca_file), \
+                         listen on loopback or a unix socket, or set \
+                         server.grpc_allow_plaintext = true for a network you trust"
+                    ),
+                );
+            }
+            (Some(ListenAddr::Unix(_)), Some(_)) => self.err(
+                "server.grpc_tls_cert_file",
+                "mTLS applies to a TCP grpc_listen, not a unix socket",
+            ),
+            _ => {}
+        }
         Some(ServerConfig {
+            grpc_tls,
+            grpc_allow_plaintext,
             grpc_listen: grpc_listen?,
             admin_listen: admin_listen?,
             public_listen,
@@ -955,30 +1089,7 @@ impl Reader<'_> {
         if t.contains_key("sentinel_master") && !t.contains_key("sentinels") {
             self.err("redis.sentinel_master", "is only used with sentinels");
         }
-        let ca_pem = self.string(t, "ca_file", "redis", false).and_then(|f| {
-            let full = self.base_dir.join(&f);
-            match std::fs::read(&full) {
-                Ok(pem)
-                    if String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") =>
-                {
-                    Some(pem)
-                }
-                Ok(_) => {
-                    self.err(
-                        "redis.ca_file",
-                        format!("{} holds no PEM certificate", full.display()),
-                    );
-                    None
-                }
-                Err(e) => {
-                    self.err(
-                        "redis.ca_file",
-                        format!("cannot read {}: {e}", full.display()),
-                    );
-                    None
-                }
-            }
-        });
+        let ca_pem = self.pem_file(t, "ca_file", "redis", "CERTIFICATE");
         let cache_key = self.key_file(t, "cache_key_file", "redis", true);
         Some(RedisConfig {
             topology: topology?,

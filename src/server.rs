@@ -38,6 +38,8 @@ pub enum ServeError {
     Http(String),
     #[error("server failed: {0}")]
     Serve(String),
+    #[error("server.grpc_tls: {0}")]
+    Tls(String),
 }
 
 /// The live components readiness is computed from.
@@ -256,11 +258,22 @@ pub async fn run(
     // --- gRPC listener ---
     let authz = AuthorizationServer::new(AuthzService::new(pipeline.clone()))
         .max_decoding_message_size(1024 * 1024);
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health_service)
-        .add_service(authz);
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if let Some(tls) = &cfg.server.grpc_tls {
+        // mTLS: only a client with a certificate from the configured CA (Envoy) may ask.
+        let identity =
+            tonic::transport::Identity::from_pem(&tls.cert_pem, tls.key_pem.expose().as_bytes());
+        builder = builder
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(identity)
+                    .client_ca_root(tonic::transport::Certificate::from_pem(&tls.client_ca_pem)),
+            )
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let router = builder.add_service(health_service).add_service(authz);
     let mut grpc_stop = stop_rx.clone();
     let grpc_signal = async move {
         let _ = grpc_stop.wait_for(|s| *s).await;

@@ -157,6 +157,14 @@ fn test_tls_dir(dir: &Path) -> PathBuf {
     .arg(tls.join("tls.crt"));
     let (code, _, err) = run(cmd, "", Duration::from_secs(30));
     assert_eq!(code, 0, "openssl could not make a test certificate: {err}");
+    // front-proxy.yaml's mTLS to aegis: a client certificate and the CA of aegis' certificate.
+    for (from, to) in [
+        ("tls.crt", "aegis-client.crt"),
+        ("tls.key", "aegis-client.key"),
+        ("tls.crt", "aegis-ca.crt"),
+    ] {
+        std::fs::copy(tls.join(from), tls.join(to)).expect("copy a test certificate");
+    }
     tls
 }
 
