@@ -47,7 +47,8 @@ struct Components {
     validator: Arc<Validator>,
     audit: Arc<AuditChain>,
     redis: Arc<RedisLink>,
-    /// The operators' agent blocklist; the pipeline denies until it has been read once.
+    /// The operators' agent blocklist; a replica is ready once it has been read (the pipeline
+    /// also denies whenever the latest read failed).
     blocklist: Arc<AgentBlocklist>,
     /// The flag the pipeline reads; `/readyz` reports it, so a 200 there means Checks run.
     ready: Arc<AtomicBool>,
@@ -55,7 +56,10 @@ struct Components {
 
 impl Components {
     fn conditions_met(&self) -> bool {
-        self.validator.all_loaded() && self.audit.head_loaded() && self.blocklist.loaded()
+        self.validator.all_loaded()
+            && self.audit.head_loaded()
+            && self.blocklist.ever_loaded()
+            && self.redis.was_healthy()
     }
 }
 
@@ -68,7 +72,7 @@ impl Readiness for Components {
             config: true,
             jwks,
             audit_chain_head: head,
-            agent_blocklist: self.blocklist.loaded(),
+            agent_blocklist: self.blocklist.ever_loaded(),
             redis: self.redis.healthy(),
         }
     }

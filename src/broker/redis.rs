@@ -76,6 +76,8 @@ pub struct RedisLink {
     source: Source,
     conn: RwLock<Option<Conn>>,
     healthy: AtomicBool,
+    /// Redis was healthy at least once (readiness: a replica starts serving only then).
+    was_healthy: AtomicBool,
     /// Bumped on every recovery; the broker flushes L1 when it changes.
     epoch: AtomicU64,
     /// The events subscription is up.
@@ -144,6 +146,7 @@ impl RedisLink {
             source,
             conn: RwLock::new(None),
             healthy: AtomicBool::new(false),
+            was_healthy: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             subscribed: AtomicBool::new(false),
             events: tokio::sync::broadcast::channel(1024).0,
@@ -243,6 +246,11 @@ impl RedisLink {
         false
     }
 
+    /// Redis was healthy at least once since this link was made.
+    pub fn was_healthy(&self) -> bool {
+        self.was_healthy.load(Ordering::Acquire)
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
@@ -294,6 +302,9 @@ impl RedisLink {
             }
         }
         let was = self.healthy.swap(ok, Ordering::AcqRel);
+        if ok {
+            self.was_healthy.store(true, Ordering::Release);
+        }
         if ok && !was {
             self.epoch.fetch_add(1, Ordering::AcqRel);
             tracing::info!("redis is reachable");

@@ -143,7 +143,10 @@ impl BlockStore {
 
 pub struct AgentBlocklist {
     agents: RwLock<Arc<HashSet<String>>>,
+    /// The last read of the durable list succeeded (the pipeline denies otherwise).
     loaded: AtomicBool,
+    /// Some read ever succeeded (readiness: a replica starts serving only once it could tell).
+    ever_loaded: AtomicBool,
 }
 
 // === impl AgentBlocklist ===
@@ -154,6 +157,7 @@ impl AgentBlocklist {
         AgentBlocklist {
             agents: RwLock::new(Arc::new(HashSet::new())),
             loaded: AtomicBool::new(true),
+            ever_loaded: AtomicBool::new(true),
         }
     }
 
@@ -162,11 +166,18 @@ impl AgentBlocklist {
         AgentBlocklist {
             agents: RwLock::new(Arc::new(HashSet::new())),
             loaded: AtomicBool::new(false),
+            ever_loaded: AtomicBool::new(false),
         }
     }
 
+    /// The list is current: its last read succeeded.
     pub fn loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
+    }
+
+    /// Some read of the list ever succeeded.
+    pub fn ever_loaded(&self) -> bool {
+        self.ever_loaded.load(Ordering::Acquire)
     }
 
     /// True when `agent` is blocked. A poisoned lock counts as blocked (fail closed).
@@ -192,6 +203,7 @@ impl AgentBlocklist {
             *g = Arc::new(set);
         }
         self.loaded.store(true, Ordering::Release);
+        self.ever_loaded.store(true, Ordering::Release);
     }
 
     fn edit(&self, f: impl FnOnce(&mut HashSet<String>)) {
