@@ -142,7 +142,15 @@ async fn start(
             "This consent link names no workspace that aegis serves.",
         );
     };
-    match state.u2m.start(ws, &claims).await {
+    let Some(link_id) = crate::broker::u2m::ConsentLinks::link_id(&params) else {
+        consent_metric("bad_link");
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Consent link not valid",
+            "This consent link is not valid.",
+        );
+    };
+    match state.u2m.start(ws, &claims, &link_id).await {
         Ok(started) => {
             let mut resp = StatusCode::FOUND.into_response();
             let cookie = format!(
@@ -225,6 +233,7 @@ fn failure(e: CallbackError) -> Response {
         }
         CallbackError::WrongUser { .. } => (StatusCode::FORBIDDEN, "wrong_user"),
         CallbackError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        CallbackError::TooManyStarts => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
     };
     consent_metric(kind);
     page(status, "Consent not recorded", &e.to_string())

@@ -211,9 +211,8 @@ async fn u2m_consent_flow_end_to_end() {
     let last = audit.last().expect("audit rows");
     assert_eq!(last["decision"], "ALLOW");
     assert_eq!(last["token_source"], "u2m");
-    // The consent link is single-use in effect: the pending state is gone after the callback.
-    let (status, _) = consent_replayed_callback(&link).await;
-    assert_eq!(status, 400);
+    // A callback is bound to its browser and single-use; a link keeps one pending sign-in.
+    consent_callbacks_are_bound_single_use_and_one_per_link(&link).await;
 
     // Nothing aegis wrote holds a token.
     assert_no_tokens("the aegis log", &stack.aegis.log());
@@ -285,11 +284,12 @@ async fn u2m_revoke_sends_a_different_token_and_consent_revoke_drops_the_grant_f
     stack.shutdown().await;
 }
 
-/// Starts a consent and then calls the callback twice: without the cookie (refused), then with
-/// it (refused: the state was consumed). Returns the second answer.
-async fn consent_replayed_callback(link: &str) -> (u16, String) {
+/// Starts a sign-in from `link` as a browser would: the binding cookie and the callback URL
+/// the workspace sends the browser back to.
+async fn start_sign_in(link: &str) -> (String, String) {
     let http = http();
     let start = http.get(link).send().await.expect("GET /oauth/start");
+    assert_eq!(start.status().as_u16(), 302, "{:?}", start.text().await);
     let cookie = start
         .headers()
         .get("set-cookie")
@@ -310,16 +310,51 @@ async fn consent_replayed_callback(link: &str) -> (u16, String) {
         .and_then(|v| v.to_str().ok())
         .expect("a callback")
         .to_string();
-    let no_cookie = http.get(&callback).send().await.expect("callback");
-    assert_eq!(no_cookie.status().as_u16(), 400);
-    let again = http
-        .get(&callback)
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .expect("callback");
-    let status = again.status().as_u16();
-    (status, again.text().await.unwrap_or_default())
+    (cookie, callback)
+}
+
+async fn call_back(callback: &str, cookie: Option<&str>) -> (u16, String) {
+    let mut req = http().get(callback);
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    let resp = req.send().await.expect("callback");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+/// The callback without the browser's cookie is refused and does not burn the sign-in; with
+/// it, it succeeds once and never again; a second start of the same link voids the first
+/// sign-in; and a link starts at most 5 sign-ins.
+async fn consent_callbacks_are_bound_single_use_and_one_per_link(link: &str) {
+    // (The link was used for one sign-in already.)
+    let (cookie, callback) = start_sign_in(link).await;
+    let (status, page) = call_back(&callback, None).await;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("another browser"), "{page}");
+    let (status, page) = call_back(&callback, Some(&cookie)).await;
+    assert_eq!(
+        status, 200,
+        "a cookieless callback burned the sign-in: {page}"
+    );
+    let (status, page) = call_back(&callback, Some(&cookie)).await;
+    assert_eq!(status, 400, "a callback was accepted twice: {page}");
+
+    // Two sign-ins from one link: only the newer one can finish.
+    let (old_cookie, old_callback) = start_sign_in(link).await;
+    let (new_cookie, new_callback) = start_sign_in(link).await;
+    let (status, page) = call_back(&old_callback, Some(&old_cookie)).await;
+    assert_eq!(status, 400, "a replaced sign-in finished: {page}");
+    let (status, page) = call_back(&new_callback, Some(&new_cookie)).await;
+    assert_eq!(status, 200, "{page}");
+
+    // The link may start 5 sign-ins (that was the 4th): the 6th is refused.
+    let resp = http().get(link).send().await.expect("GET /oauth/start");
+    assert_eq!(resp.status().as_u16(), 302);
+    let resp = http().get(link).send().await.expect("GET /oauth/start");
+    assert_eq!(resp.status().as_u16(), 429);
+    let page = resp.text().await.unwrap_or_default();
+    assert!(page.contains("used too often"), "{page}");
 }
 
 #[tokio::test]

@@ -55,7 +55,34 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const LOCK_TIMEOUT: &str = "1500ms";
 const STATEMENT_TIMEOUT: &str = "3s";
 const LINK_TAG: &[u8] = b"aegis.u2m.consent-link.v1";
-const PENDING_PREFIX: &str = "aegis:v1:u2m:state:";
+/// Redis keys of a consent link's sign-ins: `aegis:v2:u2m:{<link id>}:...`, one hash slot per
+/// link. `state:<hash>` holds a pending sign-in, `pending` the link's only live one, `starts`
+/// how often the link was started.
+const LINK_PREFIX: &str = "aegis:v2:u2m:";
+/// How often one consent link may start a sign-in.
+pub const MAX_STARTS_PER_LINK: u64 = 5;
+
+/// Starts a sign-in for a link: counts the start (refusing past the limit), replaces the link's
+/// previous pending sign-in (so only the newest state can finish) and stores the new one.
+/// KEYS: starts, pending, new state. ARGV: sealed pending, ttl (ms), limit. Returns the starts
+/// so far, or -1 past the limit (nothing stored).
+const START_SCRIPT: &str = r"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if n > tonumber(ARGV[3]) then return -1 end
+local old = redis.call('GET', KEYS[2])
+if old then redis.call('DEL', old) end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], KEYS[3], 'PX', ARGV[2])
+return n
+";
+
+/// Consumes a pending sign-in only if it still holds what was read (and so was checked).
+/// KEYS: state. ARGV: the sealed value read. Returns 1 when this call consumed it.
+const CONSUME_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
 
 // === Consent links ===
 
@@ -132,6 +159,12 @@ impl ConsentLinks {
             .append_pair("e", &exp.to_string())
             .append_pair("s", &sig);
         url.into()
+    }
+
+    /// The id of a link (from its signature), which its sign-ins are counted and kept under.
+    pub fn link_id(params: &std::collections::HashMap<String, String>) -> Option<String> {
+        let sig = params.get("s").filter(|s| !s.is_empty())?;
+        Some(hex::encode(&Sha256::digest(sig.as_bytes())[..16]))
     }
 
     /// Checks a link's query parameters (`w`, `u`, `i`, `p`, `e`, `s`).
@@ -450,6 +483,8 @@ pub enum CallbackError {
     WrongUser { expected: String },
     #[error("a service aegis depends on is unavailable; try again in a moment")]
     Unavailable,
+    #[error("this consent link was used too often; retry your request to get a new one")]
+    TooManyStarts,
 }
 
 impl U2m {
@@ -691,20 +726,32 @@ impl U2m {
 
     // --- consent ---
 
-    fn pending_key(state: &str) -> String {
+    /// The Redis key of a pending sign-in. `state` is `<link id>.<random>`, so the key lands
+    /// in its link's hash slot; anything else names no key.
+    fn pending_key(state: &str) -> Option<String> {
+        let (link, _) = state.split_once('.')?;
+        if link.len() != 32 || !link.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
         let h = Sha256::digest(state.as_bytes());
-        format!("{PENDING_PREFIX}{}", hex::encode(h))
+        Some(format!("{LINK_PREFIX}{{{link}}}:state:{}", hex::encode(h)))
     }
 
-    /// Starts a consent for a verified link: stores the PKCE verifier under a fresh `state`
-    /// and returns the workspace authorize URL.
+    /// Starts a consent for a verified link (`link_id` from [`ConsentLinks::link_id`]): stores
+    /// the PKCE verifier under a fresh `state`, which replaces any sign-in this link started
+    /// before, and returns the workspace authorize URL. A link starts at most
+    /// [`MAX_STARTS_PER_LINK`] sign-ins.
     pub async fn start(
         &self,
         ws: &WorkspaceConfig,
         claims: &LinkClaims,
+        link_id: &str,
     ) -> Result<Started, CallbackError> {
         let (challenge, verifier) = oauth2::PkceCodeChallenge::new_random_sha256();
-        let state = oauth2::CsrfToken::new_random();
+        let state = oauth2::CsrfToken::new(format!(
+            "{link_id}.{}",
+            oauth2::CsrfToken::new_random().secret()
+        ));
         let binding = oauth2::CsrfToken::new_random();
         let pending = Pending {
             v: verifier.secret().to_string(),
@@ -714,15 +761,30 @@ impl U2m {
             p: claims.subject.clone(),
             b: binding.secret().to_string(),
         };
-        let key = Self::pending_key(state.secret());
+        let key = Self::pending_key(state.secret()).ok_or(CallbackError::Unavailable)?;
         let mut plain = serde_json::to_vec(&pending).map_err(|_| CallbackError::Unavailable)?;
         let sealed = self.sealer.seal(&plain, key.as_bytes());
         zeroize::Zeroize::zeroize(&mut plain);
         let sealed = sealed.ok_or(CallbackError::Unavailable)?;
-        self.redis
-            .set_px(&key, &sealed, CONSENT_TTL)
+        let link_keys = format!("{LINK_PREFIX}{{{link_id}}}:");
+        let ttl = CONSENT_TTL.as_millis().to_string();
+        let limit = MAX_STARTS_PER_LINK.to_string();
+        let started: i64 = self
+            .redis
+            .script(
+                &redis::Script::new(START_SCRIPT),
+                &[
+                    &format!("{link_keys}starts"),
+                    &format!("{link_keys}pending"),
+                    &key,
+                ],
+                &[&sealed, ttl.as_bytes(), limit.as_bytes()],
+            )
             .await
             .map_err(|_| CallbackError::Unavailable)?;
+        if started < 0 {
+            return Err(CallbackError::TooManyStarts);
+        }
 
         let mut url = ws
             .url
@@ -752,15 +814,13 @@ impl U2m {
         state: &str,
         binding: Option<&str>,
     ) -> Result<LinkClaims, CallbackError> {
-        let key = Self::pending_key(state);
-        let mut cmd = redis::cmd("GETDEL");
-        cmd.arg(&key);
-        let sealed: Option<Vec<u8>> = self
+        let key = Self::pending_key(state).ok_or(CallbackError::UnknownState)?;
+        let sealed = self
             .redis
-            .run(cmd)
+            .get(&key)
             .await
-            .map_err(|_| CallbackError::Unavailable)?;
-        let sealed = sealed.ok_or(CallbackError::UnknownState)?;
+            .map_err(|_| CallbackError::Unavailable)?
+            .ok_or(CallbackError::UnknownState)?;
         let mut plain = self
             .sealer
             .open(&sealed, key.as_bytes())
@@ -773,7 +833,18 @@ impl U2m {
             bool::from(b.as_bytes().ct_eq(pending.b.as_bytes()))
         });
         if !bound {
+            // Checked before the state is consumed: a request without the browser's cookie
+            // cannot burn the user's sign-in.
             return Err(CallbackError::WrongBrowser);
+        }
+        let consumed: i64 = self
+            .redis
+            .script(&redis::Script::new(CONSUME_SCRIPT), &[&key], &[&sealed])
+            .await
+            .map_err(|_| CallbackError::Unavailable)?;
+        if consumed != 1 {
+            // Another callback with the same state won the race.
+            return Err(CallbackError::UnknownState);
         }
         let ws = workspaces
             .iter()
