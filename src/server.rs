@@ -143,6 +143,7 @@ pub async fn run(
             &cfg.audit.checkpoint_dir,
             &cfg.server.instance_id,
         )),
+        &cfg.server.instance_id,
     ));
 
     // The in-memory copy the pipeline reads: re-read every 500 ms and on every change event.

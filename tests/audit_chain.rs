@@ -110,6 +110,7 @@ impl Chain {
             self.keys.clone(),
             self.signing.clone(),
             Arc::new(self.sink()),
+            "test",
         );
         cp.run_once()
             .await
@@ -260,7 +261,7 @@ async fn every_tamper_is_detected() {
     let c = Chain::new(&pg, "forgedcp").await;
     c.append(4).await;
     let head = c.checkpoint().await.head_mac;
-    let forged = Checkpoint::sign("forgedcp", 9, head, 1, &Key32::generate());
+    let forged = Checkpoint::sign("forgedcp", 9, head, 1, "test", &Key32::generate());
     c.sink().write(&forged).unwrap();
     assert_caught(
         &c.verify(&pg).await,
@@ -285,7 +286,14 @@ async fn every_tamper_is_detected() {
     let c = Chain::new(&pg, "fork").await;
     c.append(4).await;
     let real = c.checkpoint().await;
-    let other = Checkpoint::sign("fork", real.size, [9u8; 32], real.ts + 1, &c.signing);
+    let other = Checkpoint::sign(
+        "fork",
+        real.size,
+        [9u8; 32],
+        real.ts + 1,
+        "test",
+        &c.signing,
+    );
     c.sink().write(&other).unwrap();
     assert_caught(
         &c.verify(&pg).await,
@@ -310,6 +318,7 @@ async fn every_tamper_is_detected() {
         c.keys.clone(),
         c.signing.clone(),
         Arc::new(c.sink()),
+        "test",
     );
     let err = cp
         .run_once()

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
@@ -26,16 +26,23 @@ use super::record::GENESIS_MAC;
 use super::verify::{record_of, Walk, SELECT_RANGE};
 use crate::secret::Key32;
 
-const DOMAIN: &str = "aegis.checkpoint.v1";
+const DOMAIN_V1: &str = "aegis.checkpoint.v1";
+const DOMAIN_V2: &str = "aegis.checkpoint.v2";
+/// The format this build writes. Version 2 signs the signer's instance id too, and its `ts` is
+/// PostgreSQL's clock read together with the head (version 1: the signing host's clock).
+pub const VERSION: u32 = 2;
 
 /// One signed head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
+    pub version: u32,
     pub chain_id: String,
     pub size: u64,
     pub head_mac: [u8; 32],
-    /// Seconds since the epoch.
+    /// Seconds since the epoch: when the head had this size, by the database's clock (v2).
     pub ts: i64,
+    /// The instance that signed it (v2; empty in v1).
+    pub signer: String,
     pub public_key: [u8; 32],
     pub signature: [u8; 64],
 }
@@ -48,6 +55,8 @@ struct CheckpointFile {
     size: u64,
     head_mac: String,
     ts: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signer: Option<String>,
     public_key: String,
     signature: String,
 }
@@ -61,31 +70,41 @@ pub fn public_key(seed: &Key32) -> [u8; 32] {
 
 impl Checkpoint {
     /// The signed bytes: one field per line, like a transparency-log note.
-    pub fn message(chain_id: &str, size: u64, head_mac: &[u8; 32], ts: i64) -> Vec<u8> {
-        format!(
-            "{DOMAIN}\n{chain_id}\n{size}\n{}\n{ts}\n",
-            hex::encode(head_mac)
-        )
+    fn message(&self) -> Vec<u8> {
+        let head = hex::encode(self.head_mac);
+        let (chain_id, size, ts) = (&self.chain_id, self.size, self.ts);
+        match self.version {
+            1 => format!("{DOMAIN_V1}\n{chain_id}\n{size}\n{head}\n{ts}\n"),
+            _ => format!(
+                "{DOMAIN_V2}\n{chain_id}\n{size}\n{head}\n{ts}\n{}\n",
+                self.signer
+            ),
+        }
         .into_bytes()
     }
 
+    /// Signs a head (the current format, [`VERSION`]) as `signer`.
     pub fn sign(
         chain_id: &str,
         size: u64,
         head_mac: [u8; 32],
         ts: i64,
+        signer: &str,
         seed: &Key32,
     ) -> Checkpoint {
         let key = SigningKey::from_bytes(seed.expose());
-        let sig = key.sign(&Self::message(chain_id, size, &head_mac, ts));
-        Checkpoint {
+        let mut cp = Checkpoint {
+            version: VERSION,
             chain_id: chain_id.to_string(),
             size,
             head_mac,
             ts,
+            signer: signer.to_string(),
             public_key: key.verifying_key().to_bytes(),
-            signature: sig.to_bytes(),
-        }
+            signature: [0u8; 64],
+        };
+        cp.signature = key.sign(&cp.message()).to_bytes();
+        cp
     }
 
     /// True when signed by `expected` (the configured signing key's public half).
@@ -97,21 +116,18 @@ impl Checkpoint {
             return false;
         };
         let sig = ed25519_dalek::Signature::from_bytes(&self.signature);
-        key.verify(
-            &Self::message(&self.chain_id, self.size, &self.head_mac, self.ts),
-            &sig,
-        )
-        .is_ok()
+        key.verify(&self.message(), &sig).is_ok()
     }
 
     pub fn to_json(&self) -> String {
         let b64 = base64::engine::general_purpose::STANDARD;
         let file = CheckpointFile {
-            version: 1,
+            version: self.version,
             chain_id: self.chain_id.clone(),
             size: self.size,
             head_mac: hex::encode(self.head_mac),
             ts: self.ts,
+            signer: (self.version >= 2).then(|| self.signer.clone()),
             public_key: b64.encode(self.public_key),
             signature: b64.encode(self.signature),
         };
@@ -122,9 +138,13 @@ impl Checkpoint {
         let b64 = base64::engine::general_purpose::STANDARD;
         let f: CheckpointFile =
             serde_json::from_str(text).map_err(|e| format!("not a checkpoint: {e}"))?;
-        if f.version != 1 {
-            return Err(format!("unknown checkpoint version {}", f.version));
-        }
+        let signer = match (f.version, f.signer) {
+            (1, None) => String::new(),
+            (2, Some(s)) => s,
+            (1, Some(_)) => return Err("a version 1 checkpoint has no signer".into()),
+            (2, None) => return Err("a version 2 checkpoint names its signer".into()),
+            (v, _) => return Err(format!("unknown checkpoint version {v}")),
+        };
         let head_mac: [u8; 32] = hex::decode(&f.head_mac)
             .ok()
             .and_then(|v| v.try_into().ok())
@@ -140,10 +160,12 @@ impl Checkpoint {
             .and_then(|v| v.try_into().ok())
             .ok_or("signature is not 64 bytes of base64")?;
         Ok(Checkpoint {
+            version: f.version,
             chain_id: f.chain_id,
             size: f.size,
             head_mac,
             ts: f.ts,
+            signer,
             public_key,
             signature,
         })
@@ -251,6 +273,8 @@ pub struct Checkpointer {
     keys: HashMap<String, Key32>,
     signing: Key32,
     sink: Arc<dyn CheckpointSink>,
+    /// This instance's id, signed into every checkpoint it writes.
+    signer: String,
     last: Mutex<Option<Checkpoint>>,
 }
 
@@ -261,6 +285,7 @@ impl Checkpointer {
         keys: HashMap<String, Key32>,
         signing: Key32,
         sink: Arc<dyn CheckpointSink>,
+        signer: &str,
     ) -> Checkpointer {
         Checkpointer {
             target,
@@ -268,6 +293,7 @@ impl Checkpointer {
             keys,
             signing,
             sink,
+            signer: signer.to_string(),
             last: Mutex::new(None),
         }
     }
@@ -300,9 +326,12 @@ impl Checkpointer {
             .await
             .map_err(CheckpointError::Store)?;
         let pg = |e: tokio_postgres::Error| CheckpointError::Store(super::pg_error_text(&e));
+        // The head and the database's clock, read together: with several replicas signing, the
+        // database orders the checkpoints, not each host's clock.
         let head = client
             .query_opt(
-                "SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1",
+                "SELECT size, head_mac, floor(extract(epoch FROM clock_timestamp()))::bigint \
+                 FROM aegis_chain_head WHERE chain_id = $1",
                 &[&self.chain_id],
             )
             .await
@@ -361,11 +390,15 @@ impl Checkpointer {
                 walk.next_seq() - 1
             )));
         }
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let cp = Checkpoint::sign(&self.chain_id, size, head_mac, ts, &self.signing);
+        let ts: i64 = head.get(2);
+        let cp = Checkpoint::sign(
+            &self.chain_id,
+            size,
+            head_mac,
+            ts,
+            &self.signer,
+            &self.signing,
+        );
         // File writes and fsyncs go to the blocking pool, off the thread that runs Checks.
         let (sink, signed) = (self.sink.clone(), cp.clone());
         tokio::task::spawn_blocking(move || sink.write(&signed))
@@ -417,7 +450,7 @@ mod tests {
     fn signatures_bind_every_field() {
         let seed = Key32::generate();
         let public = public_key(&seed);
-        let cp = Checkpoint::sign("main", 42, [7u8; 32], 1_700_000_000, &seed);
+        let cp = Checkpoint::sign("main", 42, [7u8; 32], 1_700_000_000, "pod-a", &seed);
         assert!(cp.verify(&public));
         let back = Checkpoint::from_json(&cp.to_json()).unwrap();
         assert_eq!(back, cp);
@@ -438,10 +471,51 @@ mod tests {
                 ts: 1,
                 ..cp.clone()
             },
+            Checkpoint {
+                signer: "pod-b".into(),
+                ..cp.clone()
+            },
+            Checkpoint {
+                version: 1,
+                ..cp.clone()
+            },
         ] {
             assert!(!tamper.verify(&public));
         }
         let other = public_key(&Key32::generate());
         assert!(!cp.verify(&other));
+    }
+
+    /// A version-1 checkpoint (no signer; written by earlier builds) still verifies: signed here
+    /// straight from the v1 note format, not through `Checkpoint::sign`.
+    #[test]
+    fn version_1_checkpoints_still_verify() {
+        let seed = Key32::from_bytes([3u8; 32]);
+        let key = SigningKey::from_bytes(seed.expose());
+        let head = [5u8; 32];
+        let note = format!(
+            "aegis.checkpoint.v1\nmain\n7\n{}\n1700000000\n",
+            hex::encode(head)
+        );
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let json = serde_json::json!({
+            "version": 1,
+            "chain_id": "main",
+            "size": 7,
+            "head_mac": hex::encode(head),
+            "ts": 1_700_000_000,
+            "public_key": b64.encode(key.verifying_key().to_bytes()),
+            "signature": b64.encode(key.sign(note.as_bytes()).to_bytes()),
+        });
+        let cp = Checkpoint::from_json(&json.to_string()).unwrap();
+        assert_eq!((cp.version, cp.signer.as_str()), (1, ""));
+        assert!(cp.verify(&public_key(&seed)));
+        // A v2 file must name its signer, a v1 file must not.
+        let mut v2 = json.clone();
+        v2["version"] = 2.into();
+        assert!(Checkpoint::from_json(&v2.to_string()).is_err());
+        let mut v1_signer = json;
+        v1_signer["signer"] = "pod-a".into();
+        assert!(Checkpoint::from_json(&v1_signer.to_string()).is_err());
     }
 }

@@ -3,7 +3,8 @@
 //! The walk streams rows in seq order (constant memory) and checks, for every row: the seq is
 //! the next one (no gap, nothing inserted, nothing reordered), `prev_mac` is the previous row's
 //! `mac`, and the MAC recomputed over the canonical record with the row's key matches. At the
-//! end the head row must agree with the last row.
+//! end the head row must agree with the last row. Rows and head come from one snapshot, so a
+//! walk under live appends is as consistent as one on a quiet chain.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -38,6 +39,10 @@ pub struct VerifyReport {
 const SELECT: &str = "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
     user_name, agent, workspace, method, path, token_source, token_fp, key_id, instance_id, \
     version, prev_mac, mac, chain_id, actor_chain FROM aegis_audit WHERE chain_id = $1 AND seq > $2 ORDER BY seq";
+
+/// How far apart (seconds, database clock) two checkpoints must be for the later one's smaller
+/// size to count as a rollback.
+pub const ROLLBACK_SLACK_SECS: i64 = 2;
 
 /// Rows a walk checks between yields to the runtime (about a millisecond of HMACs).
 pub const YIELD_EVERY: u64 = 256;
@@ -232,15 +237,27 @@ fn check_checkpoints(
             }
         }
     }
+    // A checkpoint smaller than one signed clearly before it means the chain went back (a
+    // restore from backup). "Clearly": more than ROLLBACK_SLACK_SECS apart by the database's
+    // clock (v2 checkpoints read it with the head), so replicas that read the head concurrently
+    // and sign in either order never raise a false alarm.
     mine.sort_by_key(|c| (c.ts, c.size));
-    for pair in mine.windows(2) {
-        if pair[1].size < pair[0].size && pair[1].ts > pair[0].ts {
+    let mut earlier = 0;
+    let mut largest: Option<&Checkpoint> = None;
+    for c in &mine {
+        while earlier < mine.len() && mine[earlier].ts + ROLLBACK_SLACK_SECS < c.ts {
+            if largest.is_none_or(|l| mine[earlier].size > l.size) {
+                largest = Some(mine[earlier]);
+            }
+            earlier += 1;
+        }
+        if let Some(l) = largest.filter(|l| l.size > c.size) {
             return Err(Bad {
-                seq: pair[1].size,
+                seq: c.size,
                 problem: "checkpoint_rollback",
                 detail: format!(
-                    "a checkpoint of size {} was signed after one of size {}",
-                    pair[1].size, pair[0].size
+                    "a checkpoint of size {} (ts {}) was signed after one of size {} (ts {})",
+                    c.size, c.ts, l.size, l.ts
                 ),
             });
         }
@@ -250,7 +267,31 @@ fn check_checkpoints(
 
 /// Walks a chain. `keys` maps key ids to HMAC keys; `checkpoints` are every checkpoint found in
 /// the sink and `public_key` the signing key they must verify under.
+///
+/// The rows and the head row are read in one snapshot (a read-only REPEATABLE READ
+/// transaction), so replicas appending meanwhile never look like a cut tail: a batch commits its
+/// rows and the head together, and the snapshot holds both or neither. `checkpoints` must have
+/// been read before the call: each was signed over a head that had committed before it was
+/// written, so none can be newer than the snapshot taken here.
 pub async fn verify(
+    client: &Client,
+    chain_id: &str,
+    keys: &HashMap<String, Key32>,
+    checkpoints: &[Result<Checkpoint, String>],
+    public_key: &[u8; 32],
+) -> Result<VerifyReport, tokio_postgres::Error> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let report = verify_in_snapshot(client, chain_id, keys, checkpoints, public_key).await;
+    // Read only: nothing to keep; end the transaction either way so the connection is reusable.
+    let ended = client.batch_execute("ROLLBACK").await;
+    let report = report?;
+    ended?;
+    Ok(report)
+}
+
+async fn verify_in_snapshot(
     client: &Client,
     chain_id: &str,
     keys: &HashMap<String, Key32>,
@@ -451,4 +492,47 @@ pub async fn export(
         n += 1;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cps(list: &[(u64, i64, &str)], seed: &Key32) -> Vec<Result<Checkpoint, String>> {
+        list.iter()
+            .map(|&(size, ts, signer)| {
+                let mut head = [0u8; 32];
+                head[..8].copy_from_slice(&size.to_be_bytes());
+                Ok(Checkpoint::sign("main", size, head, ts, signer, seed))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn replicas_signing_out_of_order_are_not_a_rollback_but_a_later_smaller_head_is() {
+        let seed = Key32::generate();
+        let public = super::super::checkpoint::public_key(&seed);
+        // Two replicas read the head concurrently and sign in either order, a second apart.
+        let ok = cps(
+            &[
+                (90, 11, "b"),
+                (100, 10, "a"),
+                (120, 12, "a"),
+                (110, 13, "b"),
+            ],
+            &seed,
+        );
+        assert!(check_checkpoints("main", &ok, &public).is_ok());
+        // A head smaller than one signed more than the slack before it: the chain went back.
+        let back = cps(&[(100, 10, "a"), (120, 20, "a"), (90, 23, "b")], &seed);
+        let bad = check_checkpoints("main", &back, &public).unwrap_err();
+        assert_eq!((bad.problem, bad.seq), ("checkpoint_rollback", 90));
+        // Also when the smaller head is not next to the larger one in time.
+        let slow = cps(
+            &[(100, 10, "a"), (99, 11, "a"), (98, 12, "a"), (97, 13, "a")],
+            &seed,
+        );
+        let bad = check_checkpoints("main", &slow, &public).unwrap_err();
+        assert_eq!(bad.problem, "checkpoint_rollback");
+    }
 }
