@@ -226,10 +226,14 @@ async fn a_three_node_cluster_behind_the_whole_stack() {
         .iter()
         .map(|a| {
             let port = a.rsplit(':').next().unwrap();
-            redis_cli(&["-p", port, "--scan", "--pattern", "aegis:v1:tok:*"])
+            redis_cli(&["-p", port, "--scan", "--pattern", "aegis:v2:*:tok:*"])
         })
         .collect();
-    assert!(keys.contains("aegis:v1:tok:sandbox:"), "{keys}");
+    // Keyed by the principal, in the user name's hash slot.
+    assert!(
+        keys.starts_with("aegis:v2:{") && keys.contains("}:tok:"),
+        "{keys}"
+    );
 
     // A revocation published on the cluster reaches aegis' subscription.
     let config = stack.config_path().to_str().unwrap().to_string();
@@ -335,7 +339,11 @@ async fn a_sentinel_managed_primary() {
         &primary_port.to_string(),
         "--scan",
         "--pattern",
-        "aegis:v1:tok:*",
+        "aegis:v2:*:tok:*",
     ]);
-    assert!(keys.contains("aegis:v1:tok:sandbox:"), "{keys}");
+    // Keyed by the principal, in the user name's hash slot.
+    assert!(
+        keys.starts_with("aegis:v2:{") && keys.contains("}:tok:"),
+        "{keys}"
+    );
 }
