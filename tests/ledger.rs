@@ -115,3 +115,78 @@ async fn verify_says_intact_while_two_replicas_append_and_sign() {
     );
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_that_commits_after_the_deadline_is_compensated() {
+    use sandbox::stack::{FaultMode, FaultProxy};
+    let proxy = std::sync::Arc::new(FaultProxy::start().await.expect("postgres proxy"));
+    let p = proxy.clone();
+    let stack = start_with(StackOptions::new(AEGIS_BIN).with_config(move |c| {
+        let t = c
+            .get_mut("postgres")
+            .and_then(|v| v.as_table_mut())
+            .unwrap();
+        let url = t["url"].as_str().unwrap().to_string();
+        t.insert("url".into(), p.reroute(&url).expect("loopback url").into());
+    }))
+    .await;
+    let alice = token(&stack, "alice");
+    // Positive control: a normal allow has its ALLOW row and nothing else.
+    let ok = get(&stack, ME, Some(&alice)).await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+
+    // PostgreSQL answers, but only after the Check's deadline (1.8 s): the row commits late.
+    proxy.set_mode(FaultMode::Slow(Duration::from_millis(2500)));
+    let late = get(&stack, ME, Some(&alice)).await;
+    assert_eq!(late.status, 503, "{}", late.text);
+    assert_eq!(
+        late.body["error"], "dependency_unavailable",
+        "{}",
+        late.text
+    );
+    assert!(late.header("retry-after").is_some());
+    let trace = late.trace_id();
+    proxy.set_mode(FaultMode::Pass);
+
+    let rows_of = |trace: String| {
+        let stack = &stack;
+        async move {
+            stack
+                .postgres
+                .query_json(&format!(
+                    "SELECT decision, reason, user_name, path FROM aegis_audit \
+                     WHERE trace_id = '{trace}' ORDER BY seq"
+                ))
+                .await
+                .expect("rows")
+        }
+    };
+    let waited = Instant::now();
+    let mut rows = rows_of(trace.clone()).await;
+    while rows.len() < 2 && waited.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rows = rows_of(trace.clone()).await;
+    }
+    assert_eq!(
+        rows.len(),
+        2,
+        "rows for {trace}: {rows:?}\n{}",
+        stack.aegis.log()
+    );
+    assert_eq!(rows[0]["decision"], "ALLOW", "{rows:?}");
+    assert_eq!(rows[1]["decision"], "DENY", "{rows:?}");
+    assert_eq!(rows[1]["reason"], "allow_not_delivered", "{rows:?}");
+    assert_eq!(rows[1]["user_name"], "alice@example.com");
+    assert_eq!(rows[1]["path"], ME);
+    // The request never reached the workspace, and the control has no compensation.
+    assert!(!stack
+        .sandbox
+        .requests()
+        .iter()
+        .any(|r| r.trace_id.as_deref() == Some(trace.as_str())));
+    assert_eq!(rows_of(ok.trace_id()).await.len(), 1);
+    let config = stack.config_path().to_str().expect("path").to_string();
+    let (code, out, err) = verify_cli(&config).await;
+    assert_eq!(code, 0, "{out}{err}");
+    stack.shutdown().await;
+}

@@ -207,6 +207,8 @@ impl AuditChain {
             head_loaded: head_loaded.clone(),
             size: size.clone(),
             head_moves: head_moves.clone(),
+            requeue: tx.downgrade(),
+            uncertain: std::collections::VecDeque::new(),
         };
         tokio::spawn(writer.run(rx));
         Arc::new(AuditChain {
@@ -335,6 +337,35 @@ struct Writer {
     head_loaded: Arc<AtomicBool>,
     size: Arc<AtomicU64>,
     head_moves: Arc<AtomicU64>,
+    /// The queue, for compensating rows (weak: it does not keep the queue open at shutdown).
+    requeue: mpsc::WeakSender<Msg>,
+    /// Compensating rows for ALLOW rows whose batch failed without a definite answer (a
+    /// timeout, a lost connection): the rows may have committed all the same. Checked against
+    /// the table once the writer is connected again.
+    uncertain: std::collections::VecDeque<Draft>,
+}
+
+/// How often a writer with uncertain allows and nothing to do tries to settle them.
+const UNCERTAIN_RETRY: Duration = Duration::from_secs(1);
+
+/// Uncertain allows kept at most; past that the oldest are dropped (and logged).
+const MAX_UNCERTAIN: usize = 20_000;
+
+/// The reason of a compensating row: an ALLOW row committed, but its Check had already given
+/// up (the deadline fired, or Envoy cancelled), so the agent saw no allow.
+pub const ALLOW_NOT_DELIVERED: &str = "allow_not_delivered";
+
+/// The DENY row that follows an ALLOW row whose Check was no longer waiting: same trace id and
+/// request, so the chain says plainly that this allow never reached the agent.
+fn compensation(allow: Draft) -> Draft {
+    Draft {
+        ts: SystemTime::now(),
+        verdict: Verdict::Deny,
+        reason: ALLOW_NOT_DELIVERED.to_string(),
+        token_source: String::new(),
+        token_fp: Vec::new(),
+        ..allow
+    }
 }
 
 /// One batch in one statement (one round trip, its own transaction): move the head row from
@@ -386,6 +417,13 @@ impl Writer {
                 biased;
                 Some(landed) = inflight.next(), if !inflight.is_empty() => {
                     self.settle(landed, &mut inflight).await;
+                }
+                // Allows whose batch failed without a definite answer are followed up even
+                // when no new decision comes to bring the connection back.
+                () = tokio::time::sleep(UNCERTAIN_RETRY), if !self.uncertain.is_empty() && inflight.is_empty() => {
+                    if self.ensure_conn().await.is_ok() {
+                        self.settle_uncertain().await;
+                    }
                 }
                 msg = rx.recv(), if open && inflight.len() < self.depth() => {
                     let mut flush = None;
@@ -559,7 +597,54 @@ impl Writer {
                     path: d.path.clone(),
                 }));
             }
-            let _ = job.done.send(Ok(seq));
+            let Job { draft, done } = job;
+            if done.send(Ok(seq)).is_err() && draft.verdict == Verdict::Allow {
+                // Nobody waits for this allow any more: record that it was not delivered.
+                self.compensate(compensation(draft));
+            }
+        }
+    }
+
+    /// Queues the compensating row of an allow that committed but was not delivered.
+    fn compensate(&self, row: Draft) {
+        metrics::counter!("aegis_audit_allow_not_delivered_total").increment(1);
+        let (done, _) = oneshot::channel();
+        let job = Job { draft: row, done };
+        let queued = self
+            .requeue
+            .upgrade()
+            .map(|tx| tx.try_send(Msg::Append(job)).is_ok());
+        if queued != Some(true) {
+            tracing::error!("could not queue the compensating row of an undelivered allow");
+        }
+    }
+
+    /// After a reconnect: which uncertain allows did commit? Each gets its compensating row.
+    async fn settle_uncertain(&mut self) {
+        if self.uncertain.is_empty() {
+            return;
+        }
+        let Some(conn) = &self.conn else { return };
+        let traces: Vec<&str> = self.uncertain.iter().map(|d| d.trace_id.as_str()).collect();
+        let found = tokio::time::timeout(
+            self.opts.commit_timeout,
+            conn.client.query(
+                "SELECT trace_id FROM aegis_audit WHERE chain_id = $1 AND decision = 'ALLOW' \
+                 AND trace_id = ANY($2)",
+                &[&&*self.chain_id, &traces],
+            ),
+        )
+        .await;
+        let Ok(Ok(rows)) = found else {
+            // Try again at the next reconnect; nothing is lost.
+            return;
+        };
+        let committed: std::collections::HashSet<String> =
+            rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        for row in std::mem::take(&mut self.uncertain) {
+            if committed.contains(&row.trace_id) {
+                self.compensate(row);
+            }
         }
     }
 
@@ -571,6 +656,14 @@ impl Writer {
         metrics::counter!("aegis_audit_commit_failures_total").increment(1);
         self.conn = None;
         for job in jobs {
+            // An allow whose batch may still have committed: checked once connected again.
+            if job.draft.verdict == Verdict::Allow {
+                if self.uncertain.len() >= MAX_UNCERTAIN {
+                    tracing::error!("too many uncertain allows; the oldest is not followed up");
+                    self.uncertain.pop_front();
+                }
+                self.uncertain.push_back(compensation(job.draft.clone()));
+            }
             let _ = job.done.send(Err(e.clone()));
         }
     }
@@ -639,6 +732,7 @@ impl Writer {
             append,
             head,
         });
+        self.settle_uncertain().await;
         Ok(())
     }
 
