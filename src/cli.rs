@@ -1,6 +1,7 @@
 //! The subcommands behind `src/main.rs`. Each returns the process exit code.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::audit::checkpoint::{self, CheckpointSink, DirSink};
 use crate::audit::pg::PgTarget;
@@ -368,14 +369,48 @@ pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
     monitor.abort();
 
     // Record it: an operator action in the same chain as the decisions it affects.
-    let target = match PgTarget::parse(&cfg.postgres.url) {
-        Ok(t) => t,
+    let chain = match admin_chain(&cfg) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("aegis token revoke: revoked, but not audited: {e}");
             return 1;
         }
     };
-    let chain = crate::audit::AuditChain::start(
+    let mut failed = false;
+    for (w, n) in workspaces.iter().map(|w| &w.name).zip(principals) {
+        let draft = crate::audit::Draft {
+            reason: if consent {
+                "token_and_consent_revoked".into()
+            } else {
+                "token_revoked".into()
+            },
+            user_name: user.to_string(),
+            issuer: narrow.as_ref().map(|(i, _)| i.clone()).unwrap_or_default(),
+            subject: narrow.as_ref().map(|(_, s)| s.clone()).unwrap_or_default(),
+            workspace: w.clone(),
+            method: "REVOKE".into(),
+            path: "aegis token revoke".into(),
+            ..admin_draft()
+        };
+        match append_admin(&chain, draft).await {
+            Ok(seq) => println!("revoked {user} in {w}: {n} principal(s) (audit seq {seq})"),
+            Err(e) => {
+                eprintln!("aegis token revoke: revoked {user} in {w}, but not audited: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        1
+    } else {
+        0
+    }
+}
+
+/// A writer on the configured chain for an operator command's `ADMIN` rows.
+fn admin_chain(cfg: &Config) -> Result<Arc<crate::audit::AuditChain>, String> {
+    let target = PgTarget::parse(&cfg.postgres.url)?;
+    Ok(crate::audit::AuditChain::start(
         target,
         cfg.audit.chain_id.clone(),
         cfg.audit.key_id.clone(),
@@ -385,56 +420,84 @@ pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
             migrate_on_start: false,
             ..Default::default()
         },
-    );
-    let mut failed = false;
-    for (w, n) in workspaces.iter().map(|w| &w.name).zip(principals) {
-        let draft = crate::audit::Draft {
-            ts: std::time::SystemTime::now(),
-            trace_id: crate::authz::TraceId::random().as_str().to_string(),
-            verdict: crate::audit::Verdict::Admin,
-            reason: if consent {
-                "token_and_consent_revoked".into()
-            } else {
-                "token_revoked".into()
-            },
-            user_name: user.to_string(),
-            issuer: narrow.as_ref().map(|(i, _)| i.clone()).unwrap_or_default(),
-            subject: narrow.as_ref().map(|(_, s)| s.clone()).unwrap_or_default(),
-            agent: "aegis-cli".into(),
-            workspace: w.clone(),
-            method: "REVOKE".into(),
-            path: "aegis token revoke".into(),
-            ..Default::default()
-        };
-        let appended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            loop {
-                match chain.append(draft.clone()).await {
-                    Ok(seq) => return Ok(seq),
-                    Err(crate::audit::AuditError::Store(_)) if !chain.head_loaded() => {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await
-                    }
-                    Err(e) => return Err(e),
+    ))
+}
+
+/// An `ADMIN` row from the CLI, to fill in.
+fn admin_draft() -> crate::audit::Draft {
+    crate::audit::Draft {
+        ts: std::time::SystemTime::now(),
+        trace_id: crate::authz::TraceId::random().as_str().to_string(),
+        verdict: crate::audit::Verdict::Admin,
+        agent: "aegis-cli".into(),
+        ..Default::default()
+    }
+}
+
+/// Appends one `ADMIN` row, waiting (at most 10 s) for the writer to load the head.
+async fn append_admin(
+    chain: &crate::audit::AuditChain,
+    draft: crate::audit::Draft,
+) -> Result<u64, String> {
+    let appended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match chain.append(draft.clone()).await {
+                Ok(seq) => return Ok(seq),
+                Err(crate::audit::AuditError::Store(_)) if !chain.head_loaded() => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
                 }
-            }
-        })
-        .await;
-        match appended {
-            Ok(Ok(seq)) => println!("revoked {user} in {w}: {n} principal(s) (audit seq {seq})"),
-            Ok(Err(e)) => {
-                eprintln!("aegis token revoke: revoked {user} in {w}, but not audited: {e}");
-                failed = true;
-            }
-            Err(_) => {
-                eprintln!(
-                    "aegis token revoke: revoked {user} in {w}, but the audit store did not answer"
-                );
-                failed = true;
+                Err(e) => return Err(e.to_string()),
             }
         }
+    })
+    .await;
+    appended.unwrap_or_else(|_| Err("the audit store did not answer".into()))
+}
+
+/// `aegis audit retire-key`: records in the chain that `key_id` signs no row after this one.
+/// From then on `aegis audit verify` reports a row under that key as `retired_key`, even
+/// though the key is still configured (in `audit.previous_keys`) so older rows keep verifying.
+pub async fn audit_retire_key(path: &Path, key_id: &str) -> i32 {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(errs) => {
+            print_config_errors(path, &errs);
+            return EXIT_BAD_CONFIG;
+        }
+    };
+    if key_id == cfg.audit.key_id {
+        eprintln!(
+            "aegis audit retire-key: {key_id:?} is the signing key (audit.key_id); rotate to a new key first"
+        );
+        return 2;
     }
-    if failed {
-        1
-    } else {
-        0
+    if !cfg.audit.keys().contains_key(key_id) {
+        eprintln!(
+            "aegis audit retire-key: no key {key_id:?} in audit.previous_keys; configure it so its rows keep verifying"
+        );
+        return 2;
+    }
+    let chain = match admin_chain(&cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aegis audit retire-key: {e}");
+            return 2;
+        }
+    };
+    let draft = crate::audit::Draft {
+        reason: crate::audit::verify::KEY_RETIRED.into(),
+        method: "RETIRE_KEY".into(),
+        path: key_id.to_string(),
+        ..admin_draft()
+    };
+    match append_admin(&chain, draft).await {
+        Ok(seq) => {
+            println!("key {key_id} retired at seq {seq}: rows after it under {key_id} are tamper");
+            0
+        }
+        Err(e) => {
+            eprintln!("aegis audit retire-key: not recorded: {e}");
+            1
+        }
     }
 }

@@ -82,6 +82,15 @@ enum AuditCommand {
         #[arg(long)]
         checkpoints: Option<PathBuf>,
     },
+    /// Record that a retired HMAC key signs no row after this point (an ADMIN row); verify then
+    /// reports any later row under it as `retired_key`.
+    RetireKey {
+        #[arg(long)]
+        config: PathBuf,
+        /// The retired key's id (configured in audit.previous_keys).
+        #[arg(long)]
+        key_id: String,
+    },
     /// Print the chain as JSON lines.
     Export {
         #[arg(long)]
@@ -199,6 +208,9 @@ fn main() {
                     Command::Audit {
                         command: AuditCommand::Export { config, since },
                     } => aegis::cli::audit_export(&config, since).await,
+                    Command::Audit {
+                        command: AuditCommand::RetireKey { config, key_id },
+                    } => aegis::cli::audit_retire_key(&config, &key_id).await,
                     Command::Config { .. } | Command::Keys { .. } | Command::Serve { .. } => 2,
                 }
             })

@@ -27,7 +27,7 @@ pub struct VerifyReport {
     pub checkpoints: u64,
     /// The first seq at which something is wrong.
     pub first_bad_seq: Option<u64>,
-    /// What kind of tamper: `gap`, `broken_link`, `bad_mac`, `unknown_key`, `bad_row`,
+    /// What kind of tamper: `gap`, `broken_link`, `bad_mac`, `unknown_key`, `retired_key`, `bad_row`,
     /// `head_mismatch`, `truncated`, `checkpoint_mismatch`, `forged_checkpoint`,
     /// `conflicting_checkpoints`, `checkpoint_rollback`.
     pub problem: Option<String>,
@@ -60,10 +60,16 @@ pub struct Bad {
     pub detail: String,
 }
 
+/// The reason of the `ADMIN` row that retires an HMAC key (`aegis audit retire-key`); its
+/// `path` names the key. No row after it may be signed by that key.
+pub const KEY_RETIRED: &str = "key_retired";
+
 /// The row-by-row chain check shared by the verifier and the checkpointer.
 pub struct Walk {
     expected: u64,
     prev: Vec<u8>,
+    /// Retired key id → the seq of the row that retired it.
+    retired: HashMap<String, u64>,
 }
 
 impl Walk {
@@ -76,6 +82,7 @@ impl Walk {
         Walk {
             expected: next_seq,
             prev,
+            retired: HashMap::new(),
         }
     }
 
@@ -120,6 +127,16 @@ impl Walk {
                     .to_string(),
             });
         }
+        if let Some(&at) = self.retired.get(&rec.key_id) {
+            return Err(Bad {
+                seq: rec.seq,
+                problem: "retired_key",
+                detail: format!(
+                    "signed by key {:?}, which was retired at seq {at}",
+                    rec.key_id
+                ),
+            });
+        }
         let Some(key) = keys.get(&rec.key_id) else {
             return Err(Bad {
                 seq: rec.seq,
@@ -134,6 +151,9 @@ impl Walk {
                 detail: "the row's contents do not match its mac (a field was modified, or the row was forged)"
                     .to_string(),
             });
+        }
+        if rec.decision == Decision::Admin as i32 && rec.reason == KEY_RETIRED {
+            self.retired.insert(rec.path.clone(), rec.seq);
         }
         self.prev = mac.to_vec();
         self.expected += 1;
