@@ -216,6 +216,26 @@ pub struct PostgresConfig {
     pub migrate_url: Option<String>,
     /// Create the schema at start when it is missing (needs an owner role in `url`).
     pub migrate_on_start: bool,
+    /// The weakest `synchronous_commit` the audit writer accepts (it also sets it on its own
+    /// session): `on` (default, a commit is flushed locally, or on the synchronous standbys if
+    /// any) or `remote_apply` (applied on synchronous standbys, which must be configured).
+    pub min_synchronous_commit: SyncCommit,
+}
+
+/// `postgres.min_synchronous_commit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncCommit {
+    On,
+    RemoteApply,
+}
+
+impl SyncCommit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncCommit::On => "on",
+            SyncCommit::RemoteApply => "remote_apply",
+        }
+    }
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -1099,7 +1119,16 @@ impl Reader<'_> {
     }
 
     fn postgres(&mut self, t: &Table) -> Option<PostgresConfig> {
-        self.unknown_keys(t, "postgres", &["url", "migrate_url", "migrate_on_start"]);
+        self.unknown_keys(
+            t,
+            "postgres",
+            &[
+                "url",
+                "migrate_url",
+                "migrate_on_start",
+                "min_synchronous_commit",
+            ],
+        );
         let check = |r: &mut Self, key: &str| -> Option<String> {
             let url = r.string(t, key, "postgres", key == "url")?;
             match crate::audit::pg::validate_url(&url) {
@@ -1120,10 +1149,27 @@ impl Reader<'_> {
                 true
             }
         };
+        let min_synchronous_commit = match self
+            .string(t, "min_synchronous_commit", "postgres", false)
+            .as_deref()
+        {
+            None | Some("on") => SyncCommit::On,
+            Some("remote_apply") => SyncCommit::RemoteApply,
+            Some(other) => {
+                self.err(
+                    "postgres.min_synchronous_commit",
+                    format!(
+                        "\"{other}\" is not on or remote_apply (weaker settings can lose acknowledged decisions)"
+                    ),
+                );
+                SyncCommit::On
+            }
+        };
         Some(PostgresConfig {
             url: url?,
             migrate_url,
             migrate_on_start,
+            min_synchronous_commit,
         })
     }
 

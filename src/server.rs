@@ -131,6 +131,7 @@ pub async fn run(
         WriterOptions {
             migrate_on_start: cfg.postgres.migrate_on_start,
             max_clock_skew: cfg.audit.max_clock_skew,
+            min_synchronous_commit: cfg.postgres.min_synchronous_commit,
             ..WriterOptions::default()
         },
     );

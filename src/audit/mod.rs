@@ -110,6 +110,8 @@ pub enum AuditError {
     ClockSkew(i64),
     #[error("audit chain head is inconsistent: {0}")]
     Inconsistent(String),
+    #[error("the audit store cannot commit durably: {0}")]
+    NotDurable(String),
 }
 
 /// Tuning for the writer.
@@ -122,6 +124,8 @@ pub struct WriterOptions {
     /// Create or upgrade the schema when it is missing; otherwise refuse to serve until
     /// `aegis migrate` has run (so the serving role needs no DDL rights).
     pub migrate_on_start: bool,
+    /// The weakest `synchronous_commit` accepted (and set on the writer's session).
+    pub min_synchronous_commit: crate::config::SyncCommit,
     /// The most this host's clock may differ from PostgreSQL's before the writer refuses to
     /// serve (record timestamps and checkpoint times would lie).
     pub max_clock_skew: Duration,
@@ -136,6 +140,7 @@ impl Default for WriterOptions {
             connect_timeout: Duration::from_secs(1),
             migrate_on_start: true,
             max_clock_skew: Duration::from_secs(5),
+            min_synchronous_commit: crate::config::SyncCommit::On,
         }
     }
 }
@@ -314,6 +319,48 @@ async fn measure_skew(client: &Client) -> Result<i64, AuditError> {
     let after = now_ms();
     let db: i64 = row.get(0);
     Ok(db - (before + after) / 2)
+}
+
+/// Makes sure an acknowledged decision survives: the session commits at least at `min`
+/// (`SET` here, then read back, so a role or database setting cannot weaken it), the server is
+/// a writable primary (not in recovery, not read-only: after a failover to a standby that
+/// has not been promoted, every write would fail anyway), and `remote_apply` has synchronous
+/// standbys to wait for.
+async fn ensure_durable(client: &Client, min: crate::config::SyncCommit) -> Result<(), AuditError> {
+    let not = |why: String| AuditError::NotDurable(why);
+    client
+        .batch_execute(&format!("SET synchronous_commit TO {}", min.as_str()))
+        .await
+        .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
+    let row = client
+        .query_one(
+            "SELECT current_setting('synchronous_commit'), pg_is_in_recovery(), \
+             current_setting('transaction_read_only'), \
+             current_setting('synchronous_standby_names')",
+            &[],
+        )
+        .await
+        .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
+    let (level, recovery, read_only, standbys): (String, bool, String, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if recovery {
+        return Err(not("the server is a standby (in recovery)".into()));
+    }
+    if read_only == "on" {
+        return Err(not("the session is read-only".into()));
+    }
+    if level != min.as_str() {
+        return Err(not(format!(
+            "synchronous_commit is {level}, not {}",
+            min.as_str()
+        )));
+    }
+    if min == crate::config::SyncCommit::RemoteApply && standbys.trim().is_empty() {
+        return Err(not(
+            "min_synchronous_commit is remote_apply but synchronous_standby_names is empty".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// How often a live connection's clock skew is checked again.
@@ -690,6 +737,11 @@ impl Writer {
             .await
             .map_err(AuditError::Store)?;
         if let Err(e) = measure_skew(&client).await.and_then(|s| self.judge_skew(s)) {
+            self.head_loaded.store(false, Ordering::Release);
+            return Err(e);
+        }
+        if let Err(e) = ensure_durable(&client, self.opts.min_synchronous_commit).await {
+            tracing::error!(error = %e, "refusing the audit store");
             self.head_loaded.store(false, Ordering::Release);
             return Err(e);
         }

@@ -117,6 +117,65 @@ impl PostgresServer {
         Ok(server)
     }
 
+    /// A streaming standby of this server in `dir`: `pg_basebackup -R` (a base backup plus
+    /// `standby.signal` and `primary_conninfo`), started on a free port. It replays this
+    /// server's WAL until [`PostgresServer::promote`]. Same durability settings as this one.
+    pub async fn start_standby(&self, dir: impl AsRef<Path>) -> Result<Self, StackError> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StackError::io(format!("creating {}", dir.display()), e))?;
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| StackError::io(format!("resolving {}", dir.display()), e))?;
+        if let Some((uid, gid)) = self.os_user {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|e| {
+                StackError::io(format!("chowning {} to postgres", dir.display()), e)
+            })?;
+        }
+        let mut standby = Self {
+            bin_dir: self.bin_dir.clone(),
+            dir,
+            port: 0,
+            os_user: self.os_user,
+            child: None,
+            durable: self.durable,
+        };
+        let mut cmd = standby.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(standby.data_dir())
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", SUPERUSER, "-R", "-X", "stream", "--no-sync"])
+            .args(["--checkpoint", "fast"]);
+        run_bounded(
+            "pg_basebackup",
+            cmd,
+            &standby.dir.join("basebackup.log"),
+            INITDB_TIMEOUT,
+        )
+        .await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            standby.port = free_port()?;
+            match standby.launch().await {
+                Ok(()) => return Ok(standby),
+                Err(err)
+                    if attempt < PORT_ATTEMPTS
+                        && standby.log_mentions("Address already in use") =>
+                {
+                    tracing::debug!(%err, "postgres port taken, retrying");
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Promotes a standby to primary (`pg_promote()`, waiting until it is done).
+    pub async fn promote(&self) -> Result<(), StackError> {
+        self.batch_execute_on("postgres", "SELECT pg_promote(true, 30)")
+            .await
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -247,7 +306,17 @@ impl PostgresServer {
     // --- internals ---
 
     fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(self.bin_dir.join(program));
+        // The bin dir may hold only links to a few server binaries (initdb, postgres): other
+        // programs (pg_basebackup) live beside the real `postgres`.
+        let mut bin = self.bin_dir.join(program);
+        if !bin.exists() {
+            if let Ok(real) = self.bin_dir.join("postgres").canonicalize() {
+                if let Some(dir) = real.parent() {
+                    bin = dir.join(program);
+                }
+            }
+        }
+        let mut cmd = Command::new(bin);
         cmd.current_dir(&self.dir);
         if let Some((uid, gid)) = self.os_user {
             // std drops supplementary groups too when it changes uid as root.
