@@ -18,13 +18,20 @@ use support::*;
 
 const ME: &str = "/api/2.0/preview/scim/v2/Me";
 
-/// Status and deny reason of one request through Envoy.
+/// Status and deny reason of one request through Envoy; a 503 must be aegis' own.
 async fn probe(stack: &Stack, bearer: &str) -> (u16, String) {
     let r = get(stack, ME, Some(bearer)).await;
     let reason = r.body["error"].as_str().unwrap_or_default().to_string();
-    if r.status == 503 && !reason.is_empty() {
+    if r.status == 503 {
+        // Always aegis' own deny: Envoy's bare 503 never counts as aegis failing closed.
         assert_eq!(reason, "dependency_unavailable", "{}", r.text);
         assert!(r.header("retry-after").is_some(), "{}", r.text);
+        assert_eq!(
+            r.body["trace_id"].as_str(),
+            Some(r.trace_id().as_str()),
+            "{}",
+            r.text
+        );
     }
     (r.status, reason)
 }
@@ -38,8 +45,21 @@ async fn assert_fails_closed(stack: &Stack, bearer: &str, what: &str) {
     .await;
     let before = workspace_requests(stack).len();
     for _ in 0..3 {
-        let (status, reason) = probe(stack, bearer).await;
-        assert_eq!(status, 503, "{what}: {reason}");
+        // aegis' own deny, never a bare 503 Envoy could have produced by itself.
+        let r = get(stack, ME, Some(bearer)).await;
+        assert_eq!(r.status, 503, "{what}: {}", r.text);
+        assert_eq!(
+            r.body["error"], "dependency_unavailable",
+            "{what}: {}",
+            r.text
+        );
+        assert_eq!(
+            r.body["trace_id"].as_str(),
+            Some(r.trace_id().as_str()),
+            "{what}: {}",
+            r.text
+        );
+        assert!(r.header("retry-after").is_some(), "{what}: {}", r.text);
     }
     assert_eq!(
         workspace_requests(stack).len(),
