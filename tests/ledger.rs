@@ -190,3 +190,103 @@ async fn an_allow_that_commits_after_the_deadline_is_compensated() {
     assert_eq!(code, 0, "{out}{err}");
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_check_in_flight_and_checkpoints_it() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    let mut stack = start().await;
+    let alice = token(&stack, "alice");
+    // Envoy keeps watching health on its own connection; so does this test.
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", stack.aegis.grpc_listen()))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("grpc connection to aegis");
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: "envoy.service.auth.v3.Authorization".into(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    let first = watch.message().await.expect("a status").expect("a status");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+
+    // A Check waits on a slow token endpoint when SIGTERM arrives.
+    stack
+        .sandbox
+        .set_token_fault(sandbox::TokenFault::Slow { millis: 1200 });
+    let base = stack.envoy_url();
+    let bearer = alice.clone();
+    let in_flight = tokio::spawn(async move {
+        read(
+            http()
+                .get(format!("{base}{ME}"))
+                .bearer_auth(&bearer)
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
+    });
+    eventually(Duration::from_secs(5), "the mint to start", || async {
+        stack.sandbox.token_requests() > 0
+    })
+    .await;
+    let pid = stack.aegis.pid().expect("aegis pid");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+
+    // NOT_SERVING comes first, while the Check is still running.
+    let next = tokio::time::timeout(Duration::from_secs(3), watch.message())
+        .await
+        .expect("a health change within 3 s")
+        .expect("a status")
+        .expect("a status");
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    assert!(
+        !in_flight.is_finished(),
+        "the check finished before NOT_SERVING"
+    );
+    assert!(stack.aegis.is_running(), "aegis exited before NOT_SERVING");
+    drop(watch);
+
+    // The Check completes, as an allow with its row committed.
+    let r = in_flight.await.expect("request task");
+    assert_eq!(r.status, 200, "{}", r.text);
+    let exit = stack.aegis.terminate(Duration::from_secs(20)).await;
+    assert!(
+        exit.is_some_and(|e| e.success()),
+        "aegis exit: {exit:?}\n{}",
+        stack.aegis.log()
+    );
+    let row = stack
+        .postgres
+        .query_json(&format!(
+            "SELECT seq, decision FROM aegis_audit WHERE trace_id = '{}'",
+            r.trace_id()
+        ))
+        .await
+        .expect("row");
+    assert_eq!(row.len(), 1, "{row:?}");
+    assert_eq!(row[0]["decision"], "ALLOW");
+    let seq = row[0]["seq"].as_u64().expect("seq");
+    // The final checkpoint, written on the way out, covers it.
+    let newest = std::fs::read_dir(stack.work_dir().join("checkpoints"))
+        .expect("checkpoints")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter_map(|v| v["size"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        newest >= seq,
+        "the final checkpoint ({newest}) does not cover seq {seq}"
+    );
+}
