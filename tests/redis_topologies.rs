@@ -1,6 +1,7 @@
 //! Production Redis is rarely one plaintext node: TLS with a private CA and ACL users, and a
 //! real 3-node Redis Cluster behind a whole stack (commands, the mint lock's Lua script and
-//! revocations over pub/sub).
+//! revocations over pub/sub). And the whole stack with Redis and PostgreSQL both on TLS, set
+//! up from the config file alone, through Envoy.
 
 mod support;
 
@@ -346,4 +347,155 @@ async fn a_sentinel_managed_primary() {
         keys.starts_with("aegis:v2:{") && keys.contains("}:tok:"),
         "{keys}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_and_postgres_over_tls_from_the_config_through_envoy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca, ca_pem) = self_signed_ca();
+    let leaf = || {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let ca_file = d.join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+
+    // Redis: TLS only, an ACL user, no default user.
+    let (redis_cert, redis_key) = leaf();
+    std::fs::write(d.join("redis.pem"), redis_cert).unwrap();
+    std::fs::write(d.join("redis.key"), redis_key).unwrap();
+    let port = free_port().unwrap();
+    std::fs::write(
+        d.join("redis.conf"),
+        format!(
+            "bind 127.0.0.1\nport 0\ntls-port {port}\ntls-cert-file {d}/redis.pem\n\
+             tls-key-file {d}/redis.key\ntls-ca-cert-file {d}/ca.pem\ntls-auth-clients no\n\
+             save \"\"\nappendonly no\nuser aegis on >s3cret-pw ~aegis:* &aegis:* +@all\n\
+             user default off\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let _node = redis_server(&d.join("redis.conf"), &d.join("redis.log"));
+
+    let mut stack = start().await;
+    // PostgreSQL: TLS on, with a certificate for 127.0.0.1 from the same CA.
+    let (pg_cert, pg_key) = leaf();
+    let data = stack.postgres.data_dir();
+    std::fs::write(data.join("server.crt"), pg_cert).unwrap();
+    std::fs::write(data.join("server.key"), pg_key).unwrap();
+    let owner = std::fs::metadata(&data).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for f in ["server.crt", "server.key"] {
+        let p = data.join(f);
+        std::os::unix::fs::chown(&p, Some(owner.uid()), Some(owner.gid())).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    stack
+        .postgres
+        .batch_execute("ALTER SYSTEM SET ssl = on")
+        .await
+        .unwrap();
+    stack
+        .postgres
+        .execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // aegis, from its config file alone.
+    let pg_url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        stack.postgres.url(),
+        ca_file.display()
+    );
+    let ca_path = ca_file.display().to_string();
+    stack
+        .update_config(|c| {
+            let redis = c.get_mut("redis").and_then(|v| v.as_table_mut()).unwrap();
+            redis.insert(
+                "url".into(),
+                format!("rediss://aegis:s3cret-pw@127.0.0.1:{port}").into(),
+            );
+            redis.insert("ca_file".into(), ca_path.clone().into());
+            let pg = c
+                .get_mut("postgres")
+                .and_then(|v| v.as_table_mut())
+                .unwrap();
+            pg.insert("url".into(), pg_url.clone().into());
+        })
+        .unwrap();
+    stack
+        .aegis
+        .restart()
+        .await
+        .expect("aegis restarts over TLS");
+
+    let alice = token(&stack, "alice");
+    for _ in 0..2 {
+        let r = get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    assert_eq!(stack.sandbox.exchange_count("alice@example.com"), 1);
+
+    // Every aegis session on PostgreSQL is encrypted.
+    let sessions = stack
+        .postgres
+        .query_json(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.usename = 'aegis'",
+        )
+        .await
+        .unwrap();
+    assert!(!sessions.is_empty());
+    assert!(sessions.iter().all(|s| s["ssl"] == true), "{sessions:?}");
+    // The token sits (sealed) in the TLS Redis, the only Redis aegis now knows.
+    let keys = redis_cli(&[
+        "-p",
+        &port.to_string(),
+        "--tls",
+        "--cacert",
+        &ca_path,
+        "--user",
+        "aegis",
+        "--pass",
+        "s3cret-pw",
+        "--no-auth-warning",
+        "--scan",
+        "--pattern",
+        "aegis:v2:*:tok:*",
+    ]);
+    assert!(keys.contains(":tok:"), "{keys}");
+
+    // The CLI over the same config: a revocation and a verify.
+    let config = stack.config_path().to_str().unwrap().to_string();
+    let (code, out, err) = aegis(&[
+        "token",
+        "revoke",
+        "--config",
+        &config,
+        "--user",
+        "alice@example.com",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    eventually(
+        Duration::from_secs(3),
+        "a fresh token after the revoke",
+        || async {
+            get(&stack, "/api/2.0/preview/scim/v2/Me", Some(&alice))
+                .await
+                .status
+                == 200
+                && stack.sandbox.exchange_count("alice@example.com") == 2
+        },
+    )
+    .await;
+    let (code, out, err) = aegis(&["audit", "verify", "--config", &config]);
+    assert_eq!(code, 0, "{out}{err}");
+    stack.shutdown().await;
 }
