@@ -164,6 +164,12 @@ async fn operator_console_in_a_real_browser() {
         .env("BOB_TOKEN", &bob)
         .env("JOULE_TOKEN", &joule)
         .env("SCREENSHOT", &screenshot)
+        .env(
+            "INSTANCE_ID",
+            stack.config()["server"]["instance_id"]
+                .as_str()
+                .expect("instance_id"),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

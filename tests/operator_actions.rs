@@ -272,3 +272,90 @@ async fn a_block_made_before_the_upgrade_is_kept() {
     );
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_reports_each_issuers_own_keys() {
+    // A second issuer whose keys cannot be fetched must not make the first look down: the
+    // first one's keys are loaded and verify its users' tokens.
+    let mut stack = start().await;
+    let closed = free_port().expect("a free port");
+    stack
+        .update_config(|c| {
+            let issuers = c
+                .get_mut("issuers")
+                .and_then(|v| v.as_array_mut())
+                .expect("issuers");
+            let mut offline = issuers[0].as_table().expect("issuer").clone();
+            offline.insert("name".into(), "offline".into());
+            offline.insert(
+                "issuer".into(),
+                format!("http://127.0.0.1:{closed}/offline").into(),
+            );
+            offline.insert(
+                "jwks_uri".into(),
+                format!("http://127.0.0.1:{closed}/jwks").into(),
+            );
+            issuers.push(offline.into());
+        })
+        .expect("config");
+    stack.aegis.terminate(Duration::from_secs(10)).await;
+    stack.aegis =
+        sandbox::stack::AegisProcess::spawn(stack.aegis_bin(), stack.config_path()).expect("spawn");
+    // The admin listener serves the console even while aegis is not ready.
+    let mut console = None;
+    for _ in 0..100 {
+        let up = http()
+            .get(format!("{}/healthz", stack.aegis_admin_url()))
+            .send()
+            .await
+            .is_ok();
+        if up {
+            console = Some(sign_in(&stack).await);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let console = console.expect("the admin listener");
+    let deps = |status: &serde_json::Value, name: &str| -> Option<serde_json::Value> {
+        status["dependencies"]
+            .as_array()?
+            .iter()
+            .find(|d| d["name"] == name)
+            .cloned()
+    };
+    // Remote endpoints are probed every few seconds: wait for a round after the keys loaded.
+    let mut last = serde_json::Value::Null;
+    for _ in 0..200 {
+        last = http()
+            .get(format!("{}/console/api/status", console.base))
+            .header("cookie", &console.cookie)
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status json");
+        let dev_up = deps(&last, "idp:dev").is_some_and(|d| d["up"] == true);
+        if dev_up && deps(&last, "idp:offline").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dev = deps(&last, "idp:dev").unwrap_or_else(|| panic!("no idp:dev in {last}"));
+    let offline = deps(&last, "idp:offline").unwrap_or_else(|| panic!("no idp:offline in {last}"));
+    assert_eq!(dev["up"], true, "{dev}");
+    assert!(
+        dev["detail"].as_str().unwrap_or("").contains("key(s)"),
+        "{dev}"
+    );
+    assert_eq!(offline["up"], false, "{offline}");
+    assert!(
+        offline["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no keys loaded"),
+        "{offline}"
+    );
+    // And aegis is, rightly, not ready: an issuer it was told to trust has no keys.
+    assert_eq!(last["ready"], false, "{last}");
+}

@@ -60,8 +60,19 @@ pub struct ChainStatus {
     pub head_mac_prefix: Option<String>,
     pub queue_depth: u64,
     pub last_checkpoint: Option<CheckpointStatus>,
+    /// The newest signed checkpoint of each replica (by the signer in the checkpoint; `""`
+    /// for version-1 checkpoints, which name none), newest first.
+    pub replica_checkpoints: Vec<ReplicaCheckpoint>,
     pub last_verify: Option<VerifyOutcome>,
     pub verify_running: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReplicaCheckpoint {
+    pub signer: String,
+    pub size: u64,
+    /// Seconds since the epoch (the database's clock for version-2 checkpoints).
+    pub ts: i64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

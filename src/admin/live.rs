@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 
 use super::console::{
     ChainStatus, CheckpointStatus, ConsoleStatus, DependencyHealth, OpError, Operations,
-    VerifyOutcome,
+    ReplicaCheckpoint, VerifyOutcome,
 };
 use super::Readiness;
 use crate::audit::checkpoint::{CheckpointSink, DirSink};
@@ -79,6 +79,8 @@ pub struct LiveOps {
     health: RwLock<Vec<DependencyHealth>>,
     db_head: RwLock<Option<DbHead>>,
     last_verify: Mutex<Option<VerifyOutcome>>,
+    /// The newest checkpoint of every signer in the checkpoint directory (all replicas).
+    replica_checkpoints: RwLock<Vec<ReplicaCheckpoint>>,
     verifying: tokio::sync::Mutex<()>,
     /// The console's own connection (monitor probes, feed backfill); never the writer's.
     pg: tokio::sync::Mutex<Option<Client>>,
@@ -139,6 +141,7 @@ impl LiveOps {
             health: RwLock::new(Vec::new()),
             db_head: RwLock::new(None),
             last_verify: Mutex::new(None),
+            replica_checkpoints: RwLock::new(Vec::new()),
             verifying: tokio::sync::Mutex::new(()),
             pg: tokio::sync::Mutex::new(None),
         })
@@ -163,11 +166,71 @@ impl LiveOps {
                 let age = (unix_ms() / 1000 - ts).max(0);
                 metrics::gauge!("aegis_checkpoint_age_seconds").set(age as f64);
             }
+            let replicas = self.read_replica_checkpoints().await;
+            if let Ok(mut g) = self.replica_checkpoints.write() {
+                *g = replicas;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(PROBE_EVERY) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
+    }
+
+    /// The replicas' newest checkpoints as last read, with this process' own newest one (it
+    /// may be newer than the last read of the directory).
+    fn replicas_now(&self) -> Vec<ReplicaCheckpoint> {
+        let mut out = self
+            .replica_checkpoints
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        if let Some((size, ts)) = (self.parts.last_checkpoint)() {
+            match out.iter_mut().find(|r| r.signer == self.instance_id) {
+                Some(r) if (size, ts) > (r.size, r.ts) => {
+                    r.size = size;
+                    r.ts = ts;
+                }
+                Some(_) => {}
+                None => out.push(ReplicaCheckpoint {
+                    signer: self.instance_id.clone(),
+                    size,
+                    ts,
+                }),
+            }
+        }
+        out.sort_by(|a, b| (b.size, b.ts, &a.signer).cmp(&(a.size, a.ts, &b.signer)));
+        out
+    }
+
+    /// The newest valid checkpoint of this chain per signer, read on the blocking pool.
+    async fn read_replica_checkpoints(&self) -> Vec<ReplicaCheckpoint> {
+        let dir = self.parts.checkpoint_dir.clone();
+        let listed = tokio::task::spawn_blocking(move || DirSink::new(dir, "console").list())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let mut newest: HashMap<String, ReplicaCheckpoint> = HashMap::new();
+        for cp in listed.into_iter().filter_map(Result::ok) {
+            if cp.chain_id != self.chain_id || !cp.verify(&self.parts.checkpoint_public_key) {
+                continue;
+            }
+            let entry = newest
+                .entry(cp.signer.clone())
+                .or_insert(ReplicaCheckpoint {
+                    signer: cp.signer.clone(),
+                    size: 0,
+                    ts: 0,
+                });
+            if (cp.size, cp.ts) > (entry.size, entry.ts) {
+                entry.size = cp.size;
+                entry.ts = cp.ts;
+            }
+        }
+        let mut out: Vec<ReplicaCheckpoint> = newest.into_values().collect();
+        out.sort_by(|a, b| (b.size, b.ts, &a.signer).cmp(&(a.size, a.ts, &b.signer)));
+        out
     }
 
     /// Probes Redis and Postgres, and the remote endpoints when `remote` (else keeps their
@@ -320,17 +383,28 @@ impl LiveOps {
             ),
         };
         let (status, latency) = self.probe_http(url).await;
-        let loaded = self.parts.validator.all_loaded();
         let reachable = status.is_some_and(|s| (200..300).contains(&s));
-        let detail = match (reachable, loaded, status) {
-            (true, true, _) => "ok".to_string(),
-            (true, false, _) => "keys not loaded".to_string(),
-            (false, _, Some(s)) => format!("HTTP {s}"),
-            (false, _, None) => "unreachable".to_string(),
+        // This issuer's own keys (not every issuer's): what its tokens verify against.
+        let keys = self.parts.validator.keys_of(&iss.name);
+        let usable = keys.is_some_and(|k| k.fresh && k.keys > 0);
+        let held = match keys {
+            Some(k) if k.keys > 0 => format!(
+                "{} key(s), fetched {}s ago{}",
+                k.keys,
+                k.age.map_or(0, |a| a.as_secs()),
+                if k.fresh { "" } else { ", too old to use" }
+            ),
+            _ => "no keys loaded".to_string(),
+        };
+        let detail = match (reachable, status) {
+            (true, _) => held,
+            (false, Some(s)) => format!("HTTP {s}; {held}"),
+            (false, None) => format!("unreachable; {held}"),
         };
         DependencyHealth {
             name: format!("idp:{}", iss.name),
-            up: reachable && loaded,
+            // Tokens verify while the keys are fresh, even if the IdP is briefly unreachable.
+            up: usable,
             latency_ms: status.map(|_| latency.as_secs_f64() * 1000.0),
             detail,
             checked_unix_ms: unix_ms(),
@@ -477,6 +551,7 @@ impl Operations for LiveOps {
                     queue_depth: self.parts.audit.queued() as u64,
                     last_checkpoint: (self.parts.last_checkpoint)()
                         .map(|(size, ts)| CheckpointStatus { size, ts }),
+                    replica_checkpoints: self.replicas_now(),
                     last_verify: self.last_verify.lock().ok().and_then(|g| g.clone()),
                     verify_running: self.verifying.try_lock().is_err(),
                 },

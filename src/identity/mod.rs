@@ -84,6 +84,17 @@ struct IssuerState {
     validation: HashMap<Algorithm, Validation>,
 }
 
+/// What the validator holds for one issuer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeysStatus {
+    /// Keys in the current set (0: none loaded yet).
+    pub keys: usize,
+    /// How old the current set is.
+    pub age: Option<Duration>,
+    /// Younger than the issuer's `max_key_age`: tokens of this issuer verify.
+    pub fresh: bool,
+}
+
 /// Validates tokens against the configured issuers.
 pub struct Validator {
     by_iss: HashMap<String, Arc<IssuerState>>,
@@ -203,6 +214,17 @@ impl Validator {
     /// True once every issuer has a key set.
     pub fn all_loaded(&self) -> bool {
         self.by_iss.values().all(|s| s.jwks.is_loaded())
+    }
+
+    /// One issuer's keys (by its configured `name`), for the operator console.
+    pub fn keys_of(&self, issuer_name: &str) -> Option<KeysStatus> {
+        let st = self.by_iss.values().find(|s| s.cfg.name == issuer_name)?;
+        let current = st.jwks.current();
+        Some(KeysStatus {
+            keys: current.as_ref().map_or(0, |s| s.len()),
+            age: current.as_ref().map(|s| s.fetched_at.elapsed()),
+            fresh: st.jwks.is_fresh(),
+        })
     }
 
     /// How often to refresh every issuer's keys: a third of the shortest `max_key_age`, so

@@ -161,6 +161,17 @@ try {
   await cacheRow.waitFor();
   result.cache_row = (await cacheRow.textContent()).trim();
 
+  // --- checkpoints by replica; nothing runs past a card's edge at 1280 px ---
+  log("checkpoints and layout");
+  await page.locator(`#replica-checkpoints tr[data-signer="${env("INSTANCE_ID")}"]`).waitFor();
+  await page.setViewportSize({ width: 1280, height: 1000 });
+  await page.waitForTimeout(300);
+  const overflowing = await page.evaluate(() => [...document.querySelectorAll(".card")]
+    .filter((c) => c.scrollWidth > c.clientWidth + 1 || c.getBoundingClientRect().right > window.innerWidth)
+    .map((c) => c.id));
+  if (overflowing.length) throw new Error(`cards run past their edge at 1280 px: ${overflowing.join(", ")}`);
+  result.layout_1280 = "ok";
+
   // Let the flash animation finish so the screenshot is clean.
   await page.waitForTimeout(1300);
   await page.screenshot({ path: env("SCREENSHOT"), fullPage: true });

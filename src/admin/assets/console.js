@@ -133,6 +133,15 @@
       ? c.last_checkpoint.size + " rows, signed " + ago(c.last_checkpoint.ts) : "none yet";
     if (!c.verify_running) showVerify(c.last_verify);
 
+    const reps = $("replica-checkpoints");
+    reps.textContent = "";
+    for (const r of c.replica_checkpoints || []) {
+      const tr = el("tr");
+      tr.dataset.signer = r.signer;
+      tr.append(el("td", r.signer || "(v1, unnamed)"), el("td", r.size + " rows"), el("td", ago(r.ts), "muted"));
+      reps.append(tr);
+    }
+
     const deps = $("deps");
     deps.textContent = "";
     for (const d of s.dependencies) {
