@@ -4,9 +4,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::audit::checkpoint::{self, CheckpointSink, DirSink};
-use crate::audit::pg::PgTarget;
 use crate::audit::{schema, verify};
 use crate::config::{Config, ConfigErrors, ProcessEnv};
+use crate::pg::PgTarget;
 use crate::secret::Key32;
 
 /// Exit code for a bad config (EX_CONFIG would be 78; the contract says 64, EX_USAGE).
@@ -164,7 +164,7 @@ pub async fn audit_verify(
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("aegis audit verify: {}", crate::audit::pg_error_text(&e));
+            eprintln!("aegis audit verify: {}", crate::pg::error_text(&e));
             return 2;
         }
     };
@@ -322,7 +322,7 @@ pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
                 } else {
                     crate::broker::u2m::discard_access(&client, w, user, narrow_ref).await
                 }
-                .map_err(|e| crate::audit::pg_error_text(&e))?;
+                .map_err(|e| crate::pg::error_text(&e))?;
             }
             Ok::<u64, String>(n)
         }

@@ -1131,7 +1131,7 @@ impl Reader<'_> {
         );
         let check = |r: &mut Self, key: &str| -> Option<String> {
             let url = r.string(t, key, "postgres", key == "url")?;
-            match crate::audit::pg::validate_url(&url) {
+            match crate::pg::validate_url(&url) {
                 Ok(()) => Some(url),
                 Err(why) => {
                     r.err(&format!("postgres.{key}"), why);

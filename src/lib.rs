@@ -17,6 +17,8 @@
 //! - [`audit`]: canonical record, HMAC chain, group-commit writer, verifier.
 //! - [`policy`]: route → workspace, path rules, agent allowlist.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`pg`]: PostgreSQL connections (verified TLS, URL validation, safe error text), shared by
+//!   the ledger, the U2M grant store, the blocklist and config.
 //! - [`public`]: the public listener where users consent to U2M (`/oauth/start`, `/oauth/callback`).
 //! - [`server`]: wires it all together for `aegis serve`; [`cli`]: the other subcommands.
 //!
@@ -39,6 +41,7 @@ pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod logging;
+pub mod pg;
 pub mod policy;
 pub mod public;
 pub mod secret;

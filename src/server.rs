@@ -12,7 +12,6 @@ use crate::admin::console::Console;
 use crate::admin::live::{self, LiveOps};
 use crate::admin::{self, AdminState, Readiness, ReadyStatus};
 use crate::audit::checkpoint::{Checkpointer, DirSink};
-use crate::audit::pg::PgTarget;
 use crate::audit::{AuditChain, WriterOptions};
 use crate::authz::Pipeline;
 use crate::broker::redis::{RedisLink, Sealer};
@@ -20,6 +19,7 @@ use crate::broker::Broker;
 use crate::config::{Config, ListenAddr};
 use crate::grpc::AuthzService;
 use crate::identity::Validator;
+use crate::pg::PgTarget;
 use crate::policy::blocklist::BlockStore;
 use crate::policy::{AgentBlocklist, Policy};
 

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use aegis::audit::checkpoint::{self, Checkpoint, CheckpointSink, Checkpointer, DirSink};
-use aegis::audit::pg::PgTarget;
 use aegis::audit::record::AuditRecord;
 use aegis::audit::verify::{self, VerifyReport};
 use aegis::audit::{AuditChain, Draft, Verdict, WriterOptions};
+use aegis::pg::PgTarget;
 use aegis::secret::Key32;
 use sandbox::stack::PostgresServer;
 

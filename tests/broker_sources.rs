@@ -465,7 +465,7 @@ async fn u2m_refresh_rotation_under_concurrency_across_two_replicas() {
     let sources: Vec<std::sync::Arc<aegis::broker::u2m::U2m>> = (0..2)
         .map(|_| {
             std::sync::Arc::new(aegis::broker::u2m::U2m::new(
-                aegis::audit::pg::PgTarget::parse(&cfg.postgres.url).expect("pg url"),
+                aegis::pg::PgTarget::parse(&cfg.postgres.url).expect("pg url"),
                 &cfg.redis.cache_key,
                 cfg.server.public_url.clone().expect("public_url"),
                 aegis::http::client(Duration::from_secs(2)).expect("http client"),

@@ -21,9 +21,9 @@ use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use futures_util::{pin_mut, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use super::pg::PgTarget;
 use super::record::GENESIS_MAC;
 use super::verify::{record_of, Walk, SELECT_RANGE};
+use crate::pg::PgTarget;
 use crate::secret::Key32;
 
 const DOMAIN_V1: &str = "aegis.checkpoint.v1";
@@ -325,7 +325,7 @@ impl Checkpointer {
             .connect(Duration::from_secs(2), "aegis-checkpoint")
             .await
             .map_err(CheckpointError::Store)?;
-        let pg = |e: tokio_postgres::Error| CheckpointError::Store(super::pg_error_text(&e));
+        let pg = |e: tokio_postgres::Error| CheckpointError::Store(crate::pg::error_text(&e));
         // The head and the database's clock, read together: with several replicas signing, the
         // database orders the checkpoints, not each host's clock.
         let head = client

@@ -17,7 +17,6 @@
 //! and sends one batch at a time for a while ([`CONTENDED_FOR`]).
 
 pub mod checkpoint;
-pub mod pg;
 pub mod record;
 pub mod schema;
 pub mod verify;
@@ -186,7 +185,7 @@ impl AuditChain {
     /// Starts the writer task. The chain head is loaded (and the schema migrated) by the writer
     /// on its first successful connection; [`AuditChain::head_loaded`] tells when.
     pub fn start(
-        target: pg::PgTarget,
+        target: crate::pg::PgTarget,
         chain_id: String,
         key_id: String,
         key: Key32,
@@ -315,7 +314,7 @@ async fn measure_skew(client: &Client) -> Result<i64, AuditError> {
             &[],
         )
         .await
-        .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
+        .map_err(|e| AuditError::Store(crate::pg::error_text(&e)))?;
     let after = now_ms();
     let db: i64 = row.get(0);
     Ok(db - (before + after) / 2)
@@ -331,7 +330,7 @@ async fn ensure_durable(client: &Client, min: crate::config::SyncCommit) -> Resu
     client
         .batch_execute(&format!("SET synchronous_commit TO {}", min.as_str()))
         .await
-        .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
+        .map_err(|e| AuditError::Store(crate::pg::error_text(&e)))?;
     let row = client
         .query_one(
             "SELECT current_setting('synchronous_commit'), pg_is_in_recovery(), \
@@ -340,7 +339,7 @@ async fn ensure_durable(client: &Client, min: crate::config::SyncCommit) -> Resu
             &[],
         )
         .await
-        .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
+        .map_err(|e| AuditError::Store(crate::pg::error_text(&e)))?;
     let (level, recovery, read_only, standbys): (String, bool, String, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     if recovery {
@@ -373,7 +372,7 @@ struct Writer {
     last_head_move: Option<std::time::Instant>,
     skew_checked: std::time::Instant,
     feed: tokio::sync::broadcast::Sender<Arc<Committed>>,
-    target: pg::PgTarget,
+    target: crate::pg::PgTarget,
     // Shared with every batch in flight (a reference count, not a copy per batch).
     chain_id: Arc<str>,
     key_id: Arc<str>,
@@ -774,7 +773,7 @@ impl Writer {
                 .map_err(|_| AuditError::Timeout)?
                 .map_err(|e| match e {
                     schema::SchemaError::Inconsistent(why) => AuditError::Inconsistent(why),
-                    schema::SchemaError::Pg(e) => AuditError::Store(pg_error_text(&e)),
+                    schema::SchemaError::Pg(e) => AuditError::Store(crate::pg::error_text(&e)),
                 })?;
         self.size.store(head.0 as u64, Ordering::Release);
         self.head_loaded.store(true, Ordering::Release);
@@ -809,7 +808,7 @@ impl Writer {
         let Some(conn) = self.conn.as_mut() else {
             return Err(AuditError::Store("not connected".into()));
         };
-        let pg = |e: tokio_postgres::Error| AuditError::Store(pg_error_text(&e));
+        let pg = |e: tokio_postgres::Error| AuditError::Store(crate::pg::error_text(&e));
         let signer = Signer {
             chain_id: &self.chain_id,
             key_id: &self.key_id,
@@ -1006,7 +1005,7 @@ async fn send<C: tokio_postgres::GenericClient>(
             ],
         )
         .await
-        .map_err(|e| AuditError::Store(pg_error_text(&e)))?;
+        .map_err(|e| AuditError::Store(crate::pg::error_text(&e)))?;
     let moved: i64 = row.get(0);
     let inserted: i64 = row.get(1);
     match (moved, inserted) {
@@ -1030,18 +1029,4 @@ async fn append_once<C: tokio_postgres::GenericClient>(
     let sealed = seal(signer, batch, size, head)?;
     let ids = (signer.chain_id, signer.key_id, signer.instance_id);
     send(client, append, ids, batch, &sealed).await
-}
-
-/// A Postgres error as text safe for logs (never the connection string or a parameter value).
-pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => {
-            if e.is_closed() {
-                "connection closed".to_string()
-            } else {
-                "connection error".to_string()
-            }
-        }
-    }
 }

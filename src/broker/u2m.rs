@@ -38,10 +38,10 @@ use tokio_postgres::Client;
 use super::federation::{form_encode, token_reply, TokenReply};
 use super::redis::{RedisLink, Sealer};
 use super::{now_ms, BrokerError, Minted};
-use crate::audit::pg::PgTarget;
 use crate::config::{TokenSourceKind, WorkspaceConfig};
 use crate::http::{post_form, read_body, without_url};
 use crate::identity::Identity;
+use crate::pg::PgTarget;
 use crate::secret::{Key32, SecretString};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -296,7 +296,7 @@ impl Pooled<'_> {
 }
 
 fn pg_err(e: tokio_postgres::Error) -> BrokerError {
-    tracing::warn!(error = %crate::audit::pg_error_text(&e), "u2m: postgres statement failed");
+    tracing::warn!(error = %crate::pg::error_text(&e), "u2m: postgres statement failed");
     BrokerError::Unavailable("postgres")
 }
 
@@ -664,7 +664,7 @@ impl U2m {
                     // consent again. Nothing else is safe.
                     tracing::error!(
                         workspace = %ws.name,
-                        error = %crate::audit::pg_error_text(&e),
+                        error = %crate::pg::error_text(&e),
                         "u2m: could not store a rotated refresh token"
                     );
                     return Err(BrokerError::Unavailable("postgres"));

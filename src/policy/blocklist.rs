@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::audit::pg::PgTarget;
 use crate::broker::redis::RedisLink;
+use crate::pg::PgTarget;
 
 /// The Redis set where blocks lived before they were durable (read once at start and copied
 /// into PostgreSQL, so an upgrade loses no block).
@@ -90,7 +90,7 @@ impl BlockStore {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 *guard = None;
-                Err(BlockError::Postgres(crate::audit::pg_error_text(&e)))
+                Err(BlockError::Postgres(crate::pg::error_text(&e)))
             }
             Err(_) => {
                 *guard = None;

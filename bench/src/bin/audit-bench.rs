@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aegis::audit::checkpoint;
-use aegis::audit::pg::PgTarget;
 use aegis::audit::{verify, AuditChain, WriterOptions};
+use aegis::pg::PgTarget;
 use aegis::secret::Key32;
 use bench::loadgen::Outcome;
 use sandbox::stack::PostgresServer;

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aegis::audit::pg::PgTarget;
 use aegis::audit::{AuditChain, WriterOptions};
+use aegis::pg::PgTarget;
 use aegis::secret::Key32;
 
 use envoy_types::ext_authz::v3::pb::{

@@ -1,4 +1,5 @@
-//! PostgreSQL connections, with TLS when the URL asks for it.
+//! PostgreSQL connections, with TLS when the URL asks for it: one seam shared by the audit
+//! ledger, the U2M grant store, the agent blocklist and config validation.
 //!
 //! The URL takes libpq's `sslmode` (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`)
 //! and `sslrootcert` (a PEM bundle). aegis is stricter than libpq: whenever TLS is used the
@@ -70,7 +71,7 @@ impl PgTarget {
                     let (client, conn) = cfg
                         .connect(tokio_postgres::NoTls)
                         .await
-                        .map_err(|e| super::pg_error_text(&e))?;
+                        .map_err(|e| crate::pg::error_text(&e))?;
                     tokio::spawn(drive(conn));
                     client
                 }
@@ -79,7 +80,7 @@ impl PgTarget {
                     let (client, conn) = cfg
                         .connect(connector)
                         .await
-                        .map_err(|e| super::pg_error_text(&e))?;
+                        .map_err(|e| crate::pg::error_text(&e))?;
                     tokio::spawn(drive(conn));
                     client
                 }
@@ -99,7 +100,7 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     if let Err(e) = conn.await {
-        tracing::debug!(error = %super::pg_error_text(&e), "postgres connection closed");
+        tracing::debug!(error = %crate::pg::error_text(&e), "postgres connection closed");
     }
 }
 
@@ -163,6 +164,20 @@ fn client_config(root: Option<&str>) -> Result<rustls::ClientConfig, String> {
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// A Postgres error as text safe for logs (never the connection string or a parameter value).
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => {
+            if e.is_closed() {
+                "connection closed".to_string()
+            } else {
+                "connection error".to_string()
+            }
+        }
+    }
 }
 
 #[cfg(test)]
