@@ -619,3 +619,70 @@ async fn entra_obo_mints_the_users_token_and_maps_errors() {
     assert_no_tokens("the aegis log", &log);
     stack.shutdown().await;
 }
+
+#[tokio::test]
+async fn u2m_a_second_issuers_user_with_the_same_name_gets_no_grant_of_alice() {
+    let public = free_addr().expect("a free port");
+    let opts = StackOptions::new(AEGIS_BIN).with_config(move |c| {
+        let server = table(c, "server");
+        server.insert("public_listen".into(), public.to_string().into());
+        server.insert("public_url".into(), format!("http://{public}").into());
+        let ws = workspace(c);
+        ws.insert("token_source".into(), "u2m".into());
+        ws.insert("client_id".into(), U2M_CLIENT_ID.into());
+        // A second trusted issuer (same keys as the dev IdP) whose e-mails collide.
+        let first = c["issuers"][0].as_table().expect("issuer").clone();
+        let idp = first["issuer"].as_str().expect("issuer").to_string();
+        let mut second = first;
+        second.insert("name".into(), "tenant-b".into());
+        second.insert(
+            "issuer".into(),
+            format!("{idp}{}", sandbox::SECOND_ISSUER_PATH).into(),
+        );
+        second.insert("jwks_uri".into(), format!("{idp}/jwks").into());
+        c.get_mut("issuers")
+            .and_then(|v| v.as_array_mut())
+            .expect("issuers")
+            .push(second.into());
+    });
+    let stack = start_with(opts).await;
+    let alice = token(&stack, "alice");
+    let link = consent_url(&get(&stack, ME, Some(&alice)).await);
+    let (status, page) = consent(&link, "alice@example.com").await;
+    assert_eq!(status, 200, "{page}");
+    // Positive control: alice is served with her grant.
+    let r = get(&stack, ME, Some(&alice)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // mallory of tenant-b says she is alice@example.com: her own principal has no grant.
+    let mut req = TokenRequest::new("alice@example.com");
+    req.extra_claims.insert(
+        "iss".into(),
+        format!("{}{}", stack.sandbox.idp_url, sandbox::SECOND_ISSUER_PATH).into(),
+    );
+    req.extra_claims.insert("sub".into(), "mallory".into());
+    let mallory = stack.sandbox.mint_idp_token(&req);
+    let r = get(&stack, ME, Some(&mallory)).await;
+    let her_link = consent_url(&r);
+    // Her consent link is bound to her principal, not alice's.
+    let q: std::collections::HashMap<String, String> = reqwest::Url::parse(&her_link)
+        .expect("url")
+        .query_pairs()
+        .into_owned()
+        .collect();
+    assert_eq!(q["p"], "mallory");
+    assert!(q["i"].ends_with(sandbox::SECOND_ISSUER_PATH), "{q:?}");
+    assert!(
+        !stack
+            .sandbox
+            .requests()
+            .iter()
+            .any(|x| x.trace_id.as_deref() == Some(r.trace_id().as_str())),
+        "mallory's request reached the workspace"
+    );
+    // Still exactly one grant: alice's.
+    let rows = u2m_rows(&stack).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["subject"], "u-alice");
+    stack.shutdown().await;
+}
