@@ -40,6 +40,8 @@ pub struct CheckInput<'a> {
     pub context_workspace: Option<&'a str>,
     /// Envoy's `x-request-id`.
     pub request_id: &'a str,
+    /// The request body, when Envoy sent it (only the routes that carry SQL or MCP calls).
+    pub body: Option<&'a [u8]>,
 }
 
 /// A 128-bit random trace id, written as 32 lower-case hex characters.
@@ -101,6 +103,8 @@ pub struct Deny {
     pub retry_after: Option<u64>,
     /// For `consent_required`: the signed link where the user consents (U2M workspaces).
     pub consent_url: Option<String>,
+    /// For a refused MCP message: its JSON-RPC id, so the answer is a JSON-RPC error.
+    pub jsonrpc_id: Option<serde_json::Value>,
 }
 
 impl Decision {
@@ -241,13 +245,16 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             ..Draft::default()
         };
 
-        let decided =
-            match tokio::time::timeout_at(deadline.into(), self.decide(input, &path, &mut draft))
-                .await
-            {
-                Ok(d) => d,
-                Err(_) => Err((Reason::DependencyUnavailable, Some(1))),
-            };
+        let mut jsonrpc_id = None;
+        let decided = match tokio::time::timeout_at(
+            deadline.into(),
+            self.decide(input, &path, &mut draft, &mut jsonrpc_id),
+        )
+        .await
+        {
+            Ok(d) => d,
+            Err(_) => Err((Reason::DependencyUnavailable, Some(1))),
+        };
 
         let decision = match decided {
             Ok(token) => {
@@ -298,6 +305,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                 let mut decision = deny(trace_id, reason, retry_after);
                 if let Decision::Deny(d) = &mut decision {
                     d.consent_url = consent_url;
+                    d.jsonrpc_id = jsonrpc_id;
                 }
                 decision
             }
@@ -320,7 +328,13 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         decision
     }
 
-    async fn decide(&self, input: &CheckInput<'_>, path: &str, draft: &mut Draft) -> Decided {
+    async fn decide(
+        &self,
+        input: &CheckInput<'_>,
+        path: &str,
+        draft: &mut Draft,
+        jsonrpc_id: &mut Option<serde_json::Value>,
+    ) -> Decided {
         let fail = |reason: Reason| -> Decided { Err((reason, None)) };
         if !self.ready.load(Ordering::Acquire) {
             return Err((Reason::DependencyUnavailable, Some(1)));
@@ -381,6 +395,21 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         ) {
             return fail(Reason::PathBlocked);
         }
+        if let Err(block) = self.policy.statement_guard(
+            input.method,
+            path,
+            input.body,
+            identity.agent.as_deref(),
+            &workspace.name,
+        ) {
+            tracing::info!(
+                why = block.why,
+                kind = block.kind.as_str(),
+                "statement blocked"
+            );
+            *jsonrpc_id = block.jsonrpc_id;
+            return fail(Reason::StatementBlocked);
+        }
 
         // 4. token
         match self.tokens.token(workspace, &identity, token).await {
@@ -415,6 +444,7 @@ fn deny(trace_id: TraceId, reason: Reason, retry_after: Option<u64>) -> Decision
         reason,
         retry_after,
         consent_url: None,
+        jsonrpc_id: None,
     })
 }
 

@@ -330,6 +330,15 @@ pub struct PolicyConfig {
     pub allowed_agents: Vec<String>,
     pub deny: Vec<RuleConfig>,
     pub allow: Vec<RuleConfig>,
+    /// Agents (per workspace) that may run SQL the statement guardrail would block.
+    pub allow_statements: Vec<ScopeConfig>,
+}
+
+/// Who a rule applies to: agents and workspaces (empty = any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeConfig {
+    pub agents: Vec<String>,
+    pub workspaces: Vec<String>,
 }
 
 /// One path rule: matches when the method, path pattern, agent and workspace all match.
@@ -1626,17 +1635,73 @@ impl Reader<'_> {
     }
 
     fn policy(&mut self, t: &Table, workspaces: &[WorkspaceConfig]) -> Option<PolicyConfig> {
-        self.unknown_keys(t, "policy", &["allowed_agents", "deny", "allow"]);
+        self.unknown_keys(
+            t,
+            "policy",
+            &["allowed_agents", "deny", "allow", "allow_statements"],
+        );
         let allowed_agents = self
             .string_list(t, "allowed_agents", "policy", false)
             .unwrap_or_default();
         let deny = self.rules(t, "deny", workspaces);
         let allow = self.rules(t, "allow", workspaces);
+        let allow_statements = self.scopes(t, "allow_statements", workspaces);
         Some(PolicyConfig {
             allowed_agents,
             deny,
             allow,
+            allow_statements,
         })
+    }
+
+    /// `policy.<key>`: an array of `{ agents = [...], workspaces = [...] }`.
+    fn scopes(&mut self, t: &Table, key: &str, workspaces: &[WorkspaceConfig]) -> Vec<ScopeConfig> {
+        let items = match t.get(key) {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.err(
+                    &format!("policy.{key}"),
+                    "must be an array of tables like { agents = [\"dba-bot\"], workspaces = [\"prod\"] }",
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("policy.{key}[{i}]");
+            let Value::Table(rt) = item else {
+                self.err(&path, "must be a table like { agents = [\"dba-bot\"] }");
+                continue;
+            };
+            self.unknown_keys(rt, &path, &["agents", "workspaces"]);
+            let agents = self
+                .string_list(rt, "agents", &path, false)
+                .unwrap_or_default();
+            let ws = self
+                .string_list(rt, "workspaces", &path, false)
+                .unwrap_or_default();
+            if agents.is_empty() {
+                // An empty list would lift the guardrail for every agent: say so explicitly.
+                self.err(
+                    &format!("{path}.agents"),
+                    "must name the agents (the guardrail is lifted only for them)",
+                );
+            }
+            for w in &ws {
+                if !workspaces.iter().any(|c| &c.name == w) {
+                    self.err(
+                        &format!("{path}.workspaces"),
+                        format!("unknown workspace \"{w}\""),
+                    );
+                }
+            }
+            out.push(ScopeConfig {
+                agents,
+                workspaces: ws,
+            });
+        }
+        out
     }
 
     fn rules(&mut self, t: &Table, key: &str, workspaces: &[WorkspaceConfig]) -> Vec<RuleConfig> {

@@ -55,6 +55,7 @@ pub async fn check<I: Identify, T: Tokens, A: Audit>(
             reason: Reason::BadRequest,
             retry_after: None,
             consent_url: None,
+            jsonrpc_id: None,
         }));
     };
     let headers: Cow<'_, HashMap<String, String>> = if http.headers.is_empty() {
@@ -87,11 +88,23 @@ pub async fn check<I: Identify, T: Tokens, A: Audit>(
             .get("x-request-id")
             .map(String::as_str)
             .unwrap_or(&http.id),
+        // Envoy sends the body only on routes set up for it (`with_request_body`), as raw
+        // bytes with `pack_as_bytes`, else as UTF-8 text.
+        body: if !http.raw_body.is_empty() {
+            Some(&http.raw_body)
+        } else if !http.body.is_empty() {
+            Some(http.body.as_bytes())
+        } else {
+            None
+        },
     };
     let decision = pipeline.check(&input).await;
     if let Decision::Deny(d) = &decision {
         if d.reason == Reason::PathBlocked && crate::policy::is_oauth_token_endpoint(&http.path) {
             return oauth_error_response(d);
+        }
+        if let Some(id) = &d.jsonrpc_id {
+            return jsonrpc_error_response(d, id);
         }
     }
     let resource_metadata = match &decision {
@@ -114,6 +127,32 @@ fn metadata_response(doc: String) -> CheckResponse {
         .add_header("x-aegis-trace-id", trace.as_str(), OVERWRITE, false)
         .set_body(doc);
     let mut resp = CheckResponse::with_status(Status::permission_denied("resource_metadata"));
+    resp.set_http_response(d);
+    resp
+}
+
+/// A refused MCP message, answered as MCP clients show it: HTTP 200 with a JSON-RPC error that
+/// carries the message's id, the reason code and the trace id. The audit row and the metrics
+/// still say what the reason is (a DENY row), and nothing reaches the workspace.
+fn jsonrpc_error_response(deny: &Deny, id: &serde_json::Value) -> CheckResponse {
+    let trace = deny.trace_id.as_str();
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {
+            // JSON-RPC's server-error range; the reason code is in `data`.
+            "code": -32001,
+            "message": format!("{} ({})", deny.reason.message(), deny.reason.code()),
+            "data": { "reason": deny.reason.code(), "trace_id": trace },
+        },
+    });
+    let mut d = DeniedHttpResponseBuilder::new();
+    d.set_http_status(HttpStatusCode::Ok)
+        .add_header("content-type", "application/json", OVERWRITE, false)
+        .add_header("cache-control", "no-store", OVERWRITE, false)
+        .add_header("x-aegis-trace-id", trace, OVERWRITE, false)
+        .set_body(body.to_string());
+    let mut resp = CheckResponse::with_status(Status::permission_denied(deny.reason.code()));
     resp.set_http_response(d);
     resp
 }

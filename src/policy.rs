@@ -10,6 +10,7 @@
 //! double encoding, `\`, `;params`, letter case), so a rule cannot be dodged by re-spelling.
 
 pub mod blocklist;
+pub mod sql;
 
 use std::collections::HashMap;
 
@@ -104,6 +105,22 @@ const AGENT_SAFE_DEFAULTS: &[(&[&str], &str)] = &[
     (&[], "/oidc/accounts/*/v1/authorize/*"),
 ];
 
+/// The routes whose bodies carry an agent's SQL.
+enum SqlRoute {
+    Statements,
+    McpSql,
+}
+
+/// Why the statement guardrail refused a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatementBlock {
+    /// Fixed text (for logs; the deny body carries the reason code only).
+    pub why: &'static str,
+    /// The JSON-RPC id of the refused MCP message, so the answer can be a JSON-RPC error.
+    pub jsonrpc_id: Option<serde_json::Value>,
+    pub kind: sql::StatementKind,
+}
+
 pub struct Policy {
     workspaces: Vec<WorkspaceConfig>,
     by_host: HashMap<String, usize>,
@@ -111,6 +128,8 @@ pub struct Policy {
     defaults: Vec<Rule>,
     deny: Vec<Rule>,
     allow: Vec<Rule>,
+    /// Agents (per workspace) the statement guardrail does not apply to.
+    allow_statements: Vec<crate::config::ScopeConfig>,
     /// The configured issuers' `issuer` URLs, the OAuth authorization servers MCP clients are
     /// sent to by the Protected Resource Metadata (RFC 9728).
     authorization_servers: Vec<String>,
@@ -229,6 +248,7 @@ impl Policy {
                 .collect(),
             deny: cfg.policy.deny.iter().map(Rule::from_config).collect(),
             allow: cfg.policy.allow.iter().map(Rule::from_config).collect(),
+            allow_statements: cfg.policy.allow_statements.clone(),
             authorization_servers: cfg.issuers.iter().map(|i| i.issuer.clone()).collect(),
         }
     }
@@ -275,6 +295,98 @@ impl Policy {
             .as_deref()
             .unwrap_or(&self.allowed_agents);
         list.is_empty() || agent.is_some_and(|a| list.iter().any(|x| x == a))
+    }
+
+    /// The statement guardrail: on the routes that carry SQL (the Statement Execution API, the
+    /// managed MCP SQL server), the SQL an agent sends must not change permissions (see
+    /// [`sql`]). `Ok` passes; `Err` is a `statement_blocked` deny, with the JSON-RPC id of the
+    /// offending MCP message when there is one. A guarded route whose body aegis did not get
+    /// (Envoy not set up to send it) or cannot read is blocked, never passed unread. `path` is
+    /// already normalized.
+    pub fn statement_guard(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        agent: Option<&str>,
+        workspace: &str,
+    ) -> Result<(), StatementBlock> {
+        let route = match (
+            method,
+            path.trim_end_matches('/').to_ascii_lowercase().as_str(),
+        ) {
+            ("POST", "/api/2.0/sql/statements") => SqlRoute::Statements,
+            ("POST", "/api/2.0/mcp/sql") => SqlRoute::McpSql,
+            _ => return Ok(()),
+        };
+        let lifted = self.allow_statements.iter().any(|s| {
+            agent.is_some_and(|a| s.agents.iter().any(|x| x == a))
+                && (s.workspaces.is_empty() || s.workspaces.iter().any(|w| w == workspace))
+        });
+        if lifted {
+            return Ok(());
+        }
+        let unread = |why: &'static str| StatementBlock {
+            why,
+            jsonrpc_id: None,
+            kind: sql::StatementKind::Unknown,
+        };
+        let Some(body) = body.filter(|b| !b.is_empty()) else {
+            return Err(unread("the request body was not sent to aegis"));
+        };
+        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return Err(unread("the request body is not JSON"));
+        };
+        let judge = |sql: &str, id: Option<&serde_json::Value>| {
+            let c = sql::classify(sql);
+            match c.blocked {
+                None => Ok(()),
+                Some(why) => Err(StatementBlock {
+                    why,
+                    jsonrpc_id: id.cloned(),
+                    kind: c.kind,
+                }),
+            }
+        };
+        match route {
+            SqlRoute::Statements => match doc.get("statement") {
+                Some(serde_json::Value::String(sql)) => judge(sql, None),
+                _ => Err(unread("the statement is missing or not a string")),
+            },
+            SqlRoute::McpSql => {
+                // One JSON-RPC message or a batch; every tools/call is judged.
+                let messages: Vec<&serde_json::Value> = match &doc {
+                    serde_json::Value::Array(batch) => batch.iter().collect(),
+                    one => vec![one],
+                };
+                for m in messages {
+                    if m.get("method").and_then(|v| v.as_str()) != Some("tools/call") {
+                        continue;
+                    }
+                    let id = m.get("id");
+                    let params = m.get("params");
+                    let tool = params.and_then(|p| p.get("name")).and_then(|v| v.as_str());
+                    if tool != Some("execute_sql") {
+                        // Other tools of the SQL server (none today) carry no agent SQL.
+                        continue;
+                    }
+                    match params
+                        .and_then(|p| p.get("arguments"))
+                        .and_then(|a| a.get("query"))
+                    {
+                        Some(serde_json::Value::String(sql)) => judge(sql, id)?,
+                        _ => {
+                            return Err(StatementBlock {
+                                why: "the execute_sql query is missing or not a string",
+                                jsonrpc_id: id.cloned(),
+                                kind: sql::StatementKind::Unknown,
+                            })
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// True when the request must be refused with `path_blocked`. `path` is already normalized.
@@ -618,5 +730,32 @@ deny = [ { path = "/api/2.0/sql/statements/*", workspaces = ["b"] } ]"#,
         assert!(!p.agent_allowed(a, None));
         assert!(p.agent_allowed(b, Some("joule")));
         assert!(!p.agent_allowed(b, Some("copilot")));
+    }
+
+    #[test]
+    fn allow_statements_lifts_the_guardrail_for_named_agents_and_workspaces_only() {
+        let p = policy(
+            "[policy]\nallow_statements = [ { agents = [\"dba-bot\"], workspaces = [\"a\"] } ]",
+        );
+        let grant = br#"{"statement": "GRANT SELECT ON t TO x"}"#;
+        let path = "/api/2.0/sql/statements";
+        assert!(p
+            .statement_guard("POST", path, Some(grant), Some("dba-bot"), "a")
+            .is_ok());
+        // Another workspace, another agent: still blocked.
+        assert!(p
+            .statement_guard("POST", path, Some(grant), Some("dba-bot"), "b")
+            .is_err());
+        assert!(p
+            .statement_guard("POST", path, Some(grant), Some("copilot"), "a")
+            .is_err());
+        // Only POSTs to the SQL routes are read; a GET of a statement's status is not.
+        assert!(p
+            .statement_guard("GET", "/api/2.0/sql/statements/abc", None, None, "a")
+            .is_ok());
+        // Spelled otherwise, the route is still the route (the path arrives normalized).
+        assert!(p
+            .statement_guard("POST", "/API/2.0/SQL/Statements/", Some(grant), None, "a")
+            .is_err());
     }
 }

@@ -18,10 +18,13 @@ pub enum Reason {
     DependencyUnavailable,
     /// The CheckRequest itself was malformed (no HTTP attributes).
     BadRequest,
+    /// SQL an agent may not run (it changes permissions, or cannot be told apart from SQL that
+    /// does), on any SQL path aegis reads.
+    StatementBlocked,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::MissingCredentials,
         Reason::InvalidToken,
         Reason::TokenExpired,
@@ -35,6 +38,7 @@ impl Reason {
         Reason::RateLimited,
         Reason::DependencyUnavailable,
         Reason::BadRequest,
+        Reason::StatementBlocked,
     ];
 
     pub fn code(self) -> &'static str {
@@ -52,6 +56,7 @@ impl Reason {
             Reason::RateLimited => "rate_limited",
             Reason::DependencyUnavailable => "dependency_unavailable",
             Reason::BadRequest => "bad_request",
+            Reason::StatementBlocked => "statement_blocked",
         }
     }
 
@@ -67,7 +72,8 @@ impl Reason {
             Reason::AgentNotAllowed
             | Reason::PathBlocked
             | Reason::UnknownWorkspace
-            | Reason::NoDatabricksIdentity => 403,
+            | Reason::NoDatabricksIdentity
+            | Reason::StatementBlocked => 403,
             Reason::RateLimited => 429,
             Reason::DependencyUnavailable => 503,
             Reason::BadRequest => 400,
@@ -98,6 +104,9 @@ impl Reason {
                 "the identity gateway cannot serve this request safely right now; retry later"
             }
             Reason::BadRequest => "the request could not be understood",
+            Reason::StatementBlocked => {
+                "agents may not run SQL that changes permissions under the gateway's policy"
+            }
         }
     }
 

@@ -166,6 +166,7 @@ fn input<'a>(method: &'a str, path: &'a str, h: &'a HashMap<String, String>) -> 
         headers: h,
         context_workspace: None,
         request_id: "req-1",
+        body: None,
     }
 }
 
@@ -394,6 +395,7 @@ fn responses_follow_the_header_contract() {
         reason: Reason::MissingCredentials,
         retry_after: None,
         consent_url: None,
+        jsonrpc_id: None,
     }));
     assert_ne!(deny.status.as_ref().unwrap().code, 0);
     let Some(HttpResponse::DeniedResponse(d)) = deny.http_response else {
@@ -419,6 +421,7 @@ fn a_consent_required_deny_carries_only_its_consent_url() {
         reason: Reason::ConsentRequired,
         retry_after: None,
         consent_url: Some(url.into()),
+        jsonrpc_id: None,
     }));
     let Some(HttpResponse::DeniedResponse(d)) = resp.http_response else {
         panic!("not a denied response")
@@ -440,9 +443,72 @@ fn a_consent_required_deny_carries_only_its_consent_url() {
         reason: Reason::PathBlocked,
         retry_after: None,
         consent_url: Some(url.into()),
+        jsonrpc_id: None,
     }));
     let Some(HttpResponse::DeniedResponse(d)) = resp.http_response else {
         panic!("not a denied response")
     };
     assert!(!d.body.contains("consent_url"), "{}", d.body);
+}
+
+#[tokio::test]
+async fn sql_that_changes_permissions_is_blocked_and_audited_queries_pass() {
+    let h = harness(None);
+    let hd = headers(&[("authorization", "Bearer alice")]);
+    let statement =
+        |sql: &str| serde_json::json!({ "statement": sql, "warehouse_id": "w" }).to_string();
+    let run = |body: Option<String>| {
+        let h = &h;
+        let hd = &hd;
+        async move {
+            let mut i = input("POST", "/api/2.0/sql/statements", hd);
+            i.body = body.as_deref().map(str::as_bytes);
+            h.pipeline.check(&i).await
+        }
+    };
+    // Positive control: a query passes.
+    assert!(matches!(
+        run(Some(statement("SELECT * FROM main.sales.orders"))).await,
+        Decision::Allow(_)
+    ));
+    for body in [
+        Some(statement(
+            "GRANT ALL PRIVILEGES ON CATALOG main TO `account users`",
+        )),
+        Some(statement("select 1; ALTER SCHEMA s OWNER TO `mallory`")),
+        Some("{not json".to_string()),
+        Some(serde_json::json!({ "statement": 7 }).to_string()),
+        None,
+    ] {
+        let d = run(body.clone()).await;
+        assert_eq!(denied(&d), Reason::StatementBlocked, "{body:?}");
+    }
+    let blocked = h
+        .audit
+        .rows
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.reason == "statement_blocked")
+        .count();
+    assert_eq!(blocked, 5);
+    // MCP: the refused message's JSON-RPC id travels with the deny.
+    let mut i = input("POST", "/api/2.0/mcp/sql", &hd);
+    let call = serde_json::json!({
+        "jsonrpc": "2.0", "id": 42, "method": "tools/call",
+        "params": { "name": "execute_sql", "arguments": { "query": "REVOKE SELECT ON t FROM x" } }
+    })
+    .to_string();
+    i.body = Some(call.as_bytes());
+    match h.pipeline.check(&i).await {
+        Decision::Deny(d) => {
+            assert_eq!(d.reason, Reason::StatementBlocked);
+            assert_eq!(d.jsonrpc_id, Some(serde_json::json!(42)));
+        }
+        Decision::Allow(_) => panic!("a REVOKE through the MCP SQL tool was allowed"),
+    }
+    // Other JSON-RPC methods on the same path pass (tools/list, initialize).
+    let list = serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/list" }).to_string();
+    i.body = Some(list.as_bytes());
+    assert!(matches!(h.pipeline.check(&i).await, Decision::Allow(_)));
 }

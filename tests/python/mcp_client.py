@@ -2,7 +2,8 @@
 
 Usage:
   MCP_TOKEN=<IdP JWT> mcp_client.py call <server url> <tool> <json arguments>
-      initialize, list the tools, call one; prints {"server", "tools", "is_error", "texts"}.
+      initialize, list the tools, call one; prints {"server", "tools", "is_error", "texts"}, or
+      {"server", "tools", "jsonrpc_error"} when the call is answered with a JSON-RPC error.
   mcp_client.py discover <server url>
       no token: the request is refused with 401, and the SDK's own RFC 9728 discovery helpers
       follow the challenge to the Protected Resource Metadata; prints what they found.
@@ -15,6 +16,7 @@ import sys
 
 import httpx
 from mcp import ClientSession
+from mcp.shared.exceptions import McpError
 from mcp.client.auth.utils import (
     build_protected_resource_metadata_discovery_urls,
     extract_resource_metadata_from_www_auth,
@@ -29,7 +31,15 @@ async def call(url, tool, args):
         async with ClientSession(read, write) as session:
             init = await session.initialize()
             tools = await session.list_tools()
-            result = await session.call_tool(tool, args)
+            try:
+                result = await session.call_tool(tool, args)
+            except McpError as e:
+                # A JSON-RPC error answered for the call (e.g. aegis refusing it).
+                return {
+                    "server": init.serverInfo.name,
+                    "tools": sorted(t.name for t in tools.tools),
+                    "jsonrpc_error": {"code": e.error.code, "message": e.error.message, "data": e.error.data},
+                }
             return {
                 "server": init.serverInfo.name,
                 "protocol": init.protocolVersion,
