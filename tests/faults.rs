@@ -260,6 +260,17 @@ async fn jwks_outages_never_let_a_bad_key_set_in() {
     stack.aegis.kill();
     stack.sandbox.set_jwks_fault(JwksFault::Down);
     stack.aegis = AegisProcess::spawn(stack.aegis_bin(), stack.config_path()).expect("spawn");
+    // Until aegis listens, Envoy answers its own bare 503; from then on every refusal must be
+    // aegis' own.
+    eventually(
+        Duration::from_secs(15),
+        "aegis answering Checks",
+        || async {
+            let r = get(&stack, ME, Some(&during)).await;
+            r.status == 503 && r.body["error"] == "dependency_unavailable"
+        },
+    )
+    .await;
     let client = http();
     let readyz = format!("{}/readyz", stack.aegis_admin_url());
     let until = Instant::now() + Duration::from_secs(4);
