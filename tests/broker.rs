@@ -54,14 +54,7 @@ async fn revocation_reaches_the_other_replica_within_a_second() {
     assert_eq!(stack.sandbox.exchange_count("alice@example.com"), 1);
 
     let config = stack.config_path().to_str().unwrap().to_string();
-    let (code, out, err) = aegis(&[
-        "token",
-        "revoke",
-        "--config",
-        &config,
-        "--user",
-        "alice@example.com",
-    ]);
+    let (code, out, err) = revoke(&stack, "alice@example.com", &[]);
     assert_eq!(code, 0, "{out}{err}");
     let revoked_at = Instant::now();
 

@@ -243,15 +243,7 @@ async fn u2m_revoke_sends_a_different_token_and_consent_revoke_drops_the_grant_f
     let r = get(&stack, ME, Some(&alice)).await;
     assert_eq!(serial(&r), before);
 
-    let config = stack.config_path().to_str().expect("path").to_string();
-    let (code, out, err) = aegis(&[
-        "token",
-        "revoke",
-        "--config",
-        &config,
-        "--user",
-        "alice@example.com",
-    ]);
+    let (code, out, err) = revoke(&stack, "alice@example.com", &[]);
     assert_eq!(code, 0, "{out}{err}");
     let rows = u2m_rows(&stack).await;
     assert_eq!(rows[0]["access_discarded"], true, "{rows:?}");
@@ -267,15 +259,7 @@ async fn u2m_revoke_sends_a_different_token_and_consent_revoke_drops_the_grant_f
     assert_eq!(u2m_rows(&stack).await[0]["access_discarded"], false);
 
     // --consent: the grant is gone, and the next request asks for consent again.
-    let (code, out, err) = aegis(&[
-        "token",
-        "revoke",
-        "--config",
-        &config,
-        "--user",
-        "alice@example.com",
-        "--consent",
-    ]);
+    let (code, out, err) = revoke(&stack, "alice@example.com", &["--consent"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("dropped 1 stored U2M grant(s)"), "{out}");
     assert!(u2m_rows(&stack).await.is_empty());
@@ -631,19 +615,7 @@ async fn u2m_a_second_issuers_user_with_the_same_name_gets_no_grant_of_alice() {
         ws.insert("token_source".into(), "u2m".into());
         ws.insert("client_id".into(), U2M_CLIENT_ID.into());
         // A second trusted issuer (same keys as the dev IdP) whose e-mails collide.
-        let first = c["issuers"][0].as_table().expect("issuer").clone();
-        let idp = first["issuer"].as_str().expect("issuer").to_string();
-        let mut second = first;
-        second.insert("name".into(), "tenant-b".into());
-        second.insert(
-            "issuer".into(),
-            format!("{idp}{}", sandbox::SECOND_ISSUER_PATH).into(),
-        );
-        second.insert("jwks_uri".into(), format!("{idp}/jwks").into());
-        c.get_mut("issuers")
-            .and_then(|v| v.as_array_mut())
-            .expect("issuers")
-            .push(second.into());
+        add_tenant_b(c);
     });
     let stack = start_with(opts).await;
     let alice = token(&stack, "alice");
@@ -655,13 +627,7 @@ async fn u2m_a_second_issuers_user_with_the_same_name_gets_no_grant_of_alice() {
     assert_eq!(r.status, 200, "{}", r.text);
 
     // mallory of tenant-b says she is alice@example.com: her own principal has no grant.
-    let mut req = TokenRequest::new("alice@example.com");
-    req.extra_claims.insert(
-        "iss".into(),
-        format!("{}{}", stack.sandbox.idp_url, sandbox::SECOND_ISSUER_PATH).into(),
-    );
-    req.extra_claims.insert("sub".into(), "mallory".into());
-    let mallory = stack.sandbox.mint_idp_token(&req);
+    let mallory = tenant_b_token(&stack, "mallory", "alice@example.com");
     let r = get(&stack, ME, Some(&mallory)).await;
     let her_link = consent_url(&r);
     // Her consent link is bound to her principal, not alice's.

@@ -25,34 +25,13 @@ async fn two_issuer_stack() -> Stack {
     let opts = StackOptions::new(AEGIS_BIN)
         .with_envoy_template(envoy)
         .with_config(|c| {
-            let first = c["issuers"][0].as_table().expect("an issuer").clone();
-            let idp = first["issuer"].as_str().expect("issuer").to_string();
-            let mut second = first.clone();
-            second.insert("name".into(), "tenant-b".into());
-            second.insert("issuer".into(), format!("{idp}{SECOND_ISSUER_PATH}").into());
-            second.insert("jwks_uri".into(), format!("{idp}/jwks").into());
-            c.get_mut("issuers")
-                .and_then(|v| v.as_array_mut())
-                .expect("issuers")
-                .push(second.into());
+            add_tenant_b(c);
             c.get_mut("server")
                 .and_then(|v| v.as_table_mut())
                 .expect("server")
                 .insert("check_timeout".into(), "15s".into());
         });
     start_with(opts).await
-}
-
-/// An IdP token from the second issuer: subject `sub`, asserting `email`.
-fn tenant_b_token(stack: &Stack, sub: &str, email: &str) -> String {
-    let mut req = TokenRequest::new(email);
-    req.extra_claims.insert(
-        "iss".into(),
-        format!("{}{SECOND_ISSUER_PATH}", stack.sandbox.idp_url).into(),
-    );
-    req.extra_claims.insert("sub".into(), sub.into());
-    req.extra_claims.insert("email".into(), email.into());
-    stack.sandbox.mint_idp_token(&req)
 }
 
 /// The workspace's record of the request aegis let through under `trace_id`.
@@ -158,15 +137,7 @@ async fn a_revocation_during_a_mint_means_the_minted_token_is_never_used() {
     }
 
     // The revocation lands while that mint is in flight.
-    let config = stack.config_path().to_str().expect("path").to_string();
-    let (code, out, err) = aegis(&[
-        "token",
-        "revoke",
-        "--config",
-        &config,
-        "--user",
-        "alice@example.com",
-    ]);
+    let (code, out, err) = revoke(&stack, "alice@example.com", &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(
         stack.sandbox.exchange_count("alice@example.com"),
@@ -212,21 +183,13 @@ async fn revoke_by_user_name_reaches_every_principal_and_can_be_narrowed() {
         assert_eq!(get(&stack, ME, Some(t)).await.status, 200);
     }
     assert_eq!(stack.sandbox.exchange_count("alice@example.com"), 2);
-    let config = stack.config_path().to_str().expect("path").to_string();
 
     // Narrowed to tenant-b's mallory (by the issuer's configured name): only her token goes.
-    let (code, out, err) = aegis(&[
-        "token",
-        "revoke",
-        "--config",
-        &config,
-        "--user",
+    let (code, out, err) = revoke(
+        &stack,
         "alice@example.com",
-        "--issuer",
-        "tenant-b",
-        "--subject",
-        "mallory",
-    ]);
+        &["--issuer", "tenant-b", "--subject", "mallory"],
+    );
     assert_eq!(code, 0, "{out}{err}");
     let settle = Instant::now();
     loop {
@@ -248,14 +211,7 @@ async fn revoke_by_user_name_reaches_every_principal_and_can_be_narrowed() {
     );
 
     // By user name alone: both principals are revoked.
-    let (code, out, err) = aegis(&[
-        "token",
-        "revoke",
-        "--config",
-        &config,
-        "--user",
-        "alice@example.com",
-    ]);
+    let (code, out, err) = revoke(&stack, "alice@example.com", &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("2 principal(s)"), "{out}");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -265,18 +221,11 @@ async fn revoke_by_user_name_reaches_every_principal_and_can_be_narrowed() {
     assert_eq!(stack.sandbox.exchange_count("alice@example.com"), 5);
 
     // An unknown issuer is a clear error, and revokes nothing.
-    let (code, _out, err) = aegis(&[
-        "token",
-        "revoke",
-        "--config",
-        &config,
-        "--user",
+    let (code, _out, err) = revoke(
+        &stack,
         "alice@example.com",
-        "--issuer",
-        "nobody",
-        "--subject",
-        "mallory",
-    ]);
+        &["--issuer", "nobody", "--subject", "mallory"],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no issuer named \"nobody\""), "{err}");
     let rows = stack

@@ -237,15 +237,7 @@ async fn a_three_node_cluster_behind_the_whole_stack() {
     );
 
     // A revocation published on the cluster reaches aegis' subscription.
-    let config = stack.config_path().to_str().unwrap().to_string();
-    let (code, out, err) = aegis(&[
-        "token",
-        "revoke",
-        "--config",
-        &config,
-        "--user",
-        "alice@example.com",
-    ]);
+    let (code, out, err) = revoke(&stack, "alice@example.com", &[]);
     assert_eq!(code, 0, "{out}{err}");
     eventually(
         Duration::from_secs(2),
@@ -474,14 +466,7 @@ async fn redis_and_postgres_over_tls_from_the_config_through_envoy() {
 
     // The CLI over the same config: a revocation and a verify.
     let config = stack.config_path().to_str().unwrap().to_string();
-    let (code, out, err) = aegis(&[
-        "token",
-        "revoke",
-        "--config",
-        &config,
-        "--user",
-        "alice@example.com",
-    ]);
+    let (code, out, err) = revoke(&stack, "alice@example.com", &[]);
     assert_eq!(code, 0, "{out}{err}");
     eventually(
         Duration::from_secs(3),

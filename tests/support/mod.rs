@@ -188,3 +188,45 @@ pub async fn replica(stack: &Stack, instance_id: &str) -> Replica {
     .expect("second envoy starts");
     Replica { envoy, aegis }
 }
+
+/// `aegis token revoke --config <the stack's config> --user <user>`, plus `extra` arguments.
+pub fn revoke(stack: &Stack, user: &str, extra: &[&str]) -> (i32, String, String) {
+    let config = stack
+        .config_path()
+        .to_str()
+        .expect("config path")
+        .to_string();
+    let mut args = vec!["token", "revoke", "--config", &config, "--user", user];
+    args.extend_from_slice(extra);
+    aegis(&args)
+}
+
+/// Adds a second trusted issuer, `tenant-b` (`{idp}/tenant-b`, signing with the dev IdP's
+/// keys, which the sandbox workspace's federation also trusts), to an aegis config.
+pub fn add_tenant_b(c: &mut toml::Table) {
+    let first = c["issuers"][0].as_table().expect("an issuer").clone();
+    let idp = first["issuer"].as_str().expect("issuer").to_string();
+    let mut second = first;
+    second.insert("name".into(), "tenant-b".into());
+    second.insert(
+        "issuer".into(),
+        format!("{idp}{}", sandbox::SECOND_ISSUER_PATH).into(),
+    );
+    second.insert("jwks_uri".into(), format!("{idp}/jwks").into());
+    c.get_mut("issuers")
+        .and_then(|v| v.as_array_mut())
+        .expect("issuers")
+        .push(second.into());
+}
+
+/// An IdP token from `tenant-b` for subject `sub`, asserting the e-mail `email`.
+pub fn tenant_b_token(stack: &Stack, sub: &str, email: &str) -> String {
+    let mut req = TokenRequest::new(email);
+    req.extra_claims.insert(
+        "iss".into(),
+        format!("{}{}", stack.sandbox.idp_url, sandbox::SECOND_ISSUER_PATH).into(),
+    );
+    req.extra_claims.insert("sub".into(), sub.into());
+    req.extra_claims.insert("email".into(), email.into());
+    stack.sandbox.mint_idp_token(&req)
+}
