@@ -120,7 +120,7 @@ pub async fn revoke_everywhere(
         .script(&scripts().revoke, &[&principal::index_key(&prefix)], &args)
         .await?;
     for pid in &pids {
-        let key = principal::l1_key(workspace, user, pid);
+        let key = principal::l1_key(workspace, user, pid.as_bytes());
         redis
             .publish(&format!("{REVOKE_PREFIX}{}", hex::encode(key)))
             .await?;
@@ -332,7 +332,7 @@ impl Broker {
             .await
             .map_err(|_| BrokerError::Unavailable("redis"))?;
         for pid in &revoked.principals {
-            self.mark_revoked(principal::l1_key(workspace, user, pid));
+            self.mark_revoked(principal::l1_key(workspace, user, pid.as_bytes()));
         }
         self.stats.record(workspace, stats::Event::Revoked);
         Ok(revoked)
@@ -397,7 +397,7 @@ impl Broker {
             // so trust nothing cached here, nor any lookup that began before.
             self.flush_all();
         }
-        let pid = principal::principal_id(&identity.issuer, &identity.subject);
+        let pid = principal::principal_hex(&identity.issuer, &identity.subject);
         let key = principal::l1_key(&ws.name, &identity.user_name, &pid);
         if let Some(t) = self.l1.get(&key).await {
             let now = now_ms();
@@ -417,7 +417,12 @@ impl Broker {
         // A lookup that a revocation overtook is discarded and run once more: the second one
         // starts after the revocation, so what it finds or mints is the user's fresh token.
         for _ in 0..2 {
-            let lookup = self.lookup(ws, identity, subject_token, pid.clone());
+            let lookup = self.lookup(
+                ws,
+                identity,
+                subject_token,
+                String::from_utf8_lossy(&pid).into_owned(),
+            );
             let result = self
                 .l1
                 .try_get_with(key, async {

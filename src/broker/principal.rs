@@ -36,20 +36,29 @@ fn digest(domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The principal id: 128 bits of SHA-256 over (issuer, subject), as hex.
-pub fn principal_id(issuer: &str, subject: &str) -> String {
+/// The principal id: 128 bits of SHA-256 over (issuer, subject), as 32 hex digits, on the
+/// stack (the Check path computes it for every request).
+pub fn principal_hex(issuer: &str, subject: &str) -> [u8; 32] {
     let d = digest(
         b"aegis.principal.v1",
         &[issuer.as_bytes(), subject.as_bytes()],
     );
-    hex::encode(&d[..16])
+    let mut out = [0u8; 32];
+    // Cannot fail: 16 bytes are exactly 32 hex digits.
+    let _ = hex::encode_to_slice(&d[..16], &mut out);
+    out
 }
 
-/// The in-process (L1) key of a principal's token in a workspace.
-pub fn l1_key(workspace: &str, user_name: &str, pid: &str) -> [u8; 32] {
+/// [`principal_hex`] as a string (Redis key names, the revocation script's arguments).
+pub fn principal_id(issuer: &str, subject: &str) -> String {
+    String::from_utf8_lossy(&principal_hex(issuer, subject)).into_owned()
+}
+
+/// The in-process (L1) key of a principal's token in a workspace; `pid` is its hex id.
+pub fn l1_key(workspace: &str, user_name: &str, pid: &[u8]) -> [u8; 32] {
     digest(
         b"aegis.l1.v2",
-        &[workspace.as_bytes(), user_name.as_bytes(), pid.as_bytes()],
+        &[workspace.as_bytes(), user_name.as_bytes(), pid],
     )
 }
 
@@ -148,8 +157,8 @@ mod tests {
         let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_string();
         assert_eq!(tag(&a.tok()), tag(&m.gen()));
         assert_ne!(
-            l1_key("prod", "alice@example.com", &a.pid),
-            l1_key("prod", "alice@example.com", &m.pid)
+            l1_key("prod", "alice@example.com", a.pid.as_bytes()),
+            l1_key("prod", "alice@example.com", m.pid.as_bytes())
         );
         // Length prefixes: moving a byte between issuer and subject changes the id.
         assert_ne!(principal_id("ab", "c"), principal_id("a", "bc"));
