@@ -410,6 +410,20 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             *jsonrpc_id = block.jsonrpc_id;
             return fail(Reason::StatementBlocked);
         }
+        if let Err(block) = self.policy.tool_guard(
+            input.method,
+            path,
+            input.body,
+            identity.agent.as_deref(),
+            &workspace.name,
+        ) {
+            tracing::info!(
+                tool = block.tool.as_deref().unwrap_or(""),
+                "mcp tool blocked"
+            );
+            *jsonrpc_id = block.jsonrpc_id;
+            return fail(Reason::ToolBlocked);
+        }
 
         // 4. token
         match self.tokens.token(workspace, &identity, token).await {

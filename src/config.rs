@@ -332,6 +332,21 @@ pub struct PolicyConfig {
     pub allow: Vec<RuleConfig>,
     /// Agents (per workspace) that may run SQL the statement guardrail would block.
     pub allow_statements: Vec<ScopeConfig>,
+    /// MCP tools agents may not call.
+    pub tool_deny: Vec<ToolRuleConfig>,
+    /// MCP tools agents may call: where a rule's server, agents and workspaces match, only the
+    /// tools listed by such rules may be called.
+    pub tool_allow: Vec<ToolRuleConfig>,
+}
+
+/// One MCP tool rule: an MCP server path (exact, or a prefix ending in `/*`), tool names
+/// (empty = every tool), agents and workspaces (empty = any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolRuleConfig {
+    pub server: String,
+    pub tools: Vec<String>,
+    pub agents: Vec<String>,
+    pub workspaces: Vec<String>,
 }
 
 /// Who a rule applies to: agents and workspaces (empty = any).
@@ -1638,7 +1653,14 @@ impl Reader<'_> {
         self.unknown_keys(
             t,
             "policy",
-            &["allowed_agents", "deny", "allow", "allow_statements"],
+            &[
+                "allowed_agents",
+                "deny",
+                "allow",
+                "allow_statements",
+                "tool_deny",
+                "tool_allow",
+            ],
         );
         let allowed_agents = self
             .string_list(t, "allowed_agents", "policy", false)
@@ -1646,12 +1668,90 @@ impl Reader<'_> {
         let deny = self.rules(t, "deny", workspaces);
         let allow = self.rules(t, "allow", workspaces);
         let allow_statements = self.scopes(t, "allow_statements", workspaces);
+        let tool_deny = self.tool_rules(t, "tool_deny", workspaces);
+        let tool_allow = self.tool_rules(t, "tool_allow", workspaces);
         Some(PolicyConfig {
             allowed_agents,
             deny,
             allow,
             allow_statements,
+            tool_deny,
+            tool_allow,
         })
+    }
+
+    /// `policy.<key>`: an array of `{ server = "/api/2.0/mcp/...", tools = [...], agents = [...],
+    /// workspaces = [...] }`.
+    fn tool_rules(
+        &mut self,
+        t: &Table,
+        key: &str,
+        workspaces: &[WorkspaceConfig],
+    ) -> Vec<ToolRuleConfig> {
+        let items = match t.get(key) {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.err(
+                    &format!("policy.{key}"),
+                    "must be an array of tables like { server = \"/api/2.0/mcp/sql\", tools = [\"execute_sql\"] }",
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("policy.{key}[{i}]");
+            let Value::Table(rt) = item else {
+                self.err(
+                    &path,
+                    "must be a table like { server = \"/api/2.0/mcp/sql\" }",
+                );
+                continue;
+            };
+            self.unknown_keys(rt, &path, &["server", "tools", "agents", "workspaces"]);
+            let server = self.string(rt, "server", &path, true);
+            if let Some(s) = &server {
+                if !s.starts_with("/api/2.0/mcp/") {
+                    self.err(
+                        &format!("{path}.server"),
+                        "must be an MCP server path under /api/2.0/mcp/",
+                    );
+                }
+                if s.contains('*') && !(s.ends_with("/*") && s.matches('*').count() == 1) {
+                    self.err(
+                        &format!("{path}.server"),
+                        "a wildcard is allowed only as a trailing \"/*\"",
+                    );
+                }
+            }
+            let tools = self
+                .string_list(rt, "tools", &path, false)
+                .unwrap_or_default();
+            let agents = self
+                .string_list(rt, "agents", &path, false)
+                .unwrap_or_default();
+            let ws = self
+                .string_list(rt, "workspaces", &path, false)
+                .unwrap_or_default();
+            for w in &ws {
+                if !workspaces.iter().any(|c| &c.name == w) {
+                    self.err(
+                        &format!("{path}.workspaces"),
+                        format!("unknown workspace \"{w}\""),
+                    );
+                }
+            }
+            if let Some(server) = server {
+                out.push(ToolRuleConfig {
+                    server,
+                    tools,
+                    agents,
+                    workspaces: ws,
+                });
+            }
+        }
+        out
     }
 
     /// `policy.<key>`: an array of `{ agents = [...], workspaces = [...] }`.

@@ -111,6 +111,27 @@ enum SqlRoute {
     McpSql,
 }
 
+/// An MCP tool rule, as the policy matches it.
+fn tool_rule(c: &crate::config::ToolRuleConfig) -> (Rule, Vec<String>) {
+    (
+        Rule::new(
+            Vec::new(),
+            &c.server,
+            c.agents.clone(),
+            c.workspaces.clone(),
+        ),
+        c.tools.clone(),
+    )
+}
+
+/// Why the MCP tool policy refused a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolBlock {
+    /// The tool refused (None: the body could not be read, or a call named no tool).
+    pub tool: Option<String>,
+    pub jsonrpc_id: Option<serde_json::Value>,
+}
+
 /// Why the statement guardrail refused a request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatementBlock {
@@ -130,6 +151,9 @@ pub struct Policy {
     allow: Vec<Rule>,
     /// Agents (per workspace) the statement guardrail does not apply to.
     allow_statements: Vec<crate::config::ScopeConfig>,
+    /// MCP tool rules: (server pattern, tools) for deny and allow.
+    tool_deny: Vec<(Rule, Vec<String>)>,
+    tool_allow: Vec<(Rule, Vec<String>)>,
     /// The configured issuers' `issuer` URLs, the OAuth authorization servers MCP clients are
     /// sent to by the Protected Resource Metadata (RFC 9728).
     authorization_servers: Vec<String>,
@@ -249,6 +273,8 @@ impl Policy {
             deny: cfg.policy.deny.iter().map(Rule::from_config).collect(),
             allow: cfg.policy.allow.iter().map(Rule::from_config).collect(),
             allow_statements: cfg.policy.allow_statements.clone(),
+            tool_deny: cfg.policy.tool_deny.iter().map(tool_rule).collect(),
+            tool_allow: cfg.policy.tool_allow.iter().map(tool_rule).collect(),
             authorization_servers: cfg.issuers.iter().map(|i| i.issuer.clone()).collect(),
         }
     }
@@ -387,6 +413,77 @@ impl Policy {
                 Ok(())
             }
         }
+    }
+
+    /// MCP tool policy: every JSON-RPC `tools/call` in a POST to an MCP server is matched by the
+    /// server's path and the tool's name, per agent and workspace. A `tool_deny` rule refuses
+    /// the call; where `tool_allow` rules match the server, agent and workspace, only the tools
+    /// they list may be called. `Err` is a `tool_blocked` deny with the call's JSON-RPC id. With
+    /// tool rules configured, an MCP POST whose body aegis did not get or cannot read is refused.
+    pub fn tool_guard(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        agent: Option<&str>,
+        workspace: &str,
+    ) -> Result<(), ToolBlock> {
+        if self.tool_deny.is_empty() && self.tool_allow.is_empty() {
+            return Ok(());
+        }
+        let lower = path.trim_end_matches('/').to_ascii_lowercase();
+        if method != "POST" || !lower.starts_with("/api/2.0/mcp/") {
+            return Ok(());
+        }
+        let unread = ToolBlock {
+            tool: None,
+            jsonrpc_id: None,
+        };
+        let Some(doc) = body
+            .filter(|b| !b.is_empty())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        else {
+            return Err(unread);
+        };
+        let messages: Vec<&serde_json::Value> = match &doc {
+            serde_json::Value::Array(batch) => batch.iter().collect(),
+            one => vec![one],
+        };
+        for m in messages {
+            if m.get("method").and_then(|v| v.as_str()) != Some("tools/call") {
+                continue;
+            }
+            let id = m.get("id").cloned();
+            let Some(tool) = m
+                .get("params")
+                .and_then(|p| p.get("name"))
+                .and_then(|v| v.as_str())
+            else {
+                return Err(ToolBlock {
+                    tool: None,
+                    jsonrpc_id: id,
+                });
+            };
+            let listed = |tools: &[String]| tools.is_empty() || tools.iter().any(|t| t == tool);
+            let denied = self
+                .tool_deny
+                .iter()
+                .any(|(r, tools)| r.matches(method, &lower, agent, workspace) && listed(tools));
+            let scoped: Vec<&Vec<String>> = self
+                .tool_allow
+                .iter()
+                .filter(|(r, _)| r.matches(method, &lower, agent, workspace))
+                .map(|(_, tools)| tools)
+                .collect();
+            let outside_allowlist = !scoped.is_empty() && !scoped.iter().any(|t| listed(t));
+            if denied || outside_allowlist {
+                return Err(ToolBlock {
+                    tool: Some(tool.to_string()),
+                    jsonrpc_id: id,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// True when the request must be refused with `path_blocked`. `path` is already normalized.
@@ -730,6 +827,40 @@ deny = [ { path = "/api/2.0/sql/statements/*", workspaces = ["b"] } ]"#,
         assert!(!p.agent_allowed(a, None));
         assert!(p.agent_allowed(b, Some("joule")));
         assert!(!p.agent_allowed(b, Some("copilot")));
+    }
+
+    #[test]
+    fn mcp_tool_rules_deny_and_allowlist_per_server_agent_and_workspace() {
+        let p = policy(
+            "[policy]\n\
+             tool_deny = [ { server = \"/api/2.0/mcp/sql\", tools = [\"execute_sql\"], agents = [\"joule\"] } ]\n\
+             tool_allow = [ { server = \"/api/2.0/mcp/functions/*\", tools = [\"lookup_order\"], workspaces = [\"a\"] } ]",
+        );
+        let call = |tool: &str| {
+            serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": tool}})
+                .to_string()
+        };
+        let sql = "/api/2.0/mcp/sql";
+        let functions = "/api/2.0/mcp/functions/main/sales";
+        let guard = |path: &str, body: &str, agent: &str, ws: &str| {
+            p.tool_guard("POST", path, Some(body.as_bytes()), Some(agent), ws)
+        };
+        // Denied for joule, allowed for copilot (the control).
+        let refused = guard(sql, &call("execute_sql"), "joule", "a").unwrap_err();
+        assert_eq!(refused.tool.as_deref(), Some("execute_sql"));
+        assert_eq!(refused.jsonrpc_id, Some(serde_json::json!(7)));
+        assert!(guard(sql, &call("execute_sql"), "copilot", "a").is_ok());
+        // The allowlist holds in workspace a, not in b.
+        assert!(guard(functions, &call("lookup_order"), "copilot", "a").is_ok());
+        assert!(guard(functions, &call("refund_order"), "copilot", "a").is_err());
+        assert!(guard(functions, &call("refund_order"), "copilot", "b").is_ok());
+        // Other JSON-RPC methods pass; an unreadable MCP body does not.
+        let list = r#"{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}"#;
+        assert!(guard(functions, list, "copilot", "a").is_ok());
+        assert!(guard(functions, "{not json", "copilot", "a").is_err());
+        // A batch is judged call by call.
+        let batch = format!("[{}, {}]", call("lookup_order"), call("refund_order"));
+        assert!(guard(functions, &batch, "copilot", "a").is_err());
     }
 
     #[test]

@@ -787,3 +787,68 @@ async fn the_mcp_sql_tool_refuses_permission_changes_with_a_jsonrpc_error() {
     assert_eq!(rows[0]["path"], "/api/2.0/mcp/sql");
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_tools_are_allowed_or_refused_per_agent() {
+    let stack = start_with(StackOptions::new(AEGIS_BIN).with_config(|c| {
+        let policy = c
+            .entry("policy")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("policy");
+        let rule: toml::Table = toml::from_str(
+            r#"server = "/api/2.0/mcp/sql"
+tools = ["execute_sql"]
+agents = ["joule"]"#,
+        )
+        .expect("rule");
+        policy.insert("tool_deny".into(), vec![toml::Value::Table(rule)].into());
+    }))
+    .await;
+    let url = format!("{}/api/2.0/mcp/sql", stack.envoy_url());
+    let args = json!({ "query": "SELECT region FROM main.sales.orders" }).to_string();
+    let as_agent = |agent: &str| {
+        let mut req = TokenRequest::new("alice");
+        req.agent = agent.to_string();
+        stack.sandbox.mint_idp_token(&req)
+    };
+    let call = |token: String| {
+        let (url, args) = (url.clone(), args.clone());
+        async move {
+            run_python(
+                "mcp_client.py",
+                &["call", &url, "execute_sql", &args],
+                &[("MCP_TOKEN", &token)],
+            )
+            .await
+        }
+    };
+    // The same user, the same tool: copilot may call it (the control), joule may not.
+    let copilot = call(as_agent("copilot")).await;
+    assert_eq!(copilot["is_error"], false, "{copilot:#}");
+    let joule = call(as_agent("joule")).await;
+    // joule still initializes and lists the tools; only the call is refused.
+    assert_eq!(strings(&joule["tools"]), s(&["execute_sql"]), "{joule:#}");
+    let err = &joule["jsonrpc_error"];
+    assert_eq!(err["data"]["reason"], "tool_blocked", "{joule:#}");
+    let trace = err["data"]["trace_id"]
+        .as_str()
+        .expect("a trace id")
+        .to_string();
+    assert!(!stack
+        .sandbox
+        .requests()
+        .iter()
+        .any(|r| r.trace_id.as_deref() == Some(trace.as_str())));
+    let rows = stack
+        .postgres
+        .query_json(&format!(
+            "SELECT reason, agent FROM aegis_audit WHERE trace_id = '{trace}'"
+        ))
+        .await
+        .expect("row");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["reason"], "tool_blocked");
+    assert_eq!(rows[0]["agent"], "joule");
+    stack.shutdown().await;
+}

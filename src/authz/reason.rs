@@ -21,10 +21,12 @@ pub enum Reason {
     /// SQL an agent may not run (it changes permissions, or cannot be told apart from SQL that
     /// does), on any SQL path aegis reads.
     StatementBlocked,
+    /// An MCP tool an agent may not call.
+    ToolBlocked,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::MissingCredentials,
         Reason::InvalidToken,
         Reason::TokenExpired,
@@ -39,6 +41,7 @@ impl Reason {
         Reason::DependencyUnavailable,
         Reason::BadRequest,
         Reason::StatementBlocked,
+        Reason::ToolBlocked,
     ];
 
     pub fn code(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Reason {
             Reason::DependencyUnavailable => "dependency_unavailable",
             Reason::BadRequest => "bad_request",
             Reason::StatementBlocked => "statement_blocked",
+            Reason::ToolBlocked => "tool_blocked",
         }
     }
 
@@ -73,7 +77,8 @@ impl Reason {
             | Reason::PathBlocked
             | Reason::UnknownWorkspace
             | Reason::NoDatabricksIdentity
-            | Reason::StatementBlocked => 403,
+            | Reason::StatementBlocked
+            | Reason::ToolBlocked => 403,
             Reason::RateLimited => 429,
             Reason::DependencyUnavailable => 503,
             Reason::BadRequest => 400,
@@ -107,6 +112,7 @@ impl Reason {
             Reason::StatementBlocked => {
                 "agents may not run SQL that changes permissions under the gateway's policy"
             }
+            Reason::ToolBlocked => "agents may not call this MCP tool under the gateway's policy",
         }
     }
 
