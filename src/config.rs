@@ -222,6 +222,46 @@ pub struct PostgresConfig {
     pub min_synchronous_commit: SyncCommit,
 }
 
+/// A workspace's request limits (`None`: no limit of that kind).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    pub user: Option<Rate>,
+    pub agent: Option<Rate>,
+    pub user_agent: Option<Rate>,
+}
+
+impl RateLimits {
+    pub fn any(&self) -> bool {
+        self.user.is_some() || self.agent.is_some() || self.user_agent.is_some()
+    }
+}
+
+/// `N` requests per `per`, e.g. "600/min".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub requests: u64,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// "N/s", "N/min" or "N/h", N from 1 to 1,000,000.
+    pub fn parse(s: &str) -> Option<Rate> {
+        let (n, unit) = s.trim().split_once('/')?;
+        let requests: u64 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=1_000_000).contains(n))?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return None,
+        };
+        Some(Rate { requests, per })
+    }
+}
+
 /// `postgres.min_synchronous_commit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncCommit {
@@ -313,6 +353,8 @@ pub struct WorkspaceConfig {
     pub scopes: Vec<String>,
     /// Per-workspace agent allowlist; `None` falls back to `policy.allowed_agents`.
     pub allowed_agents: Option<Vec<String>>,
+    /// Request limits per user, per agent and per (user, agent), shared by every replica.
+    pub rate_limits: RateLimits,
     /// The issuers (by `name`) whose users may reach this workspace; `None`: every issuer.
     pub issuers: Option<Vec<String>>,
     /// `entra_obo`: the Entra tenant (directory) id.
@@ -1471,6 +1513,7 @@ impl Reader<'_> {
                     "scopes",
                     "allowed_agents",
                     "issuers",
+                    "rate_limits",
                     "tenant_id",
                     "entra_token_url",
                     "client_secret_file",
@@ -1521,6 +1564,7 @@ impl Reader<'_> {
                 self.err(&format!("{path}.scopes"), "must not be empty");
             }
             let allowed_agents = self.string_list(t, "allowed_agents", &path, false);
+            let rate_limits = self.rate_limits(t, &path);
             let issuers = self.string_list(t, "issuers", &path, false);
             if matches!(&issuers, Some(i) if i.is_empty()) {
                 self.err(
@@ -1540,6 +1584,7 @@ impl Reader<'_> {
                     client_id,
                     scopes,
                     allowed_agents,
+                    rate_limits,
                     issuers,
                     tenant_id: entra.tenant_id,
                     entra_token_url: entra.token_url,
@@ -1752,6 +1797,35 @@ impl Reader<'_> {
             }
         }
         out
+    }
+
+    /// `workspaces[i].rate_limits = { user = "600/min", agent = "6000/min", user_agent = ".." }`.
+    fn rate_limits(&mut self, t: &Table, path: &str) -> RateLimits {
+        let Some(v) = t.get("rate_limits") else {
+            return RateLimits::default();
+        };
+        let p = format!("{path}.rate_limits");
+        let Value::Table(rt) = v else {
+            self.err(&p, "must be a table like { user = \"600/min\" }");
+            return RateLimits::default();
+        };
+        self.unknown_keys(rt, &p, &["user", "agent", "user_agent"]);
+        let mut one = |key: &str| -> Option<Rate> {
+            let text = self.string(rt, key, &p, false)?;
+            let rate = Rate::parse(&text);
+            if rate.is_none() {
+                self.err(
+                    &format!("{p}.{key}"),
+                    format!("\"{text}\" is not a rate like \"600/min\" (N/s, N/min or N/h, N from 1 to 1000000)"),
+                );
+            }
+            rate
+        };
+        RateLimits {
+            user: one("user"),
+            agent: one("agent"),
+            user_agent: one("user_agent"),
+        }
     }
 
     /// `policy.<key>`: an array of `{ agents = [...], workspaces = [...] }`.
@@ -1978,6 +2052,43 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
         assert_eq!(cfg.workspaces[0].token_source, TokenSourceKind::Federation);
         assert_eq!(cfg.policy.deny[0].methods, vec!["POST".to_string()]);
         assert_eq!(cfg.audit.checkpoint_dir, f.dir.path().join("checkpoints"));
+    }
+
+    #[test]
+    fn guardrail_and_limit_settings_parse_and_bad_ones_are_named() {
+        let f = Fixture::new();
+        let good = GOOD.replace(
+            "scopes = [\"all-apis\"]\n",
+            "scopes = [\"all-apis\"]\nrate_limits = { user = \"600/min\", user_agent = \"5/s\" }\n",
+        ) + "allow_statements = [ { agents = [\"dba-bot\"] } ]\n\
+             tool_deny = [ { server = \"/api/2.0/mcp/sql\", tools = [\"execute_sql\"] } ]\n";
+        let cfg = f.parse(&good, &HashMap::new()).unwrap();
+        let limits = cfg.workspaces[0].rate_limits;
+        assert_eq!(
+            limits.user,
+            Some(Rate {
+                requests: 600,
+                per: Duration::from_secs(60)
+            })
+        );
+        assert_eq!(limits.agent, None);
+        assert_eq!(cfg.policy.allow_statements[0].agents, vec!["dba-bot"]);
+        assert_eq!(cfg.policy.tool_deny[0].tools, vec!["execute_sql"]);
+
+        let bad = GOOD.replace(
+            "scopes = [\"all-apis\"]\n",
+            "scopes = [\"all-apis\"]\nrate_limits = { user = \"lots\", per_day = \"1/d\" }\n",
+        ) + "allow_statements = [ { workspaces = [\"prod\"] } ]\n\
+             tool_deny = [ { server = \"/api/2.0/sql/statements\" } ]\n";
+        let errs = f.parse(&bad, &HashMap::new()).unwrap_err().to_string();
+        for want in [
+            "workspaces[0].rate_limits.user",
+            "workspaces[0].rate_limits.per_day",
+            "policy.allow_statements[0].agents",
+            "policy.tool_deny[0].server",
+        ] {
+            assert!(errs.contains(want), "{want} not reported in:\n{errs}");
+        }
     }
 
     #[test]

@@ -119,3 +119,84 @@ async fn short_lived_tokens_are_never_sent_expired() {
         "only {mints} mints for alice in 60 s of 3 s tokens"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_per_user_rate_limit_holds_over_two_replicas() {
+    let stack = start_with(StackOptions::new(AEGIS_BIN).with_config(|c| {
+        let ws = c
+            .get_mut("workspaces")
+            .and_then(|v| v.as_array_mut())
+            .and_then(|a| a.first_mut())
+            .and_then(|w| w.as_table_mut())
+            .expect("a workspace");
+        let limits: toml::Table = toml::from_str(r#"user = "20/s""#).expect("limits");
+        ws.insert("rate_limits".into(), limits.into());
+    }))
+    .await;
+    let b = second_replica(&stack).await;
+    let alice = token(&stack, "alice");
+    let urls = [stack.envoy_url(), b.envoy.listener_url()];
+    let window = Duration::from_secs(3);
+    let started = Instant::now();
+    let workers = (0..4).map(|w| {
+        let (urls, alice) = (urls.clone(), alice.clone());
+        async move {
+            let client = http();
+            let mut out = Vec::new();
+            for i in 0..10_000usize {
+                if started.elapsed() >= window {
+                    break;
+                }
+                let url = format!("{}/api/2.0/preview/scim/v2/Me", urls[(i + w) % 2]);
+                let r = read(
+                    client
+                        .get(url)
+                        .bearer_auth(&alice)
+                        .send()
+                        .await
+                        .expect("request"),
+                )
+                .await;
+                out.push((
+                    r.status,
+                    r.body["error"].clone(),
+                    r.header("retry-after").map(str::to_string),
+                ));
+            }
+            out
+        }
+    });
+    let results: Vec<_> = futures_util::future::join_all(workers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let allowed = results.iter().filter(|r| r.0 == 200).count();
+    let rate = allowed as f64 / window.as_secs_f64();
+    for (status, error, retry_after) in results.iter().filter(|r| r.0 != 200) {
+        assert_eq!(*status, 429, "{error}");
+        assert_eq!(error, "rate_limited");
+        let secs: u64 = retry_after
+            .as_deref()
+            .expect("retry-after")
+            .parse()
+            .expect("seconds");
+        assert!((1..=2).contains(&secs), "retry-after {secs}");
+    }
+    assert!(
+        results.len() > 3 * allowed,
+        "the load did not exceed the limit: {}",
+        results.len()
+    );
+    // 20/s with a burst of 2: within 10 % over the window.
+    assert!(
+        (18.0..=22.0).contains(&rate),
+        "{allowed} allowed in {window:?}: {rate:.1}/s"
+    );
+    // Another user is not limited by alice's traffic (the control).
+    assert_eq!(get_at(&stack.envoy_url(), &token(&stack, "bob")).await, 200);
+    eprintln!(
+        "rate limit 20/s over two replicas: {allowed} allowed of {} in {window:?} ({rate:.1}/s)",
+        results.len()
+    );
+}

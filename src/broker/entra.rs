@@ -73,6 +73,7 @@ mod tests {
             scopes: vec!["all-apis".into()],
             allowed_agents: None,
             issuers: None,
+            rate_limits: Default::default(),
             tenant_id: tenant.map(str::to_string),
             entra_token_url: url.map(|u| url::Url::parse(u).unwrap()),
             client_secret: None,

@@ -132,6 +132,7 @@ struct Scripts {
     lookup: ::redis::Script,
     store: ::redis::Script,
     revoke: ::redis::Script,
+    limit: ::redis::Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -140,6 +141,7 @@ fn scripts() -> &'static Scripts {
         lookup: ::redis::Script::new(principal::LOOKUP_SCRIPT),
         store: ::redis::Script::new(principal::STORE_SCRIPT),
         revoke: ::redis::Script::new(principal::REVOKE_SCRIPT),
+        limit: ::redis::Script::new(principal::LIMIT_SCRIPT),
     })
 }
 
@@ -397,6 +399,9 @@ impl Broker {
             // so trust nothing cached here, nor any lookup that began before.
             self.flush_all();
         }
+        if ws.rate_limits.any() {
+            self.limit(ws, identity).await?;
+        }
         let pid = principal::principal_hex(&identity.issuer, &identity.subject);
         let key = principal::l1_key(&ws.name, &identity.user_name, &pid);
         if let Some(t) = self.l1.get(&key).await {
@@ -452,6 +457,54 @@ impl Broker {
             }
         }
         Err(BrokerError::Unavailable("revoked while minting"))
+    }
+
+    /// The workspace's request limits (GCRA in Redis, one round trip, shared by all replicas):
+    /// per user name, per agent and per (user, agent). Over a limit: `RateLimited` with the
+    /// seconds until the next request would conform. Lives here because the broker owns the
+    /// Redis link every Check already depends on; a Redis failure denies, as for tokens.
+    async fn limit(&self, ws: &WorkspaceConfig, identity: &Identity) -> Result<(), BrokerError> {
+        let limits = &ws.rate_limits;
+        let agent = identity.agent.as_deref().unwrap_or("");
+        let tag = principal::name_prefix(&ws.name, "rate-limits");
+        let mut keys: Vec<String> = Vec::with_capacity(3);
+        let mut args: Vec<String> = Vec::with_capacity(6);
+        for (rate, kind, id) in [
+            (
+                limits.user,
+                "u",
+                principal::limit_id(&[&identity.user_name]),
+            ),
+            (limits.agent, "a", principal::limit_id(&[agent])),
+            (
+                limits.user_agent,
+                "ua",
+                principal::limit_id(&[&identity.user_name, agent]),
+            ),
+        ] {
+            let Some(rate) = rate else { continue };
+            let interval = (rate.per.as_micros() as u64 / rate.requests).max(1);
+            // A burst of a tenth of the limit (at least one request) on top of the rate.
+            let burst = (rate.requests / 10).max(1);
+            keys.push(format!("{tag}rl:{kind}:{id}"));
+            args.push(interval.to_string());
+            args.push((interval * (burst - 1)).to_string());
+        }
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let arg_refs: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        let wait_us: i64 = self
+            .redis
+            .script(&scripts().limit, &key_refs, &arg_refs)
+            .await
+            .map_err(|_| BrokerError::Unavailable("redis"))?;
+        if wait_us > 0 {
+            metrics::counter!("aegis_rate_limited_total", "workspace" => ws.name.clone())
+                .increment(1);
+            return Err(BrokerError::RateLimited {
+                retry_after: (wait_us as u64).div_ceil(1_000_000).max(1),
+            });
+        }
+        Ok(())
     }
 
     fn lookup<'a>(

@@ -54,6 +54,12 @@ pub fn principal_id(issuer: &str, subject: &str) -> String {
     String::from_utf8_lossy(&principal_hex(issuer, subject)).into_owned()
 }
 
+/// The id of a rate-limit subject (a user name, an agent, or both), as hex.
+pub fn limit_id(parts: &[&str]) -> String {
+    let bytes: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+    hex::encode(&digest(b"aegis.limit.v1", &bytes)[..16])
+}
+
 /// The in-process (L1) key of a principal's token in a workspace; `pid` is its hex id.
 pub fn l1_key(workspace: &str, user_name: &str, pid: &[u8]) -> [u8; 32] {
     digest(
@@ -139,6 +145,34 @@ for _, p in ipairs(pids) do
   redis.call('DEL', ARGV[1] .. 'tok:' .. p)
 end
 return pids
+";
+
+/// GCRA request limits, all keys of one workspace in one hash slot. KEYS: one per limit.
+/// ARGV: for each key, its emission interval and burst tolerance (microseconds). Time is
+/// Redis' own (`TIME`), so replicas with skewed clocks share one limit. Returns 0 when the
+/// request conforms to every limit (and counts it against all of them), else how many
+/// microseconds until it would (and counts nothing).
+pub const LIMIT_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local wait = 0
+local tats = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tolerance = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local earliest = tat - tolerance
+  if now < earliest and earliest - now > wait then wait = earliest - now end
+  tats[i] = tat
+end
+if wait > 0 then return wait end
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tat = tats[i] + interval
+  redis.call('SET', key, tat, 'PX', math.floor((tat - now) / 1000) + 1000)
+end
+return 0
 ";
 
 #[cfg(test)]

@@ -1089,6 +1089,7 @@ mod tests {
             scopes: vec!["all-apis".into()],
             allowed_agents: None,
             issuers: None,
+            rate_limits: Default::default(),
             tenant_id: None,
             entra_token_url: None,
             client_secret: None,

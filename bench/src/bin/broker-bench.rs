@@ -41,6 +41,7 @@ async fn main() {
         scopes: vec!["all-apis".into()],
         allowed_agents: None,
         issuers: None,
+        rate_limits: Default::default(),
         tenant_id: None,
         entra_token_url: None,
         client_secret: None,
