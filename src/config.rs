@@ -1725,6 +1725,60 @@ impl Reader<'_> {
         })
     }
 
+    /// `policy.<key>`: the tables of an array of tables, each with its path for errors
+    /// (`policy.<key>[i]`); anything else is reported with `example`.
+    fn policy_tables<'t>(
+        &mut self,
+        t: &'t Table,
+        key: &str,
+        example: &str,
+    ) -> Vec<(String, &'t Table)> {
+        let items = match t.get(key) {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.err(
+                    &format!("policy.{key}"),
+                    format!("must be an array of tables like {example}"),
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("policy.{key}[{i}]");
+            match item {
+                Value::Table(rt) => out.push((path, rt)),
+                _ => self.err(&path, format!("must be a table like {example}")),
+            }
+        }
+        out
+    }
+
+    /// A rule's `agents` and `workspaces` (empty = any); every workspace must be configured.
+    fn rule_scope(
+        &mut self,
+        rt: &Table,
+        path: &str,
+        workspaces: &[WorkspaceConfig],
+    ) -> (Vec<String>, Vec<String>) {
+        let agents = self
+            .string_list(rt, "agents", path, false)
+            .unwrap_or_default();
+        let ws = self
+            .string_list(rt, "workspaces", path, false)
+            .unwrap_or_default();
+        for w in &ws {
+            if !workspaces.iter().any(|c| &c.name == w) {
+                self.err(
+                    &format!("{path}.workspaces"),
+                    format!("unknown workspace \"{w}\""),
+                );
+            }
+        }
+        (agents, ws)
+    }
+
     /// `policy.<key>`: an array of `{ server = "/api/2.0/mcp/...", tools = [...], agents = [...],
     /// workspaces = [...] }`.
     fn tool_rules(
@@ -1733,27 +1787,9 @@ impl Reader<'_> {
         key: &str,
         workspaces: &[WorkspaceConfig],
     ) -> Vec<ToolRuleConfig> {
-        let items = match t.get(key) {
-            None => return Vec::new(),
-            Some(Value::Array(items)) => items,
-            Some(_) => {
-                self.err(
-                    &format!("policy.{key}"),
-                    "must be an array of tables like { server = \"/api/2.0/mcp/sql\", tools = [\"execute_sql\"] }",
-                );
-                return Vec::new();
-            }
-        };
         let mut out = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let path = format!("policy.{key}[{i}]");
-            let Value::Table(rt) = item else {
-                self.err(
-                    &path,
-                    "must be a table like { server = \"/api/2.0/mcp/sql\" }",
-                );
-                continue;
-            };
+        let example = "{ server = \"/api/2.0/mcp/sql\", tools = [\"execute_sql\"] }";
+        for (path, rt) in self.policy_tables(t, key, example) {
             self.unknown_keys(rt, &path, &["server", "tools", "agents", "workspaces"]);
             let server = self.string(rt, "server", &path, true);
             if let Some(s) = &server {
@@ -1773,20 +1809,7 @@ impl Reader<'_> {
             let tools = self
                 .string_list(rt, "tools", &path, false)
                 .unwrap_or_default();
-            let agents = self
-                .string_list(rt, "agents", &path, false)
-                .unwrap_or_default();
-            let ws = self
-                .string_list(rt, "workspaces", &path, false)
-                .unwrap_or_default();
-            for w in &ws {
-                if !workspaces.iter().any(|c| &c.name == w) {
-                    self.err(
-                        &format!("{path}.workspaces"),
-                        format!("unknown workspace \"{w}\""),
-                    );
-                }
-            }
+            let (agents, ws) = self.rule_scope(rt, &path, workspaces);
             if let Some(server) = server {
                 out.push(ToolRuleConfig {
                     server,
@@ -1830,45 +1853,17 @@ impl Reader<'_> {
 
     /// `policy.<key>`: an array of `{ agents = [...], workspaces = [...] }`.
     fn scopes(&mut self, t: &Table, key: &str, workspaces: &[WorkspaceConfig]) -> Vec<ScopeConfig> {
-        let items = match t.get(key) {
-            None => return Vec::new(),
-            Some(Value::Array(items)) => items,
-            Some(_) => {
-                self.err(
-                    &format!("policy.{key}"),
-                    "must be an array of tables like { agents = [\"dba-bot\"], workspaces = [\"prod\"] }",
-                );
-                return Vec::new();
-            }
-        };
         let mut out = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let path = format!("policy.{key}[{i}]");
-            let Value::Table(rt) = item else {
-                self.err(&path, "must be a table like { agents = [\"dba-bot\"] }");
-                continue;
-            };
+        let example = "{ agents = [\"dba-bot\"], workspaces = [\"prod\"] }";
+        for (path, rt) in self.policy_tables(t, key, example) {
             self.unknown_keys(rt, &path, &["agents", "workspaces"]);
-            let agents = self
-                .string_list(rt, "agents", &path, false)
-                .unwrap_or_default();
-            let ws = self
-                .string_list(rt, "workspaces", &path, false)
-                .unwrap_or_default();
+            let (agents, ws) = self.rule_scope(rt, &path, workspaces);
             if agents.is_empty() {
                 // An empty list would lift the guardrail for every agent: say so explicitly.
                 self.err(
                     &format!("{path}.agents"),
                     "must name the agents (the guardrail is lifted only for them)",
                 );
-            }
-            for w in &ws {
-                if !workspaces.iter().any(|c| &c.name == w) {
-                    self.err(
-                        &format!("{path}.workspaces"),
-                        format!("unknown workspace \"{w}\""),
-                    );
-                }
             }
             out.push(ScopeConfig {
                 agents,
@@ -1924,20 +1919,7 @@ impl Reader<'_> {
                     );
                 }
             }
-            let agents = self
-                .string_list(rt, "agents", &path, false)
-                .unwrap_or_default();
-            let ws = self
-                .string_list(rt, "workspaces", &path, false)
-                .unwrap_or_default();
-            for w in &ws {
-                if !workspaces.iter().any(|c| &c.name == w) {
-                    self.err(
-                        &format!("{path}.workspaces"),
-                        format!("unknown workspace \"{w}\""),
-                    );
-                }
-            }
+            let (agents, ws) = self.rule_scope(rt, &path, workspaces);
             if let Some(p) = rule_path {
                 out.push(RuleConfig {
                     methods,

@@ -111,6 +111,14 @@ enum SqlRoute {
     McpSql,
 }
 
+/// The messages of a JSON-RPC body: one message, or each message of a batch.
+fn jsonrpc_messages(doc: &serde_json::Value) -> Vec<&serde_json::Value> {
+    match doc {
+        serde_json::Value::Array(batch) => batch.iter().collect(),
+        one => vec![one],
+    }
+}
+
 /// An MCP tool rule, as the policy matches it.
 fn tool_rule(c: &crate::config::ToolRuleConfig) -> (Rule, Vec<String>) {
     (
@@ -380,12 +388,7 @@ impl Policy {
                 _ => Err(unread("the statement is missing or not a string")),
             },
             SqlRoute::McpSql => {
-                // One JSON-RPC message or a batch; every tools/call is judged.
-                let messages: Vec<&serde_json::Value> = match &doc {
-                    serde_json::Value::Array(batch) => batch.iter().collect(),
-                    one => vec![one],
-                };
-                for m in messages {
+                for m in jsonrpc_messages(&doc) {
                     if m.get("method").and_then(|v| v.as_str()) != Some("tools/call") {
                         continue;
                     }
@@ -445,11 +448,7 @@ impl Policy {
         else {
             return Err(unread);
         };
-        let messages: Vec<&serde_json::Value> = match &doc {
-            serde_json::Value::Array(batch) => batch.iter().collect(),
-            one => vec![one],
-        };
-        for m in messages {
+        for m in jsonrpc_messages(&doc) {
             if m.get("method").and_then(|v| v.as_str()) != Some("tools/call") {
                 continue;
             }
