@@ -395,36 +395,50 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         ) {
             return fail(Reason::PathBlocked);
         }
-        if let Err(block) = self.policy.statement_guard(
+        // What the agent's MCP calls and SQL are is recorded whatever is decided; a refused
+        // tool is refused whatever SQL it carries.
+        match self.policy.tool_guard(
             input.method,
             path,
             input.body,
             identity.agent.as_deref(),
             &workspace.name,
         ) {
-            tracing::info!(
-                why = block.why,
-                kind = block.kind.as_str(),
-                "statement blocked"
-            );
-            *jsonrpc_id = block.jsonrpc_id;
-            return fail(Reason::StatementBlocked);
+            Ok(tool) => draft.mcp_tool = clean(tool.as_deref().unwrap_or(""), 256),
+            Err(block) => {
+                let tool = block.tool.as_deref().unwrap_or("");
+                tracing::info!(tool, "mcp tool blocked");
+                draft.mcp_tool = clean(tool, 256);
+                *jsonrpc_id = block.jsonrpc_id;
+                return fail(Reason::ToolBlocked);
+            }
         }
-        if let Err(block) = self.policy.tool_guard(
+        match self.policy.statement_guard(
             input.method,
             path,
             input.body,
             identity.agent.as_deref(),
             &workspace.name,
         ) {
-            tracing::info!(
-                tool = block.tool.as_deref().unwrap_or(""),
-                "mcp tool blocked"
-            );
-            *jsonrpc_id = block.jsonrpc_id;
-            return fail(Reason::ToolBlocked);
+            Ok(None) => {}
+            Ok(Some(seen)) => {
+                draft.statement_kind = seen.kind.as_str().to_string();
+                draft.statement_fp = seen.fingerprint.to_vec();
+            }
+            Err(block) => {
+                tracing::info!(
+                    why = block.why,
+                    kind = block.kind.as_str(),
+                    "statement blocked"
+                );
+                draft.statement_kind = block.kind.as_str().to_string();
+                if block.fingerprint != [0u8; 32] {
+                    draft.statement_fp = block.fingerprint.to_vec();
+                }
+                *jsonrpc_id = block.jsonrpc_id;
+                return fail(Reason::StatementBlocked);
+            }
         }
-
         // 4. token
         match self.tokens.token(workspace, &identity, token).await {
             Ok(t) => Ok(t),

@@ -148,6 +148,15 @@ pub struct StatementBlock {
     /// The JSON-RPC id of the refused MCP message, so the answer can be a JSON-RPC error.
     pub jsonrpc_id: Option<serde_json::Value>,
     pub kind: sql::StatementKind,
+    /// See [`sql::Classified::fingerprint`]; zeros when there was no statement to read.
+    pub fingerprint: [u8; 32],
+}
+
+/// What the statement guardrail saw in a request it let through (for the audit row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatementSeen {
+    pub kind: sql::StatementKind,
+    pub fingerprint: [u8; 32],
 }
 
 pub struct Policy {
@@ -344,50 +353,61 @@ impl Policy {
         body: Option<&[u8]>,
         agent: Option<&str>,
         workspace: &str,
-    ) -> Result<(), StatementBlock> {
+    ) -> Result<Option<StatementSeen>, StatementBlock> {
         let route = match (
             method,
             path.trim_end_matches('/').to_ascii_lowercase().as_str(),
         ) {
             ("POST", "/api/2.0/sql/statements") => SqlRoute::Statements,
             ("POST", "/api/2.0/mcp/sql") => SqlRoute::McpSql,
-            _ => return Ok(()),
+            _ => return Ok(None),
         };
         let lifted = self.allow_statements.iter().any(|s| {
             agent.is_some_and(|a| s.agents.iter().any(|x| x == a))
                 && (s.workspaces.is_empty() || s.workspaces.iter().any(|w| w == workspace))
         });
-        if lifted {
-            return Ok(());
-        }
-        let unread = |why: &'static str| StatementBlock {
-            why,
-            jsonrpc_id: None,
-            kind: sql::StatementKind::Unknown,
+        let unread = |why: &'static str| {
+            if lifted {
+                Ok(None)
+            } else {
+                Err(StatementBlock {
+                    why,
+                    jsonrpc_id: None,
+                    kind: sql::StatementKind::Unknown,
+                    fingerprint: [0u8; 32],
+                })
+            }
         };
         let Some(body) = body.filter(|b| !b.is_empty()) else {
-            return Err(unread("the request body was not sent to aegis"));
+            return unread("the request body was not sent to aegis");
         };
         let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return Err(unread("the request body is not JSON"));
+            return unread("the request body is not JSON");
         };
+        // Every statement is classified (the ledger records what it saw); only an agent the
+        // guardrail applies to is refused.
         let judge = |sql: &str, id: Option<&serde_json::Value>| {
             let c = sql::classify(sql);
             match c.blocked {
-                None => Ok(()),
-                Some(why) => Err(StatementBlock {
+                Some(why) if !lifted => Err(StatementBlock {
                     why,
                     jsonrpc_id: id.cloned(),
                     kind: c.kind,
+                    fingerprint: c.fingerprint,
                 }),
+                _ => Ok(Some(StatementSeen {
+                    kind: c.kind,
+                    fingerprint: c.fingerprint,
+                })),
             }
         };
         match route {
             SqlRoute::Statements => match doc.get("statement") {
                 Some(serde_json::Value::String(sql)) => judge(sql, None),
-                _ => Err(unread("the statement is missing or not a string")),
+                _ => unread("the statement is missing or not a string"),
             },
             SqlRoute::McpSql => {
+                let mut seen = None;
                 for m in jsonrpc_messages(&doc) {
                     if m.get("method").and_then(|v| v.as_str()) != Some("tools/call") {
                         continue;
@@ -403,17 +423,22 @@ impl Policy {
                         .and_then(|p| p.get("arguments"))
                         .and_then(|a| a.get("query"))
                     {
-                        Some(serde_json::Value::String(sql)) => judge(sql, id)?,
+                        Some(serde_json::Value::String(sql)) => {
+                            let this = judge(sql, id)?;
+                            seen = seen.or(this);
+                        }
+                        _ if lifted => {}
                         _ => {
                             return Err(StatementBlock {
                                 why: "the execute_sql query is missing or not a string",
                                 jsonrpc_id: id.cloned(),
                                 kind: sql::StatementKind::Unknown,
+                                fingerprint: [0u8; 32],
                             })
                         }
                     }
                 }
-                Ok(())
+                Ok(seen)
             }
         }
     }
@@ -430,24 +455,27 @@ impl Policy {
         body: Option<&[u8]>,
         agent: Option<&str>,
         workspace: &str,
-    ) -> Result<(), ToolBlock> {
-        if self.tool_deny.is_empty() && self.tool_allow.is_empty() {
-            return Ok(());
-        }
+    ) -> Result<Option<String>, ToolBlock> {
         let lower = path.trim_end_matches('/').to_ascii_lowercase();
         if method != "POST" || !lower.starts_with("/api/2.0/mcp/") {
-            return Ok(());
+            return Ok(None);
         }
-        let unread = ToolBlock {
-            tool: None,
-            jsonrpc_id: None,
-        };
+        let ruled = !(self.tool_deny.is_empty() && self.tool_allow.is_empty());
         let Some(doc) = body
             .filter(|b| !b.is_empty())
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
         else {
-            return Err(unread);
+            return if ruled {
+                Err(ToolBlock {
+                    tool: None,
+                    jsonrpc_id: None,
+                })
+            } else {
+                Ok(None)
+            };
         };
+        // The first tool called is what the audit row records.
+        let mut first = None;
         for m in jsonrpc_messages(&doc) {
             if m.get("method").and_then(|v| v.as_str()) != Some("tools/call") {
                 continue;
@@ -458,11 +486,20 @@ impl Policy {
                 .and_then(|p| p.get("name"))
                 .and_then(|v| v.as_str())
             else {
-                return Err(ToolBlock {
-                    tool: None,
-                    jsonrpc_id: id,
-                });
+                if ruled {
+                    return Err(ToolBlock {
+                        tool: None,
+                        jsonrpc_id: id,
+                    });
+                }
+                continue;
             };
+            if first.is_none() {
+                first = Some(tool.to_string());
+            }
+            if !ruled {
+                continue;
+            }
             let listed = |tools: &[String]| tools.is_empty() || tools.iter().any(|t| t == tool);
             let denied = self
                 .tool_deny
@@ -482,7 +519,7 @@ impl Policy {
                 });
             }
         }
-        Ok(())
+        Ok(first)
     }
 
     /// True when the request must be refused with `path_blocked`. `path` is already normalized.

@@ -49,6 +49,14 @@ fn draft(i: usize, user: &str) -> Draft {
         token_source: "federation".into(),
         token_fp: vec![1, 2, 3, 4, 5, 6, 7, 8],
         actor_chain: String::new(),
+        // The guardrail fields travel through the chain like every other.
+        statement_kind: "query".into(),
+        statement_fp: vec![i as u8; 32],
+        mcp_tool: if i % 3 == 0 {
+            "execute_sql".into()
+        } else {
+            String::new()
+        },
     }
 }
 
@@ -365,7 +373,8 @@ async fn rewrite_as_key_holder(pg: &PostgresServer, c: &Chain, from_seq: i64, us
         .query(
             "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, user_name, \
              agent, workspace, method, path, token_source, token_fp, key_id, instance_id, version, \
-             prev_mac, mac, chain_id, actor_chain FROM aegis_audit WHERE chain_id = $1 ORDER BY seq",
+             prev_mac, mac, chain_id, actor_chain, statement_kind, statement_fp, mcp_tool \
+             FROM aegis_audit WHERE chain_id = $1 ORDER BY seq",
             &[&c.id],
         )
         .await

@@ -44,6 +44,9 @@ mod independent {
         pub prev_mac: Vec<u8>,
         pub instance_id: String,
         pub actor_chain: String,
+        pub statement_kind: String,
+        pub statement_fingerprint: Vec<u8>,
+        pub mcp_tool: String,
         pub mac: Vec<u8>,
     }
 
@@ -95,6 +98,9 @@ mod independent {
         bytes(&mut o, 19, &r.prev_mac);
         bytes(&mut o, 20, r.instance_id.as_bytes());
         bytes(&mut o, 21, r.actor_chain.as_bytes());
+        bytes(&mut o, 22, r.statement_kind.as_bytes());
+        bytes(&mut o, 23, &r.statement_fingerprint);
+        bytes(&mut o, 24, r.mcp_tool.as_bytes());
         o
     }
 
@@ -156,7 +162,8 @@ async fn rows(stack: &Stack) -> Vec<Row> {
         .query(
             "SELECT version, chain_id, seq, (EXTRACT(EPOCH FROM ts) * 1000000)::bigint, trace_id, \
              request_id, decision, reason, issuer, subject, user_name, agent, workspace, method, \
-             path, token_source, token_fp, key_id, prev_mac, instance_id, actor_chain, mac \
+             path, token_source, token_fp, key_id, prev_mac, instance_id, actor_chain, mac, \
+             statement_kind, statement_fp, mcp_tool \
              FROM aegis_audit WHERE chain_id = 'main' ORDER BY seq",
             &[],
         )
@@ -191,6 +198,9 @@ async fn rows(stack: &Stack) -> Vec<Row> {
             instance_id: r.get(19),
             actor_chain: r.get(20),
             mac: r.get(21),
+            statement_kind: r.get(22),
+            statement_fingerprint: r.get(23),
+            mcp_tool: r.get(24),
         })
         .collect()
 }
@@ -230,6 +240,9 @@ fn golden_vectors() {
         prev_mac: vec![0u8; 32],
         instance_id: "pod-a".into(),
         actor_chain: String::new(),
+        statement_kind: String::new(),
+        statement_fingerprint: Vec::new(),
+        mcp_tool: String::new(),
         mac: Vec::new(),
     };
     let first_mac = independent::mac(&key, &first);
@@ -244,12 +257,24 @@ fn golden_vectors() {
         ..first.clone()
     };
     let second_mac = independent::mac(&key, &second);
+    // The guardrail fields (22 to 24), set.
+    let third = Row {
+        seq: 3,
+        reason: "statement_blocked".into(),
+        prev_mac: second_mac.to_vec(),
+        statement_kind: "dcl".into(),
+        statement_fingerprint: vec![0xab; 32],
+        mcp_tool: "execute_sql".into(),
+        ..second.clone()
+    };
+    let third_mac = independent::mac(&key, &third);
     assert_eq!(
         hex::encode(independent::encode(&first)),
         GOLDEN_FIRST_ENCODING
     );
     assert_eq!(hex::encode(first_mac), GOLDEN_FIRST_MAC);
     assert_eq!(hex::encode(second_mac), GOLDEN_SECOND_MAC);
+    assert_eq!(hex::encode(third_mac), GOLDEN_THIRD_MAC);
     // RFC 4231 test case 2, so the hand-written HMAC is HMAC.
     assert_eq!(
         hex::encode(independent::hmac_sha256(
@@ -283,13 +308,18 @@ fn golden_vectors() {
         prev_mac: r.prev_mac.clone(),
         instance_id: r.instance_id.clone(),
         actor_chain: r.actor_chain.clone(),
+        statement_kind: r.statement_kind.clone(),
+        statement_fingerprint: r.statement_fingerprint.clone(),
+        mcp_tool: r.mcp_tool.clone(),
     };
     assert_eq!(hex::encode(as_aegis(&first).mac(&key)), GOLDEN_FIRST_MAC);
     assert_eq!(hex::encode(as_aegis(&second).mac(&key)), GOLDEN_SECOND_MAC);
+    assert_eq!(hex::encode(as_aegis(&third).mac(&key)), GOLDEN_THIRD_MAC);
 }
 
 const GOLDEN_FIRST_ENCODING: &str = "080112046d61696e180120c0c4908b948b91032a20303132333435363738396162636465663031323334353637383961626364656632057265712d3138014a1768747470733a2f2f6964702e6578616d706c652e636f6d5207752d616c6963655a11616c696365406578616d706c652e636f6d6207636f70696c6f746a0470726f6472034745547a1b2f6170692f322e302f707265766965772f7363696d2f76322f4d6582010a66656465726174696f6e8a010801020304050607089201026b319a01200000000000000000000000000000000000000000000000000000000000000000a20105706f642d61";
 const GOLDEN_FIRST_MAC: &str = "3974ab53f613c4d6c69b7ffdabad3faba8c396ef7ad7951b75ad89ec2bb460a5";
+const GOLDEN_THIRD_MAC: &str = "dcee01494181fef0aad5d4574f466e17f0c6e1736a19f143749c7c046357e410";
 const GOLDEN_SECOND_MAC: &str = "cb1499605b91a0d4b7360bb95da6fe7892e6e1c0e806910927c40c223ab54aaf";
 
 // === Tampering with a chain aegis serve wrote ===

@@ -724,6 +724,30 @@ async fn agents_cannot_change_permissions_through_sql() {
         .await
         .expect("count");
     assert_eq!(rows[0]["n"], PERMISSION_CHANGES.len());
+    // Each row says what kind of SQL it was and its fingerprint (never the text).
+    let kinds = stack
+        .postgres
+        .query_json(
+            "SELECT decision, statement_kind, length(statement_fp) AS fp_len, \
+             position('GRANT' in path) AS in_path FROM aegis_audit \
+             WHERE path = '/api/2.0/sql/statements'",
+        )
+        .await
+        .expect("kinds");
+    assert!(kinds.iter().all(|r| r["statement_kind"] != ""), "{kinds:?}");
+    assert!(kinds
+        .iter()
+        .filter(|r| r["decision"] == "ALLOW")
+        .all(|r| r["fp_len"] == 32 && r["statement_kind"] != "dcl"));
+    assert!(kinds
+        .iter()
+        .any(|r| r["decision"] == "DENY" && r["statement_kind"] == "dcl"));
+    let texts = stack
+        .postgres
+        .query_json("SELECT count(*)::bigint AS n FROM aegis_audit WHERE path LIKE '%GRANT%' OR reason LIKE '%GRANT%'")
+        .await
+        .expect("no text");
+    assert_eq!(texts[0]["n"], 0);
 
     // A body over Envoy's bound is refused there, never passed on unread.
     let huge = format!("SELECT '{}'", "x".repeat(300 * 1024));
@@ -785,6 +809,15 @@ async fn the_mcp_sql_tool_refuses_permission_changes_with_a_jsonrpc_error() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["reason"], "statement_blocked");
     assert_eq!(rows[0]["path"], "/api/2.0/mcp/sql");
+    let seen = stack
+        .postgres
+        .query_json(&format!(
+            "SELECT statement_kind, mcp_tool FROM aegis_audit WHERE trace_id = '{trace}'"
+        ))
+        .await
+        .expect("row");
+    assert_eq!(seen[0]["statement_kind"], "dcl");
+    assert_eq!(seen[0]["mcp_tool"], "execute_sql");
     stack.shutdown().await;
 }
 

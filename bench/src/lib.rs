@@ -58,6 +58,9 @@ pub fn sample_draft(n: u64) -> aegis::audit::Draft {
         token_source: "federation".into(),
         token_fp: vec![7; 32],
         actor_chain: String::new(),
+        statement_kind: "query".into(),
+        statement_fp: vec![9; 32],
+        mcp_tool: String::new(),
     }
 }
 

@@ -71,6 +71,12 @@ pub struct Draft {
     pub token_fp: Vec<u8>,
     /// The RFC 8693 `act` chain, outermost actor first, joined by " > ".
     pub actor_chain: String,
+    /// The kind of SQL an agent sent (`query`, `dml`, `ddl`, `dcl`, `unknown`), if any.
+    pub statement_kind: String,
+    /// SHA-256 of the normalized statement (never the text), if any.
+    pub statement_fp: Vec<u8>,
+    /// The MCP tool a `tools/call` named, if any.
+    pub mcp_tool: String,
 }
 
 impl Default for Draft {
@@ -91,6 +97,9 @@ impl Default for Draft {
             token_source: String::new(),
             token_fp: Vec::new(),
             actor_chain: String::new(),
+            statement_kind: String::new(),
+            statement_fp: Vec::new(),
+            mcp_tool: String::new(),
         }
     }
 }
@@ -415,21 +424,23 @@ fn compensation(allow: Draft) -> Draft {
 }
 
 /// One batch in one statement (one round trip, its own transaction): move the head row from
-/// the head this writer expects ($23, $24) to the batch's last row ($25, $26) — the UPDATE takes
+/// the head this writer expects ($26, $27) to the batch's last row ($28, $29) — the UPDATE takes
 /// the head row's lock, as `SELECT ... FOR UPDATE` would, so replicas serialize on it — and
 /// insert the rows only if the head moved. When another replica appended first, the UPDATE
 /// matches nothing and nothing is inserted; the writer then appends under the head row's lock.
 const APPEND_SQL: &str = "WITH moved AS ( \
-    UPDATE aegis_chain_head SET size = $25, head_mac = $26, updated_at = now() \
-    WHERE chain_id = $1 AND size = $23 AND head_mac = $24 RETURNING 1), \
+    UPDATE aegis_chain_head SET size = $28, head_mac = $29, updated_at = now() \
+    WHERE chain_id = $1 AND size = $26 AND head_mac = $27 RETURNING 1), \
   inserted AS ( \
     INSERT INTO aegis_audit (chain_id, seq, ts, trace_id, request_id, \
     decision, reason, issuer, subject, user_name, agent, workspace, method, path, token_source, \
-    token_fp, key_id, instance_id, version, prev_mac, mac, actor_chain) \
+    token_fp, key_id, instance_id, version, prev_mac, mac, actor_chain, statement_kind, \
+    statement_fp, mcp_tool) \
     SELECT $1, u.* FROM UNNEST($2::int8[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], \
     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], \
     $14::text[], $15::text[], $16::bytea[], $17::text[], $18::text[], $19::int4[], $20::bytea[], \
-    $21::bytea[], $22::text[]) AS u WHERE EXISTS (SELECT 1 FROM moved) RETURNING 1) \
+    $21::bytea[], $22::text[], $23::text[], $24::bytea[], $25::text[]) AS u \
+    WHERE EXISTS (SELECT 1 FROM moved) RETURNING 1) \
   SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM inserted)";
 
 impl Writer {
@@ -923,6 +934,9 @@ fn seal(
         rec.token_source.clone_from(&d.token_source);
         rec.token_fingerprint.clone_from(&d.token_fp);
         rec.actor_chain.clone_from(&d.actor_chain);
+        rec.statement_kind.clone_from(&d.statement_kind);
+        rec.statement_fingerprint.clone_from(&d.statement_fp);
+        rec.mcp_tool.clone_from(&d.mcp_tool);
         rec.prev_mac.clear();
         rec.prev_mac.extend_from_slice(&prev);
         let mac = rec.mac(signer.key.expose());
@@ -948,8 +962,9 @@ async fn send<C: tokio_postgres::GenericClient>(
     sealed: &Sealed,
 ) -> Result<Option<[u8; 32]>, AuditError> {
     let n = batch.len();
-    let mut cols: [Vec<&str>; 14] = Default::default();
+    let mut cols: [Vec<&str>; 16] = Default::default();
     let mut fps = Vec::with_capacity(n);
+    let mut statement_fps = Vec::with_capacity(n);
     for job in batch {
         let d = &job.draft;
         cols[0].push(&d.trace_id);
@@ -966,11 +981,14 @@ async fn send<C: tokio_postgres::GenericClient>(
         cols[11].push(&d.token_source);
         cols[12].push(key_id);
         cols[13].push(&d.actor_chain);
+        cols[14].push(&d.statement_kind);
+        cols[15].push(&d.mcp_tool);
         fps.push(d.token_fp.as_slice());
+        statement_fps.push(d.statement_fp.as_slice());
     }
     let instance: Vec<&str> = vec![instance_id; n];
     let new_size = sealed.size + n as i64;
-    let [trace, request, decision, reason, issuer, subject, user, agent, workspace, method, path, source, key_ids, actors] =
+    let [trace, request, decision, reason, issuer, subject, user, agent, workspace, method, path, source, key_ids, actors, kinds, tools] =
         &cols;
     let row = client
         .query_one(
@@ -998,6 +1016,9 @@ async fn send<C: tokio_postgres::GenericClient>(
                 &sealed.prevs,
                 &sealed.macs,
                 actors,
+                kinds,
+                &statement_fps,
+                tools,
                 &sealed.size,
                 &sealed.head.as_slice(),
                 &new_size,

@@ -65,6 +65,12 @@ pub struct AuditRecord {
     pub instance_id: String,
     #[prost(string, tag = "21")]
     pub actor_chain: String,
+    #[prost(string, tag = "22")]
+    pub statement_kind: String,
+    #[prost(bytes = "vec", tag = "23")]
+    pub statement_fingerprint: Vec<u8>,
+    #[prost(string, tag = "24")]
+    pub mcp_tool: String,
 }
 
 impl AuditRecord {
@@ -136,6 +142,9 @@ mod tests {
             ("prev_mac", 19, "bytes"),
             ("instance_id", 20, "string"),
             ("actor_chain", 21, "string"),
+            ("statement_kind", 22, "string"),
+            ("statement_fingerprint", 23, "bytes"),
+            ("mcp_tool", 24, "string"),
         ];
         let got: Vec<(&str, u32, &str)> = fields
             .iter()
@@ -166,6 +175,9 @@ mod tests {
             prev_mac: vec![2],
             instance_id: "n".into(),
             actor_chain: "x".into(),
+            statement_kind: "dcl".into(),
+            statement_fingerprint: vec![3],
+            mcp_tool: "t".into(),
         };
         let buf = rec.encode_to_vec();
         let mut tags = Vec::new();
@@ -185,7 +197,7 @@ mod tests {
                 _ => panic!("unexpected wire type"),
             }
         }
-        assert_eq!(tags, (1..=21).collect::<Vec<u32>>());
+        assert_eq!(tags, (1..=24).collect::<Vec<u32>>());
     }
 
     #[test]

@@ -41,6 +41,11 @@ CREATE TABLE IF NOT EXISTS aegis_audit (
     PRIMARY KEY (chain_id, seq)
 );
 CREATE INDEX IF NOT EXISTS aegis_audit_trace_id ON aegis_audit (trace_id);
+-- Version 3: what the agent guardrails saw (record fields 22 to 24; empty on older rows, which
+-- therefore keep their MACs).
+ALTER TABLE aegis_audit ADD COLUMN IF NOT EXISTS statement_kind text NOT NULL DEFAULT '';
+ALTER TABLE aegis_audit ADD COLUMN IF NOT EXISTS statement_fp bytea NOT NULL DEFAULT ''::bytea;
+ALTER TABLE aegis_audit ADD COLUMN IF NOT EXISTS mcp_tool text NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS aegis_chain_head (
     chain_id   text        PRIMARY KEY,
     size       bigint      NOT NULL,

@@ -38,7 +38,8 @@ pub struct VerifyReport {
 
 const SELECT: &str = "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
     user_name, agent, workspace, method, path, token_source, token_fp, key_id, instance_id, \
-    version, prev_mac, mac, chain_id, actor_chain FROM aegis_audit WHERE chain_id = $1 AND seq > $2 ORDER BY seq";
+    version, prev_mac, mac, chain_id, actor_chain, statement_kind, statement_fp, mcp_tool \
+    FROM aegis_audit WHERE chain_id = $1 AND seq > $2 ORDER BY seq";
 
 /// How far apart (seconds, database clock) two checkpoints must be for the later one's smaller
 /// size to count as a rollback.
@@ -48,9 +49,11 @@ pub const ROLLBACK_SLACK_SECS: i64 = 2;
 pub const YIELD_EVERY: u64 = 256;
 
 /// Rows `$2 < seq <= $3` of chain `$1`, in order.
-pub const SELECT_RANGE: &str = "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
+pub const SELECT_RANGE: &str =
+    "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
     user_name, agent, workspace, method, path, token_source, token_fp, key_id, instance_id, \
-    version, prev_mac, mac, chain_id, actor_chain FROM aegis_audit WHERE chain_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq";
+    version, prev_mac, mac, chain_id, actor_chain, statement_kind, statement_fp, mcp_tool \
+    FROM aegis_audit WHERE chain_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq";
 
 /// A problem found at one row.
 #[derive(Debug, Clone)]
@@ -204,6 +207,9 @@ pub fn record_of(row: &Row) -> Result<(AuditRecord, Vec<u8>), String> {
         prev_mac: row.try_get(18).map_err(|e| e.to_string())?,
         instance_id: s(16)?,
         actor_chain: s(21)?,
+        statement_kind: s(22)?,
+        statement_fingerprint: row.try_get(23).map_err(|e| e.to_string())?,
+        mcp_tool: s(24)?,
     };
     let mac: Vec<u8> = row.try_get(19).map_err(|e| e.to_string())?;
     Ok((rec, mac))
@@ -461,6 +467,9 @@ pub struct ExportRow {
     pub key_id: String,
     pub instance_id: String,
     pub actor_chain: String,
+    pub statement_kind: String,
+    pub statement_fingerprint: String,
+    pub mcp_tool: String,
     pub prev_mac: String,
     pub mac: String,
 }
@@ -504,6 +513,9 @@ pub async fn export(
             key_id: rec.key_id,
             instance_id: rec.instance_id,
             actor_chain: rec.actor_chain,
+            statement_kind: rec.statement_kind,
+            statement_fingerprint: hex::encode(&rec.statement_fingerprint),
+            mcp_tool: rec.mcp_tool,
             prev_mac: hex::encode(&rec.prev_mac),
             mac: hex::encode(&mac),
         };

@@ -14,6 +14,7 @@
 //! storage credentials, external locations, connections, shares, recipients and providers;
 //! `EXECUTE IMMEDIATE` (SQL built at run time cannot be judged); anything unknown.
 
+use sha2::{Digest, Sha256};
 use sqlparser::dialect::DatabricksDialect;
 use sqlparser::tokenizer::{Token, Tokenizer};
 
@@ -45,6 +46,9 @@ pub struct Classified {
     pub kind: StatementKind,
     /// Why an agent may not run it; `None` when it may.
     pub blocked: Option<&'static str>,
+    /// SHA-256 of the normalized text: its tokens without comments and whitespace, keywords
+    /// upper-cased, one space apart. The same statement spelled otherwise has the same one.
+    pub fingerprint: [u8; 32],
 }
 
 const CHANGES_PERMISSIONS: &str = "changes permissions";
@@ -94,11 +98,13 @@ pub fn classify(sql: &str) -> Classified {
         return Classified {
             kind: StatementKind::Unknown,
             blocked: Some(UNREADABLE),
+            fingerprint: Sha256::digest(sql.as_bytes()).into(),
         };
     };
     let mut worst = Classified {
         kind: StatementKind::Query,
         blocked: None,
+        fingerprint: normalized_digest(&tokens),
     };
     let mut statements = 0;
     for statement in tokens
@@ -124,6 +130,22 @@ pub fn classify(sql: &str) -> Classified {
     worst
 }
 
+fn normalized_digest(tokens: &[Token]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut first = true;
+    for t in tokens.iter().filter(|t| !matches!(t, Token::Whitespace(_))) {
+        if !first {
+            h.update(b" ");
+        }
+        first = false;
+        match word(t) {
+            Some(w) => h.update(w.as_bytes()),
+            None => h.update(t.to_string().as_bytes()),
+        }
+    }
+    h.finalize().into()
+}
+
 /// An unquoted word, upper-cased, if `t` is one spelled in ASCII letters, digits and `_`.
 fn word(t: &Token) -> Option<String> {
     match t {
@@ -144,6 +166,7 @@ fn statement_verdict(tokens: &[&Token]) -> Classified {
     let block = |kind, why| Classified {
         kind,
         blocked: Some(why),
+        fingerprint: [0u8; 32],
     };
     let words: Vec<Option<String>> = tokens.iter().map(|t| word(t)).collect();
     let has = |w: &str| words.iter().any(|x| x.as_deref() == Some(w));
@@ -174,6 +197,7 @@ fn statement_verdict(tokens: &[&Token]) -> Classified {
         return Classified {
             kind,
             blocked: None,
+            fingerprint: [0u8; 32],
         };
     }
     if first == "ALTER" && has("OWNER") {
@@ -208,6 +232,7 @@ fn statement_verdict(tokens: &[&Token]) -> Classified {
     Classified {
         kind,
         blocked: None,
+        fingerprint: [0u8; 32],
     }
 }
 
@@ -245,5 +270,12 @@ mod tests {
             assert_eq!(classify(sql).blocked, None, "blocked: {sql}");
         }
         assert_eq!(classify("SELECT 1; DELETE FROM t").kind, StatementKind::Dml);
+        // One fingerprint however it is spelled; another statement, another one.
+        let fp = |s: &str| classify(s).fingerprint;
+        assert_eq!(
+            fp("select *  from t -- note\n"),
+            fp("SELECT * /* x */ FROM t")
+        );
+        assert_ne!(fp("SELECT * FROM t"), fp("SELECT * FROM u"));
     }
 }
