@@ -354,13 +354,16 @@ impl Policy {
         agent: Option<&str>,
         workspace: &str,
     ) -> Result<Option<StatementSeen>, StatementBlock> {
-        let route = match (
-            method,
-            path.trim_end_matches('/').to_ascii_lowercase().as_str(),
-        ) {
-            ("POST", "/api/2.0/sql/statements") => SqlRoute::Statements,
-            ("POST", "/api/2.0/mcp/sql") => SqlRoute::McpSql,
-            _ => return Ok(None),
+        // Called on every Check: compare without allocating.
+        let trimmed = path.trim_end_matches('/');
+        let route = if method != "POST" {
+            return Ok(None);
+        } else if trimmed.eq_ignore_ascii_case("/api/2.0/sql/statements") {
+            SqlRoute::Statements
+        } else if trimmed.eq_ignore_ascii_case("/api/2.0/mcp/sql") {
+            SqlRoute::McpSql
+        } else {
+            return Ok(None);
         };
         let lifted = self.allow_statements.iter().any(|s| {
             agent.is_some_and(|a| s.agents.iter().any(|x| x == a))
@@ -456,10 +459,15 @@ impl Policy {
         agent: Option<&str>,
         workspace: &str,
     ) -> Result<Option<String>, ToolBlock> {
-        let lower = path.trim_end_matches('/').to_ascii_lowercase();
-        if method != "POST" || !lower.starts_with("/api/2.0/mcp/") {
+        // Called on every Check: only an MCP POST goes past this line (no allocation before).
+        const MCP: &str = "/api/2.0/mcp/";
+        let is_mcp = path
+            .get(..MCP.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(MCP));
+        if method != "POST" || !is_mcp {
             return Ok(None);
         }
+        let lower = path.trim_end_matches('/').to_ascii_lowercase();
         let ruled = !(self.tool_deny.is_empty() && self.tool_allow.is_empty());
         let Some(doc) = body
             .filter(|b| !b.is_empty())
