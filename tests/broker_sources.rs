@@ -482,15 +482,7 @@ async fn u2m_refresh_rotation_under_concurrency_across_two_replicas() {
     assert_eq!(after.invalid_grants, 0, "{after:?}");
 
     // A Redis flush and a restart (nothing cached anywhere) cost a refresh, not a consent.
-    let redis = redis::Client::open(stack.redis.url()).expect("redis url");
-    let mut conn = redis
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis connection");
-    redis::cmd("FLUSHALL")
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("FLUSHALL");
+    flushall(&stack).await;
     stack.aegis.restart().await.expect("aegis restarts");
     let r = get(&stack, ME, Some(&alice)).await;
     assert_eq!(r.status, 200, "{}", r.text);

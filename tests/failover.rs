@@ -12,69 +12,6 @@ use support::*;
 
 const ME: &str = "/api/2.0/preview/scim/v2/Me";
 
-#[derive(Debug)]
-struct Sample {
-    sent: Instant,
-    status: u16,
-    reason: String,
-    retry_after: bool,
-    trace: Option<String>,
-}
-
-fn spawn_load(
-    base: String,
-    bearer: String,
-    until: Instant,
-) -> tokio::task::JoinHandle<Vec<Sample>> {
-    tokio::spawn(async move {
-        let client = http();
-        let workers = (0..4).map(|_| {
-            let (client, base, bearer) = (client.clone(), base.clone(), bearer.clone());
-            async move {
-                let mut out = Vec::new();
-                for _ in 0..50_000 {
-                    if Instant::now() >= until {
-                        break;
-                    }
-                    let sent = Instant::now();
-                    let Ok(r) = client
-                        .get(format!("{base}{ME}"))
-                        .bearer_auth(&bearer)
-                        .send()
-                        .await
-                    else {
-                        continue;
-                    };
-                    let status = r.status().as_u16();
-                    let retry_after = r.headers().contains_key("retry-after");
-                    let trace = r
-                        .headers()
-                        .get("x-aegis-trace-id")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    let body: serde_json::Value = r.json().await.unwrap_or_default();
-                    out.push(Sample {
-                        sent,
-                        status,
-                        reason: body["error"].as_str().unwrap_or_default().to_string(),
-                        retry_after,
-                        trace,
-                    });
-                    if status != 200 {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                out
-            }
-        });
-        futures_util::future::join_all(workers)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_failover_under_load_loses_no_acknowledged_allow() {
     let mut stack = start().await;
@@ -125,7 +62,7 @@ async fn a_postgres_failover_under_load_loses_no_acknowledged_allow() {
     assert_eq!(get(&stack, ME, Some(&alice)).await.status, 200);
 
     let until = Instant::now() + Duration::from_secs(14);
-    let load = spawn_load(stack.envoy_url(), alice.clone(), until);
+    let load = spawn_load(stack.envoy_url(), ME, alice.clone(), 4, until);
     tokio::time::sleep(Duration::from_secs(3)).await;
     stack.postgres.kill();
     let killed = Instant::now();

@@ -101,18 +101,6 @@ async fn decision(stack: &Stack, bearer: &str) -> (u16, String) {
     )
 }
 
-async fn flushall(stack: &Stack) {
-    let client = redis::Client::open(stack.redis.url()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis connection");
-    redis::cmd("FLUSHALL")
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("FLUSHALL");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_block_survives_redis_data_loss_and_every_action_is_audited() {
     let mut stack = start().await;

@@ -15,61 +15,6 @@ use support::*;
 
 const ME: &str = "/api/2.0/preview/scim/v2/Me";
 
-/// One request of the load: when it was sent, its status and aegis' deny reason, if any.
-#[derive(Debug)]
-struct Sample {
-    sent: Instant,
-    status: u16,
-    reason: String,
-    retry_after: bool,
-}
-
-/// Sends requests as alice from `workers` loops until `until`, then returns them all.
-fn spawn_load(
-    base: String,
-    bearer: String,
-    workers: usize,
-    until: Instant,
-) -> tokio::task::JoinHandle<Vec<Sample>> {
-    tokio::spawn(async move {
-        let client = http();
-        let loops = (0..workers).map(|_| {
-            let (client, base, bearer) = (client.clone(), base.clone(), bearer.clone());
-            async move {
-                let mut out = Vec::new();
-                // Bounded: at most this many requests per worker.
-                for _ in 0..20_000 {
-                    if Instant::now() >= until {
-                        break;
-                    }
-                    let sent = Instant::now();
-                    let r = client
-                        .get(format!("{base}{ME}"))
-                        .bearer_auth(&bearer)
-                        .send()
-                        .await;
-                    let Ok(r) = r else { continue };
-                    let status = r.status().as_u16();
-                    let retry_after = r.headers().contains_key("retry-after");
-                    let body: serde_json::Value = r.json().await.unwrap_or_default();
-                    out.push(Sample {
-                        sent,
-                        status,
-                        reason: body["error"].as_str().unwrap_or_default().to_string(),
-                        retry_after,
-                    });
-                }
-                out
-            }
-        });
-        futures_util::future::join_all(loops)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
-    })
-}
-
 /// Checks the samples around a fault at `fault_at`: some allowed before it, none sent more
 /// than `bound` after it, and every deny after the bound is aegis' own. Returns the window:
 /// how long after the fault the last allowed request was sent (zero if none was).
@@ -112,7 +57,7 @@ async fn nothing_is_allowed_50ms_after_the_redis_process_exits() {
     assert_eq!(get(&stack, ME, Some(&alice)).await.status, 200);
 
     let until = Instant::now() + Duration::from_millis(2500);
-    let load = spawn_load(stack.envoy_url(), alice.clone(), 4, until);
+    let load = spawn_load(stack.envoy_url(), ME, alice.clone(), 4, until);
     tokio::time::sleep(Duration::from_millis(800)).await;
     stack.redis.stop(); // SIGKILL, and waits until the process has exited
     let exited = Instant::now();
@@ -151,7 +96,7 @@ async fn a_silent_partition_from_redis_is_denied_within_a_second() {
     assert_eq!(get(&stack, ME, Some(&alice)).await.status, 200);
 
     let until = Instant::now() + Duration::from_millis(3000);
-    let load = spawn_load(stack.envoy_url(), alice.clone(), 4, until);
+    let load = spawn_load(stack.envoy_url(), ME, alice.clone(), 4, until);
     tokio::time::sleep(Duration::from_millis(800)).await;
     proxy.set_mode(FaultMode::Blackhole);
     let cut = Instant::now();
@@ -187,7 +132,7 @@ async fn an_events_subscription_that_delivers_nothing_is_denied() {
         .expect("redis connection");
 
     let until = Instant::now() + Duration::from_millis(3500);
-    let load = spawn_load(stack.envoy_url(), alice.clone(), 2, until);
+    let load = spawn_load(stack.envoy_url(), ME, alice.clone(), 2, until);
     tokio::time::sleep(Duration::from_millis(800)).await;
     redis::cmd("CLIENT")
         .arg("PAUSE")

@@ -230,3 +230,85 @@ pub fn tenant_b_token(stack: &Stack, sub: &str, email: &str) -> String {
     req.extra_claims.insert("email".into(), email.into());
     stack.sandbox.mint_idp_token(&req)
 }
+
+/// One request of a background load: when it was sent, its status, aegis' deny reason (if
+/// any), whether it carried `retry-after`, and its aegis trace id.
+#[derive(Debug)]
+pub struct Sample {
+    pub sent: Instant,
+    pub status: u16,
+    pub reason: String,
+    pub retry_after: bool,
+    pub trace: Option<String>,
+}
+
+/// `workers` loops sending `GET {base}{path}` as `bearer` until `until` (bounded to 50,000
+/// requests each; a refused request is followed by a 20 ms pause), then all their samples.
+pub fn spawn_load(
+    base: String,
+    path: &'static str,
+    bearer: String,
+    workers: usize,
+    until: Instant,
+) -> tokio::task::JoinHandle<Vec<Sample>> {
+    tokio::spawn(async move {
+        let client = http();
+        let loops = (0..workers).map(|_| {
+            let (client, base, bearer) = (client.clone(), base.clone(), bearer.clone());
+            async move {
+                let mut out = Vec::new();
+                for _ in 0..50_000 {
+                    if Instant::now() >= until {
+                        break;
+                    }
+                    let sent = Instant::now();
+                    let Ok(r) = client
+                        .get(format!("{base}{path}"))
+                        .bearer_auth(&bearer)
+                        .send()
+                        .await
+                    else {
+                        continue;
+                    };
+                    let status = r.status().as_u16();
+                    let retry_after = r.headers().contains_key("retry-after");
+                    let trace = r
+                        .headers()
+                        .get("x-aegis-trace-id")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let body: serde_json::Value = r.json().await.unwrap_or_default();
+                    out.push(Sample {
+                        sent,
+                        status,
+                        reason: body["error"].as_str().unwrap_or_default().to_string(),
+                        retry_after,
+                        trace,
+                    });
+                    if status != 200 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                out
+            }
+        });
+        futures_util::future::join_all(loops)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    })
+}
+
+/// `FLUSHALL` on the stack's Redis: every key gone, as after a restart without persistence.
+pub async fn flushall(stack: &Stack) {
+    let client = redis::Client::open(stack.redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("FLUSHALL");
+}
