@@ -119,7 +119,7 @@ pub async fn migrate(path: &Path, grant_to: Option<String>) -> i32 {
             eprintln!("aegis migrate: {e}");
             return 1;
         }
-        println!("granted {role}: SELECT, INSERT on aegis_audit; SELECT, INSERT, UPDATE on aegis_chain_head");
+        println!("granted {role}: SELECT, INSERT on aegis_audit; SELECT, INSERT, UPDATE on aegis_chain_head and the aegis_tlog_* tables");
     }
     println!("audit schema is at version {}", schema::SCHEMA_VERSION);
     0
@@ -158,9 +158,38 @@ pub async fn audit_verify(
             return 2;
         }
     };
+    let notes = match DirSink::new(&dir, "verify").list_notes() {
+        Ok(n) => checkpoint::notes_of(n, &chain_id),
+        Err(e) => {
+            eprintln!(
+                "aegis audit verify: cannot read checkpoint notes in {}: {e}",
+                dir.display()
+            );
+            return 2;
+        }
+    };
+    // Another chain than the configured one has the default origin, `aegis/<chain>`.
+    let origin = if chain_id == cfg.audit.chain_id {
+        cfg.audit.tlog_origin.clone()
+    } else {
+        format!("aegis/{chain_id}")
+    };
+    let anchors = verify::TreeAnchors {
+        vkey: crate::audit::tlog::NoteSigner::new(&origin, &cfg.audit.checkpoint_signing_key)
+            .vkey(),
+        notes,
+    };
     let public = checkpoint::public_key(&cfg.audit.checkpoint_signing_key);
     let started = std::time::Instant::now();
-    let report = match verify::verify(&client, &chain_id, &cfg.audit.keys(), &found, &public).await
+    let report = match verify::verify(
+        &client,
+        &chain_id,
+        &cfg.audit.keys(),
+        &found,
+        &public,
+        &anchors,
+    )
+    .await
     {
         Ok(r) => r,
         Err(e) => {
@@ -175,12 +204,16 @@ pub async fn audit_verify(
         }
     } else if report.intact {
         println!(
-            "chain {}: intact, {} rows and {} checkpoint(s) verified in {:.3}s, head {}",
+            "chain {}: intact, {} rows and {} checkpoint(s) verified in {:.3}s, head {}; \
+             transparency log: {} leaves, root {}, {} signed note(s) consistent",
             report.chain_id,
             report.rows,
             report.checkpoints,
             started.elapsed().as_secs_f64(),
-            &report.head_mac[..16]
+            &report.head_mac[..16],
+            report.tree_size,
+            &report.tree_root[..16],
+            report.notes
         );
     } else {
         println!(
@@ -195,6 +228,171 @@ pub async fn audit_verify(
         0
     } else {
         1
+    }
+}
+
+/// `aegis audit vkey`.
+pub fn audit_vkey(path: &Path) -> i32 {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(errs) => {
+            print_config_errors(path, &errs);
+            return EXIT_BAD_CONFIG;
+        }
+    };
+    let signer = crate::audit::tlog::NoteSigner::new(
+        &cfg.audit.tlog_origin,
+        &cfg.audit.checkpoint_signing_key,
+    );
+    println!("{}", signer.vkey().encode());
+    0
+}
+
+/// `aegis audit prove`: exit 0 with a receipt, 1 when there is nothing to prove yet, 2 when it
+/// could not run.
+pub async fn audit_prove(path: &Path, trace_id: &str) -> i32 {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(errs) => {
+            print_config_errors(path, &errs);
+            return 2;
+        }
+    };
+    let client = match connect(&cfg.postgres.url).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aegis audit prove: {e}");
+            return 2;
+        }
+    };
+    let receipt = match crate::audit::receipt::prove(&client, &cfg.audit.chain_id, trace_id).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("aegis audit prove: {e}");
+            return 1;
+        }
+    };
+    // Never hand out a receipt that does not check.
+    let signer = crate::audit::tlog::NoteSigner::new(
+        &cfg.audit.tlog_origin,
+        &cfg.audit.checkpoint_signing_key,
+    );
+    if let Err(e) = crate::audit::receipt::check(&receipt, &signer.vkey(), &[], 0) {
+        eprintln!("aegis audit prove: the receipt does not verify: {e} (run `aegis audit verify`)");
+        return 1;
+    }
+    match serde_json::to_string_pretty(&receipt) {
+        Ok(s) => {
+            println!("{s}");
+            0
+        }
+        Err(_) => 2,
+    }
+}
+
+/// `aegis audit check-receipt`: exit 0 valid, 1 invalid, 2 could not run.
+pub fn audit_check_receipt(
+    file: &Path,
+    public_key: &str,
+    witnesses: &[String],
+    quorum: Option<usize>,
+) -> i32 {
+    use crate::audit::tlog::{Vkey, TYPE_COSIGNATURE_V1, TYPE_ED25519};
+    let log = match Vkey::parse(public_key) {
+        Ok(k) if k.kind == TYPE_ED25519 => k,
+        Ok(_) => {
+            eprintln!(
+                "aegis audit check-receipt: --public-key is not an Ed25519 note key (type 0x01)"
+            );
+            return 2;
+        }
+        Err(e) => {
+            eprintln!("aegis audit check-receipt: --public-key: {e}");
+            return 2;
+        }
+    };
+    let mut wkeys = Vec::new();
+    for w in witnesses {
+        match Vkey::parse(w) {
+            Ok(k) if k.kind == TYPE_COSIGNATURE_V1 => wkeys.push(k),
+            Ok(_) => {
+                eprintln!(
+                    "aegis audit check-receipt: --witness {w}: not a cosignature key (type 0x04)"
+                );
+                return 2;
+            }
+            Err(e) => {
+                eprintln!("aegis audit check-receipt: --witness {w}: {e}");
+                return 2;
+            }
+        }
+    }
+    let quorum = quorum.unwrap_or(wkeys.len());
+    if quorum > wkeys.len() {
+        eprintln!(
+            "aegis audit check-receipt: --quorum {quorum} is more than the {} witnesses given",
+            wkeys.len()
+        );
+        return 2;
+    }
+    let text = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        if std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).is_err() {
+            eprintln!("aegis audit check-receipt: cannot read stdin");
+            return 2;
+        }
+        s
+    } else {
+        match std::fs::read_to_string(file) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("aegis audit check-receipt: {}: {e}", file.display());
+                return 2;
+            }
+        }
+    };
+    let receipt: crate::audit::receipt::Receipt = match serde_json::from_str(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("receipt INVALID: not a receipt ({e})");
+            return 1;
+        }
+    };
+    match crate::audit::receipt::check(&receipt, &log, &wkeys, quorum) {
+        Ok(c) => {
+            let witnessed: Vec<String> = c.cosigned_by.iter().map(|(n, _)| n.clone()).collect();
+            println!(
+                "receipt valid: {} decision(s) in log {} at tree size {}{}",
+                c.records.len(),
+                c.origin,
+                c.tree_size,
+                if witnessed.is_empty() {
+                    String::new()
+                } else {
+                    format!(", cosigned by {}", witnessed.join(", "))
+                }
+            );
+            for r in &c.records {
+                println!(
+                    "  seq {} {} {} reason={} user={} agent={} workspace={} {} {} trace={}",
+                    r.seq,
+                    r.ts_unix_micros,
+                    r.decision,
+                    r.reason,
+                    r.user_name,
+                    r.agent,
+                    r.workspace,
+                    r.method,
+                    r.path,
+                    r.trace_id
+                );
+            }
+            0
+        }
+        Err(e) => {
+            println!("receipt INVALID: {e}");
+            1
+        }
     }
 }
 

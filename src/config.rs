@@ -300,6 +300,17 @@ pub struct AuditConfig {
     pub previous_keys: Vec<(String, Key32)>,
     /// Refuse to serve when this host's clock is further than this from PostgreSQL's.
     pub max_clock_skew: Duration,
+    /// The transparency log's origin line, also the name of its note key (default
+    /// `aegis/<chain_id>`).
+    pub tlog_origin: String,
+    /// Where the transparency log is served read-only (`/checkpoint`, `/tile/...`); off when
+    /// absent.
+    pub tlog_listen: Option<SocketAddr>,
+    /// Witnesses that cosign each checkpoint (`[[audit.witnesses]]`).
+    pub witnesses: Vec<crate::audit::witness::Witness>,
+    /// Cosignatures a checkpoint needs to count as witnessed (default: every witness).
+    pub witness_quorum: usize,
+    pub witness_timeout: Duration,
 }
 
 impl AuditConfig {
@@ -1253,6 +1264,11 @@ impl Reader<'_> {
                 "checkpoint_interval",
                 "previous_keys",
                 "max_clock_skew",
+                "tlog_origin",
+                "tlog_listen",
+                "witnesses",
+                "witness_quorum",
+                "witness_timeout",
             ],
         );
         let previous_keys = self.previous_keys(t);
@@ -1273,7 +1289,53 @@ impl Reader<'_> {
         if checkpoint_interval < Duration::from_secs(1) {
             self.err("audit.checkpoint_interval", "must be at least 1s");
         }
+        let tlog_origin = match t.get("tlog_origin") {
+            None => chain_id.as_ref().map(|c| format!("aegis/{c}")),
+            Some(_) => {
+                let o = self.string(t, "tlog_origin", path, true);
+                match o {
+                    Some(o) if crate::audit::tlog::valid_key_name(&o) => Some(o),
+                    Some(o) => {
+                        self.err(
+                            "audit.tlog_origin",
+                            format!("\"{o}\" must be non-empty, without spaces or '+' (it names the log's key)"),
+                        );
+                        None
+                    }
+                    None => None,
+                }
+            }
+        };
+        let tlog_listen = match t.get("tlog_listen") {
+            None => None,
+            Some(_) => self.socket_addr(t, "tlog_listen", path, true),
+        };
+        let witnesses = self.witnesses(t);
+        let witness_quorum = match t.get("witness_quorum") {
+            None => witnesses.len(),
+            Some(Value::Integer(n)) if *n >= 1 && (*n as usize) <= witnesses.len() => *n as usize,
+            Some(_) => {
+                self.err(
+                    "audit.witness_quorum",
+                    format!(
+                        "must be a whole number from 1 to the {} witnesses configured",
+                        witnesses.len()
+                    ),
+                );
+                0
+            }
+        };
+        let witness_timeout = self.duration(t, "witness_timeout", path, Duration::from_secs(5));
+        if witness_timeout < Duration::from_millis(100) || witness_timeout > Duration::from_secs(60)
+        {
+            self.err("audit.witness_timeout", "must be between 100ms and 60s");
+        }
         Some(AuditConfig {
+            tlog_origin: tlog_origin?,
+            tlog_listen,
+            witnesses,
+            witness_quorum,
+            witness_timeout,
             hmac_key: hmac_key?,
             key_id: key_id?,
             chain_id: chain_id?,
@@ -1283,6 +1345,64 @@ impl Reader<'_> {
             previous_keys,
             max_clock_skew,
         })
+    }
+
+    /// `[[audit.witnesses]]`: `url` (the submission prefix) and `vkey` (the witness' cosigning
+    /// key, type 0x04), each witness named once.
+    fn witnesses(&mut self, t: &Table) -> Vec<crate::audit::witness::Witness> {
+        let items = match t.get("witnesses") {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.err(
+                    "audit.witnesses",
+                    "must be an array of tables ([[audit.witnesses]])",
+                );
+                return Vec::new();
+            }
+        };
+        let mut out: Vec<crate::audit::witness::Witness> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("audit.witnesses[{i}]");
+            let Value::Table(w) = item else {
+                self.err(&path, "must be a table");
+                continue;
+            };
+            self.unknown_keys(w, &path, &["url", "vkey"]);
+            let url = self
+                .string(w, "url", &path, true)
+                .and_then(|u| self.http_url(&u, &join(&path, "url")));
+            let vkey = self.string(w, "vkey", &path, true).and_then(|v| {
+                match crate::audit::tlog::Vkey::parse(&v) {
+                    Ok(k) if k.kind == crate::audit::tlog::TYPE_COSIGNATURE_V1 => Some(k),
+                    Ok(_) => {
+                        self.err(
+                            &join(&path, "vkey"),
+                            "is not a cosignature key (type 0x04, c2sp.org/tlog-cosignature)",
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        self.err(&join(&path, "vkey"), e);
+                        None
+                    }
+                }
+            });
+            if let (Some(url), Some(vkey)) = (url, vkey) {
+                if out.iter().any(|o| o.vkey.name == vkey.name) {
+                    self.err(
+                        &join(&path, "vkey"),
+                        format!("witness {} is listed twice", vkey.name),
+                    );
+                    continue;
+                }
+                out.push(crate::audit::witness::Witness {
+                    url: url.to_string(),
+                    vkey,
+                });
+            }
+        }
+        out
     }
 
     /// `[audit.previous_keys]`: `key_id = "path/to/key"`, each key id unique.

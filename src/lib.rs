@@ -14,11 +14,14 @@
 //! - [`grpc`]: the tonic edge, `CheckRequest` → pipeline → `CheckResponse`.
 //! - [`identity`]: JWT validation, OIDC discovery, JWKS cache.
 //! - [`broker`]: per-user Databricks tokens: token sources, L1/L2 cache, Redis link.
-//! - [`audit`]: canonical record, HMAC chain, group-commit writer, verifier.
+//! - [`audit`]: canonical record, HMAC chain, group-commit writer, verifier, and the
+//!   transparency log over the chain (RFC 6962 tree as C2SP tiles, signed-note checkpoints,
+//!   witness cosigning, receipts).
 //! - [`policy`]: route → workspace, path rules, agent allowlist.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`pg`]: PostgreSQL connections (verified TLS, URL validation, safe error text), shared by
 //!   the ledger, the U2M grant store, the blocklist and config.
+//! - [`ledger`]: the transparency log served read-only (`/checkpoint`, `/tile/...`).
 //! - [`public`]: the public listener where users consent to U2M (`/oauth/start`, `/oauth/callback`).
 //! - [`server`]: wires it all together for `aegis serve`; [`cli`]: the other subcommands.
 //!
@@ -40,6 +43,7 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod identity;
+pub mod ledger;
 pub mod logging;
 pub mod pg;
 pub mod policy;

@@ -91,6 +91,37 @@ enum AuditCommand {
         #[arg(long)]
         key_id: String,
     },
+    /// Print the transparency log's verifier key (C2SP vkey): what auditors and witnesses
+    /// are given to check checkpoints and receipts.
+    Vkey {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print a receipt for a decision: its record, leaf index, inclusion proof and a signed
+    /// checkpoint (JSON). Exit 0, 1 when there is no such decision or it is not checkpointed
+    /// yet, 2 when it could not run.
+    Prove {
+        #[arg(long)]
+        config: PathBuf,
+        /// The decision's trace id (x-aegis-trace-id); every row with it is proven.
+        #[arg(long)]
+        trace_id: String,
+    },
+    /// Check a receipt offline with the log's public key: no database, no HMAC key. Exit 0
+    /// valid, 1 invalid, 2 could not run.
+    CheckReceipt {
+        /// The receipt file (`aegis audit prove` output); `-` reads stdin.
+        file: PathBuf,
+        /// The log's verifier key (`aegis audit vkey`).
+        #[arg(long)]
+        public_key: String,
+        /// A witness' cosignature verifier key; repeatable.
+        #[arg(long = "witness")]
+        witnesses: Vec<String>,
+        /// Cosignatures required from those witnesses (default: all of them).
+        #[arg(long)]
+        quorum: Option<usize>,
+    },
     /// Print the chain as JSON lines.
     Export {
         #[arg(long)]
@@ -211,6 +242,21 @@ fn main() {
                     Command::Audit {
                         command: AuditCommand::RetireKey { config, key_id },
                     } => aegis::cli::audit_retire_key(&config, &key_id).await,
+                    Command::Audit {
+                        command: AuditCommand::Vkey { config },
+                    } => aegis::cli::audit_vkey(&config),
+                    Command::Audit {
+                        command: AuditCommand::Prove { config, trace_id },
+                    } => aegis::cli::audit_prove(&config, &trace_id).await,
+                    Command::Audit {
+                        command:
+                            AuditCommand::CheckReceipt {
+                                file,
+                                public_key,
+                                witnesses,
+                                quorum,
+                            },
+                    } => aegis::cli::audit_check_receipt(&file, &public_key, &witnesses, quorum),
                     Command::Config { .. } | Command::Keys { .. } | Command::Serve { .. } => 2,
                 }
             })

@@ -145,6 +145,13 @@ pub async fn run(
             &cfg.server.instance_id,
         )),
         &cfg.server.instance_id,
+        crate::audit::checkpoint::TlogSettings {
+            origin: cfg.audit.tlog_origin.clone(),
+            witnesses: cfg.audit.witnesses.clone(),
+            quorum: cfg.audit.witness_quorum,
+            witness_timeout: cfg.audit.witness_timeout,
+            http: http.clone(),
+        },
     ));
 
     // The in-memory copy the pipeline reads: re-read every 500 ms and on every change event.
@@ -204,6 +211,7 @@ pub async fn run(
     // --- admin listener (and the console's dependency monitor, which feeds /metrics too) ---
     let console_pg = PgTarget::parse(&cfg.postgres.url).map_err(ServeError::Postgres)?;
     let last_cp = checkpointer.clone();
+    let last_tree = checkpointer.clone();
     let ops = LiveOps::new(
         &cfg,
         live::Parts {
@@ -229,6 +237,8 @@ pub async fn run(
                 })
             }),
             last_checkpoint: Arc::new(move || last_cp.last().map(|c| (c.size, c.ts))),
+            last_tree: Arc::new(move || last_tree.last_tree()),
+            tlog_vkey: checkpointer.vkey(),
         },
     );
     tokio::spawn(ops.clone().monitor(stop_rx.clone()));
@@ -260,6 +270,21 @@ pub async fn run(
     let _public_task = crate::public::spawn(&cfg, u2m, stop_rx.clone())
         .await
         .map_err(|(addr, source)| ServeError::Listen { addr, source })?;
+
+    // --- transparency log (read-only, public data) ---
+    let _tlog_task = match cfg.audit.tlog_listen {
+        Some(addr) => Some(
+            crate::ledger::spawn(
+                addr,
+                PgTarget::parse(&cfg.postgres.url).map_err(ServeError::Postgres)?,
+                cfg.audit.chain_id.clone(),
+                stop_rx.clone(),
+            )
+            .await
+            .map_err(|(addr, source)| ServeError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
 
     // --- gRPC listener ---
     let authz = AuthorizationServer::new(AuthzService::new(pipeline.clone()))

@@ -119,6 +119,7 @@ impl Chain {
             self.signing.clone(),
             Arc::new(self.sink()),
             "test",
+            tlog_settings(&self.id),
         );
         cp.run_once()
             .await
@@ -129,15 +130,32 @@ impl Chain {
     async fn verify(&self, pg: &PostgresServer) -> VerifyReport {
         let client = pg.connect_superuser().await.unwrap();
         let found = self.sink().list().unwrap();
+        let anchors = verify::TreeAnchors {
+            vkey: aegis::audit::tlog::NoteSigner::new(&format!("aegis/{}", self.id), &self.signing)
+                .vkey(),
+            notes: self.sink().list_notes().unwrap(),
+        };
         verify::verify(
             &client,
             &self.id,
             &self.keys,
             &found,
             &checkpoint::public_key(&self.signing),
+            &anchors,
         )
         .await
         .unwrap()
+    }
+}
+
+/// The transparency-log settings of a test checkpointer: origin `aegis/<chain>`, no witness.
+fn tlog_settings(chain: &str) -> aegis::audit::checkpoint::TlogSettings {
+    aegis::audit::checkpoint::TlogSettings {
+        origin: format!("aegis/{chain}"),
+        witnesses: Vec::new(),
+        quorum: 0,
+        witness_timeout: std::time::Duration::from_secs(1),
+        http: reqwest::Client::new(),
     }
 }
 
@@ -327,6 +345,7 @@ async fn every_tamper_is_detected() {
         c.signing.clone(),
         Arc::new(c.sink()),
         "test",
+        tlog_settings(&c.id),
     );
     let err = cp
         .run_once()
@@ -355,11 +374,15 @@ async fn every_tamper_is_detected() {
     both.insert("k2".into(), new_key);
     let client = pg.connect_superuser().await.unwrap();
     let public = checkpoint::public_key(&c.signing);
-    let r = verify::verify(&client, "rotate", &both, &[], &public)
+    let anchors = verify::TreeAnchors {
+        vkey: aegis::audit::tlog::NoteSigner::new("aegis/rotate", &c.signing).vkey(),
+        notes: Vec::new(),
+    };
+    let r = verify::verify(&client, "rotate", &both, &[], &public, &anchors)
         .await
         .unwrap();
     assert!(r.intact && r.rows == 6, "{r:?}");
-    let r = verify::verify(&client, "rotate", &old, &[], &public)
+    let r = verify::verify(&client, "rotate", &old, &[], &public, &anchors)
         .await
         .unwrap();
     assert_caught(&r, 4, "unknown_key", "rotation without the new key");

@@ -371,8 +371,11 @@ impl Saved {
         tamper(
             stack,
             "DROP TABLE IF EXISTS saved_rows; DROP TABLE IF EXISTS saved_head; \
+             DROP TABLE IF EXISTS saved_tiles; DROP TABLE IF EXISTS saved_notes; \
              CREATE TABLE saved_rows AS SELECT * FROM aegis_audit; \
-             CREATE TABLE saved_head AS SELECT * FROM aegis_chain_head",
+             CREATE TABLE saved_head AS SELECT * FROM aegis_chain_head; \
+             CREATE TABLE saved_tiles AS SELECT * FROM aegis_tlog_tiles; \
+             CREATE TABLE saved_notes AS SELECT * FROM aegis_tlog_checkpoints",
         )
         .await;
         let checkpoints = stack.work_dir().join("checkpoints");
@@ -388,7 +391,10 @@ impl Saved {
         tamper(
             stack,
             "DELETE FROM aegis_audit; INSERT INTO aegis_audit SELECT * FROM saved_rows; \
-             DELETE FROM aegis_chain_head; INSERT INTO aegis_chain_head SELECT * FROM saved_head",
+             DELETE FROM aegis_chain_head; INSERT INTO aegis_chain_head SELECT * FROM saved_head; \
+             DELETE FROM aegis_tlog_tiles; INSERT INTO aegis_tlog_tiles SELECT * FROM saved_tiles; \
+             DELETE FROM aegis_tlog_checkpoints; \
+             INSERT INTO aegis_tlog_checkpoints SELECT * FROM saved_notes",
         )
         .await;
         std::fs::remove_dir_all(&self.checkpoints).expect("clear checkpoints");
@@ -404,8 +410,10 @@ impl Saved {
 fn checkpoints(stack: &Stack) -> Vec<(u64, PathBuf, serde_json::Value)> {
     let mut out: Vec<_> = std::fs::read_dir(stack.work_dir().join("checkpoints"))
         .expect("checkpoints")
-        .map(|e| {
-            let p = e.expect("entry").path();
+        .map(|e| e.expect("entry").path())
+        // The transparency log's notes (note-*.txt) sit beside the JSON checkpoints.
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|p| {
             let v: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(&p).expect("read")).expect("json");
             (v["size"].as_u64().expect("size"), p, v)
@@ -751,8 +759,24 @@ async fn every_tamper_of_a_served_chain_is_caught_by_the_verify_binary() {
         (0, &serde_json::json!(0)),
         "{text}"
     );
-    // The tail deletion above, against an empty checkpoint directory, is not provable…
-    tamper(&stack, &format!("DELETE FROM aegis_audit WHERE seq = {n}; UPDATE aegis_chain_head SET size = {}, head_mac = '\\x{}'", n - 1, hex::encode(&all[n as usize - 2].mac))).await;
+    // The tail deletion above, done thoroughly (the head row, the transparency log's tiles and
+    // the notes in the database cut back too: no key is needed for any of it), against an empty
+    // checkpoint directory, is not provable…
+    assert!(n < 256, "the cut below edits one level-0 tile");
+    tamper(
+        &stack,
+        &format!(
+            "DELETE FROM aegis_audit WHERE seq = {n}; \
+             UPDATE aegis_chain_head SET size = {m}, tree_size = {m}, head_mac = '\\x{}'; \
+             UPDATE aegis_tlog_tiles SET hashes = substring(hashes FROM 1 FOR {}) \
+             WHERE level = 0 AND idx = 0; \
+             DELETE FROM aegis_tlog_checkpoints WHERE size > {m}",
+            hex::encode(&all[n as usize - 2].mac),
+            (n - 1) * 32,
+            m = n - 1,
+        ),
+    )
+    .await;
     let (code, _, text) = verify(&config, &["--checkpoints", empty.path().to_str().unwrap()]);
     assert_eq!(
         code, 0,

@@ -65,6 +65,17 @@ pub struct ChainStatus {
     pub replica_checkpoints: Vec<ReplicaCheckpoint>,
     pub last_verify: Option<VerifyOutcome>,
     pub verify_running: bool,
+    /// The newest signed tree head of the transparency log (this replica's).
+    pub tree: Option<TreeStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TreeStatus {
+    pub size: u64,
+    /// Hex of the root hash.
+    pub root: String,
+    pub cosigners: usize,
+    pub witnessed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

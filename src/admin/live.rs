@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 
 use super::console::{
     ChainStatus, CheckpointStatus, ConsoleStatus, DependencyHealth, OpError, Operations,
-    ReplicaCheckpoint, VerifyOutcome,
+    ReplicaCheckpoint, TreeStatus, VerifyOutcome,
 };
 use super::Readiness;
 use crate::audit::checkpoint::{CheckpointSink, DirSink};
@@ -63,6 +63,10 @@ pub struct Parts {
     pub checkpoint_public_key: [u8; 32],
     pub pg_connect: PgConnect,
     pub last_checkpoint: LastCheckpoint,
+    /// The newest signed tree head of the transparency log.
+    pub last_tree: Arc<dyn Fn() -> Option<crate::audit::checkpoint::TreeHead> + Send + Sync>,
+    /// The transparency log's verifier key (for "verify now").
+    pub tlog_vkey: crate::audit::tlog::Vkey,
 }
 
 struct DbHead {
@@ -444,10 +448,19 @@ impl LiveOps {
             .map_err(|_| OpError::Unavailable("postgres"))?
             .map_err(|_| OpError::Unavailable("postgres"))?;
         let dir = self.parts.checkpoint_dir.clone();
-        let checkpoints = tokio::task::spawn_blocking(move || DirSink::new(dir, "console").list())
-            .await
-            .map_err(|_| OpError::Unavailable("checkpoint directory"))?
-            .map_err(|_| OpError::Unavailable("checkpoint directory"))?;
+        let chain = self.chain_id.clone();
+        let (checkpoints, notes) = tokio::task::spawn_blocking(move || {
+            let sink = DirSink::new(dir, "console");
+            let notes = crate::audit::checkpoint::notes_of(sink.list_notes()?, &chain);
+            Ok::<_, std::io::Error>((sink.list()?, notes))
+        })
+        .await
+        .map_err(|_| OpError::Unavailable("checkpoint directory"))?
+        .map_err(|_| OpError::Unavailable("checkpoint directory"))?;
+        let anchors = crate::audit::verify::TreeAnchors {
+            vkey: self.parts.tlog_vkey.clone(),
+            notes,
+        };
         let report = tokio::time::timeout(
             VERIFY_TIMEOUT,
             crate::audit::verify::verify(
@@ -456,6 +469,7 @@ impl LiveOps {
                 &self.parts.keys,
                 &checkpoints,
                 &self.parts.checkpoint_public_key,
+                &anchors,
             ),
         )
         .await
@@ -554,6 +568,12 @@ impl Operations for LiveOps {
                     replica_checkpoints: self.replicas_now(),
                     last_verify: self.last_verify.lock().ok().and_then(|g| g.clone()),
                     verify_running: self.verifying.try_lock().is_err(),
+                    tree: (self.parts.last_tree)().map(|t| TreeStatus {
+                        size: t.size,
+                        root: hex::encode(t.root),
+                        cosigners: t.cosigners,
+                        witnessed: t.witnessed,
+                    }),
                 },
                 dependencies: self.health.read().map(|g| g.clone()).unwrap_or_default(),
                 cache: self.parts.broker.stats().snapshot(&names),

@@ -181,6 +181,11 @@ pub trait CheckpointSink: Send + Sync + 'static {
     /// Every stored checkpoint, or why one could not be read (the verifier treats an unreadable
     /// checkpoint as tampering, never skips it).
     fn list(&self) -> std::io::Result<Vec<Result<Checkpoint, String>>>;
+    /// Writes (or rewrites, with more cosignatures) the signed note of the transparency log's
+    /// checkpoint of `size`.
+    fn write_note(&self, chain_id: &str, size: u64, note: &str) -> std::io::Result<()>;
+    /// Every stored note as (file name, text), or why one could not be read.
+    fn list_notes(&self) -> std::io::Result<Vec<Result<(String, String), String>>>;
 }
 
 /// Checkpoints as files `checkpoint-<chain>-<size>-<ts>-<instance>.json` in one directory.
@@ -212,24 +217,57 @@ impl DirSink {
     }
 }
 
-impl CheckpointSink for DirSink {
-    fn write(&self, cp: &Checkpoint) -> std::io::Result<()> {
+impl DirSink {
+    /// Writes `name` atomically and durably (temporary file, fsync, rename, fsync the directory).
+    fn put(&self, name: &str, data: &[u8]) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let name = format!(
-            "checkpoint-{}-{:020}-{}-{}.json",
-            cp.chain_id, cp.size, cp.ts, self.instance
-        );
-        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let tmp = self.dir.join(format!(".{name}.{}.tmp", self.instance));
         {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(cp.to_json().as_bytes())?;
+            f.write_all(data)?;
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, self.dir.join(&name))?;
+        std::fs::rename(&tmp, self.dir.join(name))?;
         if let Ok(d) = std::fs::File::open(&self.dir) {
             let _ = d.sync_all();
         }
         Ok(())
+    }
+}
+
+impl CheckpointSink for DirSink {
+    fn write(&self, cp: &Checkpoint) -> std::io::Result<()> {
+        let name = format!(
+            "checkpoint-{}-{:020}-{}-{}.json",
+            cp.chain_id, cp.size, cp.ts, self.instance
+        );
+        self.put(&name, cp.to_json().as_bytes())
+    }
+
+    fn write_note(&self, chain_id: &str, size: u64, note: &str) -> std::io::Result<()> {
+        self.put(&format!("note-{chain_id}-{size:020}.txt"), note.as_bytes())
+    }
+
+    fn list_notes(&self) -> std::io::Result<Vec<Result<(String, String), String>>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with("note-") && name.ends_with(".txt")) {
+                continue;
+            }
+            out.push(
+                std::fs::read_to_string(entry.path())
+                    .map(|t| (name.clone(), t))
+                    .map_err(|e| format!("{name}: {e}")),
+            );
+        }
+        Ok(out)
     }
 
     fn list(&self) -> std::io::Result<Vec<Result<Checkpoint, String>>> {
@@ -254,6 +292,27 @@ impl CheckpointSink for DirSink {
     }
 }
 
+/// The chain a note file (`note-<chain>-<size, 20 digits>.txt`) belongs to.
+pub fn note_file_chain(name: &str) -> Option<&str> {
+    let stem = name.strip_prefix("note-")?.strip_suffix(".txt")?;
+    let (chain, size) = stem.rsplit_once('-')?;
+    (size.len() == 20 && size.bytes().all(|b| b.is_ascii_digit())).then_some(chain)
+}
+
+/// Keeps the notes of `chain_id` (and every unreadable one: the verifier reports those).
+pub fn notes_of(
+    notes: Vec<Result<(String, String), String>>,
+    chain_id: &str,
+) -> Vec<Result<(String, String), String>> {
+    notes
+        .into_iter()
+        .filter(|n| match n {
+            Ok((name, _)) => note_file_chain(name) == Some(chain_id),
+            Err(_) => true,
+        })
+        .collect()
+}
+
 // === The checkpointer ===
 
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +325,27 @@ pub enum CheckpointError {
     Sink(String),
 }
 
+/// The transparency log's part of checkpointing: the origin (also the note key's name), the
+/// witnesses and how many of them must cosign.
+pub struct TlogSettings {
+    pub origin: String,
+    pub witnesses: Vec<super::witness::Witness>,
+    pub quorum: usize,
+    pub witness_timeout: Duration,
+    pub http: reqwest::Client,
+}
+
+/// The newest signed tree head this process knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeHead {
+    pub size: u64,
+    pub root: [u8; 32],
+    /// Witnesses whose cosignature it carries.
+    pub cosigners: usize,
+    /// Whether that reaches the configured quorum (true when no witness is configured).
+    pub witnessed: bool,
+}
+
 /// Signs the chain head periodically.
 pub struct Checkpointer {
     target: PgTarget,
@@ -276,6 +356,9 @@ pub struct Checkpointer {
     /// This instance's id, signed into every checkpoint it writes.
     signer: String,
     last: Mutex<Option<Checkpoint>>,
+    tlog: TlogSettings,
+    notes: super::tlog::NoteSigner,
+    last_tree: Mutex<Option<TreeHead>>,
 }
 
 impl Checkpointer {
@@ -286,7 +369,9 @@ impl Checkpointer {
         signing: Key32,
         sink: Arc<dyn CheckpointSink>,
         signer: &str,
+        tlog: TlogSettings,
     ) -> Checkpointer {
+        let notes = super::tlog::NoteSigner::new(&tlog.origin, &signing);
         Checkpointer {
             target,
             chain_id,
@@ -295,7 +380,20 @@ impl Checkpointer {
             sink,
             signer: signer.to_string(),
             last: Mutex::new(None),
+            tlog,
+            notes,
+            last_tree: Mutex::new(None),
         }
+    }
+
+    /// The log's verifier key (what auditors and witnesses are given).
+    pub fn vkey(&self) -> super::tlog::Vkey {
+        self.notes.vkey()
+    }
+
+    /// The newest tree head this process signed or cosigned.
+    pub fn last_tree(&self) -> Option<TreeHead> {
+        self.last_tree.lock().ok().and_then(|g| g.clone())
     }
 
     /// The newest checkpoint this process knows (signed here or found in the sink).
@@ -330,8 +428,8 @@ impl Checkpointer {
         // database orders the checkpoints, not each host's clock.
         let head = client
             .query_opt(
-                "SELECT size, head_mac, floor(extract(epoch FROM clock_timestamp()))::bigint \
-                 FROM aegis_chain_head WHERE chain_id = $1",
+                "SELECT size, head_mac, floor(extract(epoch FROM clock_timestamp()))::bigint, \
+                 tree_size FROM aegis_chain_head WHERE chain_id = $1",
                 &[&self.chain_id],
             )
             .await
@@ -344,23 +442,34 @@ impl Checkpointer {
             .get::<_, Vec<u8>>(1)
             .try_into()
             .map_err(|_| CheckpointError::Inconsistent("head mac is not 32 bytes".into()))?;
+        let tree_size = head.get::<_, i64>(3) as u64;
         let last = match self.last() {
             Some(c) => Some(c),
             None => self.newest_in_sink().await,
         };
-        let (from, from_mac) = match &last {
-            Some(c) if c.size == size && c.head_mac == head_mac => return Ok(None),
+        let latest_note = super::tiles::latest_note(&client, &self.chain_id)
+            .await
+            .map_err(pg)?;
+        let note_current = latest_note.as_ref().is_some_and(|(n, _)| *n == size);
+        let (from, from_mac, json_needed) = match &last {
+            Some(c) if c.size == size && c.head_mac == head_mac && note_current => return Ok(None),
             Some(c) if c.size > size => {
                 return Err(CheckpointError::Inconsistent(format!(
                     "the chain has {size} rows but checkpoint {} was signed for {} rows",
                     c.chain_id, c.size
                 )))
             }
-            Some(c) => (c.size, c.head_mac),
-            None => (0, GENESIS_MAC),
+            Some(c) if c.size == size && c.head_mac == head_mac => (c.size, c.head_mac, false),
+            Some(c) => (c.size, c.head_mac, true),
+            None => (0, GENESIS_MAC, true),
         };
         if size == 0 {
             return Ok(None);
+        }
+        if tree_size != size {
+            return Err(CheckpointError::Inconsistent(format!(
+                "the transparency log holds {tree_size} leaves but the chain {size} rows"
+            )));
         }
 
         // Re-walk every row since the last checkpoint; sign only what the walk proves.
@@ -371,6 +480,7 @@ impl Checkpointer {
         pin_mut!(rows);
         let mut walk = Walk::resume(from + 1, from_mac.to_vec());
         let mut walked = 0u64;
+        let mut leaves = Vec::new();
         while let Some(row) = rows.try_next().await.map_err(pg)? {
             walked += 1;
             if walked % super::verify::YIELD_EVERY == 0 {
@@ -383,6 +493,7 @@ impl Checkpointer {
                     bad.seq, bad.problem, bad.detail
                 )));
             }
+            leaves.push(rec.leaf_hash());
         }
         if walk.next_seq() != size + 1 || walk.head() != head_mac.as_slice() {
             return Err(CheckpointError::Inconsistent(format!(
@@ -390,6 +501,9 @@ impl Checkpointer {
                 walk.next_seq() - 1
             )));
         }
+        let root = self
+            .check_tree(&client, from, &leaves, size, latest_note.as_ref())
+            .await?;
         let ts: i64 = head.get(2);
         let cp = Checkpoint::sign(
             &self.chain_id,
@@ -399,18 +513,181 @@ impl Checkpointer {
             &self.signer,
             &self.signing,
         );
-        // File writes and fsyncs go to the blocking pool, off the thread that runs Checks.
-        let (sink, signed) = (self.sink.clone(), cp.clone());
-        tokio::task::spawn_blocking(move || sink.write(&signed))
+        // The signed note: the C2SP checkpoint body, signed by the log key.
+        let body = super::tlog::CheckpointBody {
+            origin: self.tlog.origin.clone(),
+            size,
+            root,
+        };
+        let note = self.notes.sign(&body.text());
+        client
+            .execute(
+                "INSERT INTO aegis_tlog_checkpoints (chain_id, size, root, note) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (chain_id, size) DO NOTHING",
+                &[&self.chain_id, &(size as i64), &root.as_slice(), &note],
+            )
             .await
-            .map_err(|e| CheckpointError::Sink(e.to_string()))?
-            .map_err(|e| CheckpointError::Sink(e.to_string()))?;
+            .map_err(pg)?;
+        // File writes and fsyncs go to the blocking pool, off the thread that runs Checks.
+        let (sink, signed, chain, n) = (
+            self.sink.clone(),
+            cp.clone(),
+            self.chain_id.clone(),
+            note.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            if json_needed {
+                sink.write(&signed)?;
+            }
+            sink.write_note(&chain, size, &n)
+        })
+        .await
+        .map_err(|e| CheckpointError::Sink(e.to_string()))?
+        .map_err(|e| CheckpointError::Sink(e.to_string()))?;
         metrics::gauge!("aegis_checkpoint_size").set(size as f64);
         metrics::gauge!("aegis_checkpoint_timestamp_seconds").set(ts as f64);
+        metrics::gauge!("aegis_tlog_size").set(size as f64);
         if let Ok(mut g) = self.last.lock() {
             *g = Some(cp.clone());
         }
+        let cosigners = self.witness(&client, &note, &body.text(), size).await;
+        let witnessed = cosigners >= self.tlog.quorum;
+        metrics::gauge!("aegis_checkpoint_witnessed").set(if witnessed { 1.0 } else { 0.0 });
+        if let Ok(mut g) = self.last_tree.lock() {
+            *g = Some(TreeHead {
+                size,
+                root,
+                cosigners,
+                witnessed,
+            });
+        }
         Ok(Some(cp))
+    }
+
+    /// Before a tree head is signed: the leaves of the rows just walked are the tree's leaves,
+    /// and the tree still has the root of the last note signed (by any replica), so the new
+    /// head extends it. Returns the root at `size`.
+    async fn check_tree(
+        &self,
+        client: &tokio_postgres::Client,
+        from: u64,
+        leaves: &[[u8; 32]],
+        size: u64,
+        latest: Option<&(u64, String)>,
+    ) -> Result<[u8; 32], CheckpointError> {
+        use super::tlog::TILE_WIDTH;
+        let bad = CheckpointError::Inconsistent;
+        let w = TILE_WIDTH as u64;
+        if !leaves.is_empty() {
+            let coords: Vec<(u8, u64)> = (from / w..=(size - 1) / w).map(|i| (0u8, i)).collect();
+            let stored = super::tiles::fetch(client, &self.chain_id, &coords)
+                .await
+                .map_err(|e| CheckpointError::Store(crate::pg::error_text(&e)))?;
+            for (i, leaf) in leaves.iter().enumerate() {
+                let j = from + i as u64;
+                let found = stored
+                    .get(&(0, j / w))
+                    .and_then(|t| t.get((j % w) as usize));
+                if found != Some(leaf) {
+                    return Err(bad(format!(
+                        "leaf {j} of the transparency log is not the hash of row {}",
+                        j + 1
+                    )));
+                }
+            }
+        }
+        let root = super::tiles::compute(client, &self.chain_id, |get| {
+            super::tlog::tree_root(size, get)
+        })
+        .await
+        .map_err(bad)?;
+        if let Some((old, note)) = latest {
+            let opened = super::tlog::open_checkpoint(note, &self.notes.vkey(), &[])
+                .map_err(|e| bad(format!("the stored checkpoint note of size {old}: {e}")))?;
+            if opened.body.size > size {
+                return Err(bad(format!(
+                    "a checkpoint note was signed for {} leaves but the tree has {size}",
+                    opened.body.size
+                )));
+            }
+            let old_size = opened.body.size;
+            let old_root = super::tiles::compute(client, &self.chain_id, |get| {
+                super::tlog::tree_root(old_size, get)
+            })
+            .await
+            .map_err(bad)?;
+            if old_root != opened.body.root {
+                return Err(bad(format!(
+                    "the tree no longer has the root signed at size {old_size}"
+                )));
+            }
+        }
+        Ok(root)
+    }
+
+    /// Sends the note to every witness; keeps the cosignatures that verify, on the stored note
+    /// and its file. Returns how many witnesses cosigned.
+    async fn witness(
+        &self,
+        client: &tokio_postgres::Client,
+        note: &str,
+        text: &str,
+        size: u64,
+    ) -> usize {
+        use super::witness::{submit, Outcome, Signed};
+        if self.tlog.witnesses.is_empty() {
+            return 0;
+        }
+        let mut lines = Vec::new();
+        let signed = Signed {
+            chain_id: &self.chain_id,
+            note,
+            text,
+            size,
+        };
+        for w in &self.tlog.witnesses {
+            match submit(
+                client,
+                &self.tlog.http,
+                self.tlog.witness_timeout,
+                w,
+                &signed,
+            )
+            .await
+            {
+                Outcome::Cosigned(line) => lines.push(line),
+                Outcome::Failed(why) => {
+                    metrics::counter!("aegis_witness_failures_total", "witness" => w.vkey.name.clone())
+                        .increment(1);
+                    tracing::warn!(witness = %w.vkey.name, size, reason = %why, "checkpoint not cosigned");
+                }
+            }
+        }
+        if lines.is_empty() {
+            return 0;
+        }
+        let cosigned = format!("{note}{}", lines.concat());
+        let n = lines.len() as i32;
+        let stored = client
+            .execute(
+                "UPDATE aegis_tlog_checkpoints SET note = $3, cosigners = $4 \
+                 WHERE chain_id = $1 AND size = $2 AND cosigners < $4",
+                &[&self.chain_id, &(size as i64), &cosigned, &n],
+            )
+            .await;
+        if let Err(e) = stored {
+            tracing::warn!(error = %crate::pg::error_text(&e), "cosigned note not stored");
+        }
+        let (sink, chain) = (self.sink.clone(), self.chain_id.clone());
+        let written =
+            tokio::task::spawn_blocking(move || sink.write_note(&chain, size, &cosigned)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::warn!(
+                size,
+                "cosigned note not written to the checkpoint directory"
+            );
+        }
+        lines.len()
     }
 
     /// Checkpoints every `interval` until `stop` turns true.

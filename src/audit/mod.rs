@@ -17,9 +17,13 @@
 //! and sends one batch at a time for a while ([`CONTENDED_FOR`]).
 
 pub mod checkpoint;
+pub mod receipt;
 pub mod record;
 pub mod schema;
+pub mod tiles;
+pub mod tlog;
 pub mod verify;
+pub mod witness;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -312,6 +316,8 @@ struct Conn {
     append: Statement,
     /// The head this writer last saw (size, mac); appends are conditioned on it.
     head: (i64, [u8; 32]),
+    /// The transparency log's right edge at that head.
+    edge: tlog::Edge,
 }
 
 /// The database's clock minus this host's, in ms (against the midpoint of the round trip).
@@ -426,11 +432,12 @@ fn compensation(allow: Draft) -> Draft {
 /// One batch in one statement (one round trip, its own transaction): move the head row from
 /// the head this writer expects ($26, $27) to the batch's last row ($28, $29) — the UPDATE takes
 /// the head row's lock, as `SELECT ... FOR UPDATE` would, so replicas serialize on it — and
-/// insert the rows only if the head moved. When another replica appended first, the UPDATE
+/// insert the rows and extend the transparency log's tiles ($30 to $32) only if the head moved:
+/// a committed row is always in the tree. When another replica appended first, the UPDATE
 /// matches nothing and nothing is inserted; the writer then appends under the head row's lock.
 const APPEND_SQL: &str = "WITH moved AS ( \
-    UPDATE aegis_chain_head SET size = $28, head_mac = $29, updated_at = now() \
-    WHERE chain_id = $1 AND size = $26 AND head_mac = $27 RETURNING 1), \
+    UPDATE aegis_chain_head SET size = $28, tree_size = $28, head_mac = $29, updated_at = now() \
+    WHERE chain_id = $1 AND size = $26 AND tree_size = $26 AND head_mac = $27 RETURNING 1), \
   inserted AS ( \
     INSERT INTO aegis_audit (chain_id, seq, ts, trace_id, request_id, \
     decision, reason, issuer, subject, user_name, agent, workspace, method, path, token_source, \
@@ -440,8 +447,14 @@ const APPEND_SQL: &str = "WITH moved AS ( \
     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], \
     $14::text[], $15::text[], $16::bytea[], $17::text[], $18::text[], $19::int4[], $20::bytea[], \
     $21::bytea[], $22::text[], $23::text[], $24::bytea[], $25::text[]) AS u \
-    WHERE EXISTS (SELECT 1 FROM moved) RETURNING 1) \
-  SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM inserted)";
+    WHERE EXISTS (SELECT 1 FROM moved) RETURNING 1), \
+  tiles AS ( \
+    INSERT INTO aegis_tlog_tiles (chain_id, level, idx, hashes) \
+    SELECT $1, t.* FROM UNNEST($30::int2[], $31::int8[], $32::bytea[]) AS t \
+    WHERE EXISTS (SELECT 1 FROM moved) \
+    ON CONFLICT (chain_id, level, idx) DO UPDATE SET hashes = EXCLUDED.hashes RETURNING 1) \
+  SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM inserted), \
+    (SELECT count(*) FROM tiles)";
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
@@ -542,7 +555,7 @@ impl Writer {
             instance_id: &self.instance_id,
         };
         let (size, head) = conn.head;
-        let sealed = match seal(&signer, &jobs, size, head) {
+        let sealed = match seal(&signer, &jobs, size, head, &mut conn.edge) {
             Ok(s) => s,
             Err(e) => {
                 self.fail(jobs, e);
@@ -755,10 +768,18 @@ impl Writer {
             self.head_loaded.store(false, Ordering::Release);
             return Err(e);
         }
+        let mut client = client;
         let migrate = self.opts.migrate_on_start;
         let prepared = async {
             schema::ensure(&client, migrate).await?;
             schema::load_head(&client, &self.chain_id).await?;
+            // A chain from before the transparency log: build its tiles first.
+            let added = tiles::catch_up(&mut client, &self.chain_id)
+                .await
+                .map_err(schema::SchemaError::Inconsistent)?;
+            if added > 0 {
+                tracing::info!(rows = added, "transparency log built for existing rows");
+            }
             let lock_head = client
                 .prepare(
                     "SELECT size, head_mac FROM aegis_chain_head WHERE chain_id = $1 FOR UPDATE",
@@ -776,9 +797,12 @@ impl Writer {
             let mac: [u8; 32] = mac.try_into().map_err(|_| {
                 schema::SchemaError::Inconsistent("chain head mac is not 32 bytes".into())
             })?;
-            Ok::<_, schema::SchemaError>(((size, mac), lock_head, append))
+            let edge = tiles::load_edge(&client, &self.chain_id, size as u64)
+                .await
+                .map_err(schema::SchemaError::Inconsistent)?;
+            Ok::<_, schema::SchemaError>(((size, mac), edge, lock_head, append))
         };
-        let (head, lock_head, append) =
+        let (head, edge, lock_head, append) =
             tokio::time::timeout(self.opts.commit_timeout * 4, prepared)
                 .await
                 .map_err(|_| AuditError::Timeout)?
@@ -793,6 +817,7 @@ impl Writer {
             lock_head,
             append,
             head,
+            edge,
         });
         self.settle_uncertain().await;
         Ok(())
@@ -843,7 +868,11 @@ impl Writer {
         let head: [u8; 32] = mac
             .try_into()
             .map_err(|_| AuditError::Inconsistent("chain head mac is not 32 bytes".into()))?;
-        let Some(new_head) = append_once(&signer, &tx, &conn.append, batch, size, head).await?
+        let mut edge = tiles::load_edge(&tx, &self.chain_id, size as u64)
+            .await
+            .map_err(AuditError::Inconsistent)?;
+        let Some(new_head) =
+            append_once(&signer, &tx, &conn.append, batch, size, head, &mut edge).await?
         else {
             return Err(AuditError::Inconsistent(
                 "the chain head moved while its row was locked".into(),
@@ -851,6 +880,7 @@ impl Writer {
         };
         tx.commit().await.map_err(pg)?;
         conn.head = (size + batch.len() as i64, new_head);
+        conn.edge = edge;
         Ok(size as u64 + 1)
     }
 }
@@ -870,23 +900,33 @@ struct Sealed {
     versions: Vec<i32>,
     prevs: Vec<Vec<u8>>,
     macs: Vec<Vec<u8>>,
+    /// The transparency-log tiles the batch changes, as (levels, indexes, hashes) columns.
+    tiles: (Vec<i16>, Vec<i64>, Vec<Vec<u8>>),
     /// The head it builds on, and the one it leaves.
     size: i64,
     head: [u8; 32],
     new_head: [u8; 32],
 }
 
-/// Computes `batch`'s rows on top of (`size`, `head`).
+/// Computes `batch`'s rows on top of (`size`, `head`), and extends `edge` (the tree at `size`)
+/// with their leaves.
 fn seal(
     signer: &Signer<'_>,
     batch: &[Job],
     size: i64,
     head: [u8; 32],
+    edge: &mut tlog::Edge,
 ) -> Result<Sealed, AuditError> {
     if size < 0 {
         return Err(AuditError::Inconsistent(
             "chain head size is negative".into(),
         ));
+    }
+    if edge.size() != size as u64 {
+        return Err(AuditError::Inconsistent(format!(
+            "the transparency log holds {} leaves but the chain {size} rows",
+            edge.size()
+        )));
     }
     let n = batch.len();
     let mut out = Sealed {
@@ -895,10 +935,13 @@ fn seal(
         versions: Vec::with_capacity(n),
         prevs: Vec::with_capacity(n),
         macs: Vec::with_capacity(n),
+        tiles: Default::default(),
         size,
         head,
         new_head: head,
     };
+    let mut leaves = Vec::with_capacity(n);
+    let mut buf = Vec::with_capacity(512);
     let mut prev = head;
     let first_seq = size as u64 + 1;
     // One record reused for the whole batch: `clone_from` keeps its buffers, so MACing a batch
@@ -939,7 +982,16 @@ fn seal(
         rec.mcp_tool.clone_from(&d.mcp_tool);
         rec.prev_mac.clear();
         rec.prev_mac.extend_from_slice(&prev);
-        let mac = rec.mac(signer.key.expose());
+        let (mac, leaf) = rec.mac_and_leaf(signer.key.expose(), &mut buf);
+        if buf.len() > u16::MAX as usize {
+            // A transparency-log entry is at most 65,535 bytes; the drafts' fields are bounded
+            // far below that, so this is a bug, refused rather than written.
+            return Err(AuditError::Inconsistent(format!(
+                "record {seq} is {} bytes, over the 65,535 an entry may have",
+                buf.len()
+            )));
+        }
+        leaves.push(leaf);
         out.seqs.push(seq as i64);
         out.tss
             .push(UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64));
@@ -949,6 +1001,7 @@ fn seal(
         prev = mac;
     }
     out.new_head = prev;
+    out.tiles = tiles::columns(&edge.extend(leaves));
     Ok(out)
 }
 
@@ -1023,17 +1076,23 @@ async fn send<C: tokio_postgres::GenericClient>(
                 &sealed.head.as_slice(),
                 &new_size,
                 &sealed.new_head.as_slice(),
+                &sealed.tiles.0,
+                &sealed.tiles.1,
+                &sealed.tiles.2,
             ],
         )
         .await
         .map_err(|e| AuditError::Store(crate::pg::error_text(&e)))?;
     let moved: i64 = row.get(0);
     let inserted: i64 = row.get(1);
-    match (moved, inserted) {
-        (1, k) if k == n as i64 => Ok(Some(sealed.new_head)),
-        (0, 0) => Ok(None),
+    let tiles: i64 = row.get(2);
+    let want_tiles = sealed.tiles.0.len() as i64;
+    match (moved, inserted, tiles) {
+        (1, k, t) if k == n as i64 && t == want_tiles => Ok(Some(sealed.new_head)),
+        (0, 0, 0) => Ok(None),
         _ => Err(AuditError::Inconsistent(format!(
-            "append moved {moved} head rows and inserted {inserted} of {n} rows"
+            "append moved {moved} head rows, inserted {inserted} of {n} rows and wrote \
+             {tiles} of {want_tiles} tiles"
         ))),
     }
 }
@@ -1046,8 +1105,9 @@ async fn append_once<C: tokio_postgres::GenericClient>(
     batch: &[Job],
     size: i64,
     head: [u8; 32],
+    edge: &mut tlog::Edge,
 ) -> Result<Option<[u8; 32]>, AuditError> {
-    let sealed = seal(signer, batch, size, head)?;
+    let sealed = seal(signer, batch, size, head, edge)?;
     let ids = (signer.chain_id, signer.key_id, signer.instance_id);
     send(client, append, ids, batch, &sealed).await
 }

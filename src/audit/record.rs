@@ -84,6 +84,28 @@ impl AuditRecord {
         m.finalize().into_bytes().into()
     }
 
+    /// The MAC and the transparency-log leaf hash (`SHA-256(0x00 || encode(self))`, see
+    /// [`super::tlog`]), from one encoding of the record.
+    pub fn mac_and_leaf(&self, key: &[u8; 32], buf: &mut Vec<u8>) -> ([u8; 32], [u8; 32]) {
+        buf.clear();
+        self.encode(buf)
+            .unwrap_or_else(|_| unreachable!("a Vec grows as needed"));
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        m.update(DOMAIN_TAG);
+        m.update(buf);
+        m.update(&self.prev_mac);
+        (
+            m.finalize().into_bytes().into(),
+            super::tlog::leaf_hash(buf),
+        )
+    }
+
+    /// This record's transparency-log leaf hash.
+    pub fn leaf_hash(&self) -> [u8; 32] {
+        super::tlog::leaf_hash(&self.encode_to_vec())
+    }
+
     /// Constant-time comparison of a stored MAC against the recomputed one.
     pub fn verify_mac(&self, key: &[u8; 32], mac: &[u8]) -> bool {
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key)

@@ -91,13 +91,65 @@ CREATE TABLE IF NOT EXISTS aegis_agent_blocks (
     blocked_by text        NOT NULL,
     blocked_at timestamptz NOT NULL DEFAULT now()
 );
-INSERT INTO aegis_schema_version (version) VALUES (1), (2), (3) ON CONFLICT DO NOTHING;
+-- Version 4: the transparency log over the chain (src/audit/tlog.rs). Tiles hold the RFC 6962
+-- tree as C2SP tlog-tiles; the writer extends them in the statement that appends the rows, and
+-- tree_size follows the head in that same statement. A tile only ever grows: the trigger
+-- refuses an update that is not an extension of what is stored, and no tile is deleted.
+ALTER TABLE aegis_chain_head ADD COLUMN IF NOT EXISTS tree_size bigint NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS aegis_tlog_tiles (
+    chain_id text     NOT NULL,
+    level    smallint NOT NULL CHECK (level BETWEEN 0 AND 63),
+    idx      bigint   NOT NULL CHECK (idx >= 0),
+    hashes   bytea    NOT NULL CHECK (length(hashes) % 32 = 0 AND length(hashes) BETWEEN 32 AND 8192),
+    PRIMARY KEY (chain_id, level, idx)
+);
+CREATE OR REPLACE FUNCTION aegis_tlog_tile_grows() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF NEW.chain_id <> OLD.chain_id OR NEW.level <> OLD.level OR NEW.idx <> OLD.idx
+       OR length(NEW.hashes) < length(OLD.hashes)
+       OR substring(NEW.hashes FROM 1 FOR length(OLD.hashes)) <> OLD.hashes THEN
+        RAISE EXCEPTION 'aegis_tlog_tiles only grow: tile %/% refused', OLD.level, OLD.idx;
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+DROP TRIGGER IF EXISTS aegis_tlog_tiles_grow ON aegis_tlog_tiles;
+CREATE TRIGGER aegis_tlog_tiles_grow BEFORE UPDATE ON aegis_tlog_tiles
+    FOR EACH ROW EXECUTE FUNCTION aegis_tlog_tile_grows();
+DROP TRIGGER IF EXISTS aegis_tlog_tiles_no_delete ON aegis_tlog_tiles;
+CREATE TRIGGER aegis_tlog_tiles_no_delete BEFORE DELETE ON aegis_tlog_tiles
+    FOR EACH ROW EXECUTE FUNCTION aegis_audit_refuse_change();
+DROP TRIGGER IF EXISTS aegis_tlog_tiles_no_truncate ON aegis_tlog_tiles;
+CREATE TRIGGER aegis_tlog_tiles_no_truncate BEFORE TRUNCATE ON aegis_tlog_tiles
+    FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse_change();
+-- Signed checkpoint notes (the newest is served at /checkpoint), with the witnesses' cosignatures
+-- added as they come, and the size each witness last cosigned for this log.
+CREATE TABLE IF NOT EXISTS aegis_tlog_checkpoints (
+    chain_id  text        NOT NULL,
+    size      bigint      NOT NULL CHECK (size > 0),
+    root      bytea       NOT NULL,
+    note      text        NOT NULL,
+    cosigners integer     NOT NULL DEFAULT 0,
+    signed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (chain_id, size)
+);
+CREATE TABLE IF NOT EXISTS aegis_tlog_witnesses (
+    chain_id   text        NOT NULL,
+    witness    text        NOT NULL,
+    size       bigint      NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (chain_id, witness)
+);
+INSERT INTO aegis_schema_version (version) VALUES (1), (2), (3), (4) ON CONFLICT DO NOTHING;
 "#;
 
 /// The schema version this build writes.
 /// (2 added `aegis_u2m_tokens`, the sealed U2M refresh tokens; 3 replaced it with
-/// `aegis_u2m_grants`, one per verified principal, and added `aegis_agent_blocks`.)
-pub const SCHEMA_VERSION: i32 = 3;
+/// `aegis_u2m_grants`, one per verified principal, and added `aegis_agent_blocks`; 4 added the
+/// transparency log: `aegis_tlog_tiles`, `aegis_tlog_checkpoints`, `aegis_tlog_witnesses` and
+/// `aegis_chain_head.tree_size`.)
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The installed schema version, `None` when aegis' tables are absent.
 pub async fn installed_version(client: &Client) -> Result<Option<i32>, SchemaError> {
@@ -145,12 +197,15 @@ pub async fn grant_service_role(client: &Client, role: &str) -> Result<(), Schem
     client
         .batch_execute(&format!(
             "REVOKE ALL ON aegis_audit, aegis_chain_head, aegis_schema_version, aegis_u2m_grants, \
-             aegis_agent_blocks FROM {role}; \
+             aegis_agent_blocks, aegis_tlog_tiles, aegis_tlog_checkpoints, aegis_tlog_witnesses \
+             FROM {role}; \
              GRANT SELECT, INSERT ON aegis_audit TO {role}; \
              GRANT SELECT, INSERT, UPDATE ON aegis_chain_head TO {role}; \
              GRANT SELECT ON aegis_schema_version TO {role}; \
              GRANT SELECT, INSERT, UPDATE, DELETE ON aegis_u2m_grants TO {role}; \
-             GRANT SELECT, INSERT, DELETE ON aegis_agent_blocks TO {role};"
+             GRANT SELECT, INSERT, DELETE ON aegis_agent_blocks TO {role}; \
+             GRANT SELECT, INSERT, UPDATE ON aegis_tlog_tiles, aegis_tlog_checkpoints, \
+             aegis_tlog_witnesses TO {role};"
         ))
         .await?;
     Ok(())

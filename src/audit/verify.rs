@@ -29,11 +29,25 @@ pub struct VerifyReport {
     pub first_bad_seq: Option<u64>,
     /// What kind of tamper: `gap`, `broken_link`, `bad_mac`, `unknown_key`, `retired_key`, `bad_row`,
     /// `head_mismatch`, `truncated`, `checkpoint_mismatch`, `forged_checkpoint`,
-    /// `conflicting_checkpoints`, `checkpoint_rollback`.
+    /// `conflicting_checkpoints`, `checkpoint_rollback`; for the transparency log:
+    /// `tree_mismatch` (stored tiles are not the rows' tree), `inconsistent_checkpoints` (a
+    /// note does not extend an earlier one).
     pub problem: Option<String>,
     pub detail: Option<String>,
     /// Hex of the last row's mac.
     pub head_mac: String,
+    /// Signed checkpoint notes of the transparency log checked against the rows.
+    pub notes: u64,
+    /// The transparency log's size and root (hex) as recomputed from the rows.
+    pub tree_size: u64,
+    pub tree_root: String,
+}
+
+/// What the transparency log is checked against: the log's verifier key and every signed note
+/// found (in the checkpoint directory and the database), each as (where, text).
+pub struct TreeAnchors {
+    pub vkey: super::tlog::Vkey,
+    pub notes: Vec<Result<(String, String), String>>,
 }
 
 const SELECT: &str = "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
@@ -305,11 +319,12 @@ pub async fn verify(
     keys: &HashMap<String, Key32>,
     checkpoints: &[Result<Checkpoint, String>],
     public_key: &[u8; 32],
+    anchors: &TreeAnchors,
 ) -> Result<VerifyReport, tokio_postgres::Error> {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
-    let report = verify_in_snapshot(client, chain_id, keys, checkpoints, public_key).await;
+    let report = verify_in_snapshot(client, chain_id, keys, checkpoints, public_key, anchors).await;
     // Read only: nothing to keep; end the transaction either way so the connection is reusable.
     let ended = client.batch_execute("ROLLBACK").await;
     let report = report?;
@@ -323,8 +338,12 @@ async fn verify_in_snapshot(
     keys: &HashMap<String, Key32>,
     checkpoints: &[Result<Checkpoint, String>],
     public_key: &[u8; 32],
+    anchors: &TreeAnchors,
 ) -> Result<VerifyReport, tokio_postgres::Error> {
     let mut report = VerifyReport {
+        notes: 0,
+        tree_size: 0,
+        tree_root: hex::encode(super::tlog::empty_root()),
         chain_id: chain_id.to_string(),
         intact: true,
         rows: 0,
@@ -351,6 +370,19 @@ async fn verify_in_snapshot(
         }
     };
     report.checkpoints = pinned.len() as u64;
+    let mut notes = anchors.notes.clone();
+    for (size, note) in super::tiles::all_notes(client, chain_id).await? {
+        notes.push(Ok((format!("aegis_tlog_checkpoints size {size}"), note)));
+    }
+    let roots = match check_notes(&notes, &anchors.vkey) {
+        Ok(r) => r,
+        Err(bad) => {
+            fail(&mut report, bad);
+            return Ok(report);
+        }
+    };
+    report.notes = roots.len() as u64;
+    let mut tree = TreeWalk::default();
 
     let stmt = client.prepare(SELECT).await?;
     let from: i64 = 0;
@@ -382,6 +414,26 @@ async fn verify_in_snapshot(
             fail(&mut report, bad);
             break;
         }
+        tree.pending.push(rec.leaf_hash());
+        if let Some(root) = roots.get(&rec.seq) {
+            if tree.root() != *root {
+                fail(
+                    &mut report,
+                    Bad {
+                        seq: rec.seq,
+                        problem: "checkpoint_mismatch",
+                        detail: format!(
+                            "the rows' tree at size {} does not have the root of the signed note of that size (the chain was rewritten or restored)",
+                            rec.seq
+                        ),
+                    },
+                );
+                break;
+            }
+        }
+        if tree.pending.len() >= 4096 {
+            tree.flush();
+        }
         if let Some(pinned_head) = pinned.get(&rec.seq) {
             if pinned_head.as_slice() != mac.as_slice() {
                 fail(
@@ -403,7 +455,9 @@ async fn verify_in_snapshot(
     let rows = report.rows;
 
     if report.intact {
-        if let Some((&max, _)) = pinned.iter().next_back() {
+        let max_note = roots.keys().next_back().copied().unwrap_or(0);
+        let max_json = pinned.keys().next_back().copied().unwrap_or(0);
+        if let Some(max) = Some(max_note.max(max_json)).filter(|m| *m > 0) {
             if rows < max {
                 fail(
                     &mut report,
@@ -442,18 +496,172 @@ async fn verify_in_snapshot(
             );
         }
     }
+    tree.flush();
+    report.tree_size = tree.edge.size();
+    report.tree_root = hex::encode(tree.edge.root());
+    if report.intact {
+        if let Err(bad) = check_stored_tree(client, chain_id, &tree, &roots).await? {
+            fail(&mut report, bad);
+        }
+    }
     Ok(report)
 }
 
+/// The rows' tree, rebuilt during the walk.
+#[derive(Default)]
+struct TreeWalk {
+    edge: super::tlog::Edge,
+    tiles: super::tlog::TileMap,
+    pending: Vec<super::tlog::Hash>,
+}
+
+impl TreeWalk {
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            let leaves = std::mem::take(&mut self.pending);
+            self.tiles.extend(self.edge.extend(leaves));
+        }
+    }
+
+    fn root(&mut self) -> super::tlog::Hash {
+        self.flush();
+        self.edge.root()
+    }
+}
+
+/// Checks the signed notes: each opens under the log key with the log's origin, one root per
+/// size. Returns the roots by size.
+fn check_notes(
+    notes: &[Result<(String, String), String>],
+    vkey: &super::tlog::Vkey,
+) -> Result<BTreeMap<u64, super::tlog::Hash>, Bad> {
+    let mut roots = BTreeMap::new();
+    for n in notes {
+        let (name, text) = n.as_ref().map_err(|why| Bad {
+            seq: 0,
+            problem: "forged_checkpoint",
+            detail: format!("unreadable checkpoint note {why}"),
+        })?;
+        let opened = super::tlog::open_checkpoint(text, vkey, &[]).map_err(|e| Bad {
+            seq: 0,
+            problem: "forged_checkpoint",
+            detail: format!("checkpoint note {name}: {e}"),
+        })?;
+        let b = opened.body;
+        if let Some(other) = roots.insert(b.size, b.root) {
+            if other != b.root {
+                return Err(Bad {
+                    seq: b.size,
+                    problem: "conflicting_checkpoints",
+                    detail: format!("two signed notes of size {} name different roots", b.size),
+                });
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// The stored tiles (what outsiders fetch) must be exactly the rows' tree, the head's
+/// `tree_size` its size, and every signed note must extend the one before (checked with a
+/// consistency proof built from the stored tiles, the way an outsider would).
+async fn check_stored_tree(
+    client: &Client,
+    chain_id: &str,
+    tree: &TreeWalk,
+    roots: &BTreeMap<u64, super::tlog::Hash>,
+) -> Result<Result<(), Bad>, tokio_postgres::Error> {
+    use super::tlog;
+    let size = tree.edge.size();
+    let tree_size: i64 = client
+        .query_opt(
+            "SELECT tree_size FROM aegis_chain_head WHERE chain_id = $1",
+            &[&chain_id],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or(0);
+    if tree_size as u64 != size {
+        return Ok(Err(Bad {
+            seq: size.min(tree_size as u64) + 1,
+            problem: "tree_mismatch",
+            detail: format!(
+                "the transparency log says {tree_size} leaves but the chain has {size} rows"
+            ),
+        }));
+    }
+    let rows = client
+        .query(
+            "SELECT level, idx, hashes FROM aegis_tlog_tiles WHERE chain_id = $1 ORDER BY level, idx",
+            &[&chain_id],
+        )
+        .await?;
+    let mut stored = tlog::TileMap::new();
+    for r in rows {
+        let hashes: Vec<u8> = r.get(2);
+        let list = hashes
+            .chunks_exact(32)
+            .map(|c| c.try_into().unwrap_or([0u8; 32]))
+            .collect();
+        stored.insert((r.get::<_, i16>(0) as u8, r.get::<_, i64>(1) as u64), list);
+    }
+    let first_leaf = |(level, idx): (u8, u64)| idx * 256u64.pow(level as u32 + 1) + 1;
+    for (coord, want) in &tree.tiles {
+        if stored.get(coord) != Some(want) {
+            return Ok(Err(Bad {
+                seq: first_leaf(*coord),
+                problem: "tree_mismatch",
+                detail: format!(
+                    "stored tile {}/{} is not the tree of the rows (tiles rewritten, or rows changed under them)",
+                    coord.0, coord.1
+                ),
+            }));
+        }
+    }
+    if let Some(coord) = stored.keys().find(|c| !tree.tiles.contains_key(c)) {
+        return Ok(Err(Bad {
+            seq: first_leaf(*coord),
+            problem: "tree_mismatch",
+            detail: format!(
+                "stored tile {}/{} covers rows the chain does not have",
+                coord.0, coord.1
+            ),
+        }));
+    }
+    let mut prev: Option<(u64, tlog::Hash)> = None;
+    for (&n, root) in roots {
+        if let Some((m, old_root)) = prev {
+            let mut get = |l: u8, j: u64| {
+                stored
+                    .get(&(l, j / 256))
+                    .and_then(|t| t.get((j % 256) as usize))
+                    .copied()
+                    .unwrap_or([0u8; 32])
+            };
+            let proof = tlog::consistency_proof(m, n, &mut get);
+            if !tlog::verify_consistency(m, n, &old_root, root, &proof) {
+                return Ok(Err(Bad {
+                    seq: m + 1,
+                    problem: "inconsistent_checkpoints",
+                    detail: format!(
+                        "the signed note of size {n} does not extend the one of size {m}"
+                    ),
+                }));
+            }
+        }
+        prev = Some((n, *root));
+    }
+    Ok(Ok(()))
+}
+
 /// One exported row.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ExportRow {
     pub chain_id: String,
     pub seq: u64,
     pub ts_unix_micros: i64,
     pub trace_id: String,
     pub request_id: String,
-    pub decision: &'static str,
+    pub decision: String,
     pub reason: String,
     pub issuer: String,
     pub subject: String,
@@ -474,22 +682,9 @@ pub struct ExportRow {
     pub mac: String,
 }
 
-/// Streams rows after `since` as JSON lines into `out`.
-pub async fn export(
-    client: &Client,
-    chain_id: &str,
-    since: u64,
-    out: &mut (dyn std::io::Write + Send),
-) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
-    let stmt = client.prepare(SELECT).await?;
-    let from = since as i64;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&chain_id, &from];
-    let rows = client.query_raw(&stmt, params).await?;
-    pin_mut!(rows);
-    let mut n = 0;
-    while let Some(row) = rows.try_next().await? {
-        let (rec, mac) = record_of(&row)?;
-        let line = ExportRow {
+impl ExportRow {
+    pub fn new(rec: AuditRecord, mac: &[u8]) -> ExportRow {
+        ExportRow {
             chain_id: rec.chain_id,
             seq: rec.seq,
             ts_unix_micros: rec.ts_unix_micros,
@@ -499,7 +694,8 @@ pub async fn export(
                 Ok(Decision::Allow) => "ALLOW",
                 Ok(Decision::Admin) => "ADMIN",
                 _ => "DENY",
-            },
+            }
+            .to_string(),
             reason: rec.reason,
             issuer: rec.issuer,
             subject: rec.subject,
@@ -517,8 +713,27 @@ pub async fn export(
             statement_fingerprint: hex::encode(&rec.statement_fingerprint),
             mcp_tool: rec.mcp_tool,
             prev_mac: hex::encode(&rec.prev_mac),
-            mac: hex::encode(&mac),
-        };
+            mac: hex::encode(mac),
+        }
+    }
+}
+
+/// Streams rows after `since` as JSON lines into `out`.
+pub async fn export(
+    client: &Client,
+    chain_id: &str,
+    since: u64,
+    out: &mut (dyn std::io::Write + Send),
+) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+    let stmt = client.prepare(SELECT).await?;
+    let from = since as i64;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&chain_id, &from];
+    let rows = client.query_raw(&stmt, params).await?;
+    pin_mut!(rows);
+    let mut n = 0;
+    while let Some(row) = rows.try_next().await? {
+        let (rec, mac) = record_of(&row)?;
+        let line = ExportRow::new(rec, &mac);
         serde_json::to_writer(&mut *out, &line)?;
         out.write_all(b"\n")?;
         n += 1;

@@ -131,6 +131,11 @@
     $("chain-queue").textContent = c.queue_depth + " queued";
     $("chain-checkpoint").textContent = c.last_checkpoint
       ? c.last_checkpoint.size + " rows, signed " + ago(c.last_checkpoint.ts) : "none yet";
+    $("chain-tree").textContent = c.tree
+      ? c.tree.size + " leaves, root " + c.tree.root.slice(0, 16) + "…" +
+        (c.tree.cosigners ? ", " + c.tree.cosigners + " cosignature(s)" : "") +
+        (c.tree.witnessed ? "" : " (not witnessed)")
+      : "no signed tree head yet";
     if (!c.verify_running) showVerify(c.last_verify);
 
     const reps = $("replica-checkpoints");
