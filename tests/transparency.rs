@@ -391,13 +391,8 @@ async fn outsiders_check_the_log_receipts_and_witnesses_with_public_data_only() 
         "the log is served by aegis; it is down now"
     );
     // Serve the log from this process (the same read-only router, no aegis process).
-    let target = aegis::pg::PgTarget::parse(
-        &stack.config()["postgres"]["url"]
-            .as_str()
-            .unwrap()
-            .to_string(),
-    )
-    .unwrap();
+    let target =
+        aegis::pg::PgTarget::parse(stack.config()["postgres"]["url"].as_str().unwrap()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let served = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(
