@@ -15,11 +15,13 @@
 mod clusters;
 pub(crate) mod entra;
 mod genie;
+mod lakeview;
 mod mcp;
 pub(crate) mod oauth;
 mod objects;
 mod permissions;
 mod scim;
+mod sharing;
 mod statements;
 mod u2m;
 mod unity_catalog;
@@ -82,6 +84,8 @@ pub(crate) struct WorkspaceState {
     acls: permissions::Acls,
     /// Clusters' run state, execution contexts and commands.
     compute: clusters::Compute,
+    /// Delta Sharing shares and recipients as they are now.
+    sharing: sharing::Sharing,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -99,6 +103,7 @@ impl WorkspaceState {
             opts,
             acls: permissions::Acls::new(&fixture),
             compute: clusters::Compute::new(&fixture),
+            sharing: sharing::Sharing::new(&fixture),
             fixture,
             idp,
             tokens: Mutex::new(HashMap::new()),
@@ -139,6 +144,7 @@ impl WorkspaceState {
         self.genie.clear();
         self.acls.reset(&self.fixture);
         self.compute.reset(&self.fixture);
+        self.sharing.reset(&self.fixture);
     }
 
     fn record(&self, rec: RequestRecord) {
@@ -346,6 +352,42 @@ pub(crate) fn router(state: Arc<WorkspaceState>) -> Router {
         .route("/api/1.2/commands/execute", post(clusters::execute))
         .route("/api/1.2/commands/status", get(clusters::command_status))
         .route("/api/1.2/commands/cancel", post(clusters::cancel))
+        .route("/api/2.0/lakeview/dashboards", get(lakeview::list))
+        .route("/api/2.0/lakeview/dashboards/{id}", get(lakeview::get))
+        .route(
+            "/api/2.0/lakeview/dashboards/{id}/published",
+            get(lakeview::published),
+        )
+        .route(
+            "/api/2.1/unity-catalog/shares",
+            get(sharing::list_shares).post(sharing::create_share),
+        )
+        .route("/api/2.1/unity-catalog/shares/{name}", get(sharing::get_share))
+        .route(
+            "/api/2.1/unity-catalog/shares/{name}/permissions",
+            get(sharing::share_permissions).patch(sharing::update_share_permissions),
+        )
+        .route(
+            "/api/2.1/unity-catalog/recipients",
+            get(sharing::list_recipients).post(sharing::create_recipient),
+        )
+        .route(
+            "/api/2.1/unity-catalog/recipients/{name}",
+            get(sharing::get_recipient),
+        )
+        .route(
+            "/api/2.1/unity-catalog/recipients/{name}/share-permissions",
+            get(sharing::recipient_share_permissions),
+        )
+        .route(
+            "/api/2.1/unity-catalog/recipients/{name}/rotate-token",
+            post(sharing::rotate_recipient_token),
+        )
+        .route("/api/2.1/unity-catalog/providers", get(sharing::list_providers))
+        .route(
+            "/api/2.1/unity-catalog/providers/{name}",
+            get(sharing::get_provider),
+        )
         .route("/api/2.0/workspace/list", get(objects::list))
         .route("/api/2.0/workspace/get-status", get(objects::get_status))
         .route(
@@ -516,6 +558,51 @@ fn classify(method: &Method, path: &str) -> Route {
         }
         (&Method::POST, ["api", "1.2", "commands", "cancel"]) => {
             route("commandExecution", "cancelCommand", true)
+        }
+        (&Method::GET, ["api", "2.0", "lakeview", "dashboards"]) => {
+            route("dashboards", "listDashboards", true)
+        }
+        (&Method::GET, ["api", "2.0", "lakeview", "dashboards", _]) => {
+            route("dashboards", "getDashboard", true)
+        }
+        (&Method::GET, ["api", "2.0", "lakeview", "dashboards", _, "published"]) => {
+            route("dashboards", "getPublishedDashboard", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "shares"]) => {
+            route("unityCatalog", "listShares", true)
+        }
+        (&Method::POST, ["api", "2.1", "unity-catalog", "shares"]) => {
+            route("unityCatalog", "createShare", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "shares", _]) => {
+            route("unityCatalog", "getShare", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "shares", _, "permissions"]) => {
+            route("unityCatalog", "getSharePermissions", true)
+        }
+        (&Method::PATCH, ["api", "2.1", "unity-catalog", "shares", _, "permissions"]) => {
+            route("unityCatalog", "updateSharePermissions", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "recipients"]) => {
+            route("unityCatalog", "listRecipients", true)
+        }
+        (&Method::POST, ["api", "2.1", "unity-catalog", "recipients"]) => {
+            route("unityCatalog", "createRecipient", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "recipients", _]) => {
+            route("unityCatalog", "getRecipient", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "recipients", _, "share-permissions"]) => {
+            route("unityCatalog", "getRecipientSharePermissions", true)
+        }
+        (&Method::POST, ["api", "2.1", "unity-catalog", "recipients", _, "rotate-token"]) => {
+            route("unityCatalog", "rotateRecipientToken", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "providers"]) => {
+            route("unityCatalog", "listProviders", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "providers", _]) => {
+            route("unityCatalog", "getProvider", true)
         }
         (_, ["api", "2.0", "mcp", ..]) => route("mcp", "request", true),
         (_, ["api", ..]) => route("workspace", "endpointNotFound", true),
