@@ -351,3 +351,293 @@ async fn command_execution_refuses_permission_changes_and_code_unless_allowed() 
     assert_eq!(resp.body["error"], "statement_blocked");
     stack.shutdown().await;
 }
+
+async fn sdk_sharing(stack: &Stack, token: &str, changes: Value) -> Value {
+    let out = run_python(
+        "sdk_sharing.py",
+        &[&stack.envoy_url(), "sharing", &changes.to_string()],
+        &[("SDK_TOKEN", token)],
+    )
+    .await;
+    eprintln!("sharing: {out:#}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_follow_ownership_and_metastore_privileges() {
+    // Changing a share's grants is an agent-safe default deny; `sharing-admin` is allowed.
+    let stack = start_with_policy(
+        r#"allow = [ { methods = ["PATCH"], path = "/api/2.1/unity-catalog/shares/*", agents = ["sharing-admin"] } ]"#,
+    )
+    .await;
+    let as_admin_agent = |user: &str| token_as(&stack, user, "sharing-admin");
+
+    // alice owns sales_share and the recipient partner_acme; she holds CREATE_SHARE only.
+    let a = sdk_sharing(
+        &stack,
+        &as_admin_agent("alice"),
+        json!([
+            ["sales_share", "partner_acme", "add"],
+            ["sales_share", "auditor_co", "add"]
+        ]),
+    )
+    .await;
+    assert_eq!(strings(&a["shares"]), vec!["sales_share"]);
+    assert_eq!(strings(&a["get"]["sales_share"]), vec!["main.sales.orders"]);
+    sdk_error(&a["get"]["hr_share"], "PermissionDenied", "USE SHARE");
+    assert_eq!(
+        strings(&a["permissions"]["sales_share"]),
+        Vec::<String>::new()
+    );
+    assert_eq!(strings(&a["recipients"]), vec!["partner_acme"]);
+    assert_eq!(strings(&a["providers"]), Vec::<String>::new());
+    // Granting her own recipient works; granting one she does not own does not.
+    assert_eq!(strings(&a["changes"][0]), vec!["partner_acme:SELECT"]);
+    sdk_error(
+        &a["changes"][1],
+        "PermissionDenied",
+        "not an owner of Recipient 'auditor_co'",
+    );
+
+    // bob holds USE_SHARE and USE_RECIPIENT: he reads every share, but may not change one.
+    let b = sdk_sharing(
+        &stack,
+        &as_admin_agent("bob"),
+        json!([["sales_share", "partner_acme", "remove"]]),
+    )
+    .await;
+    assert_eq!(strings(&b["shares"]), vec!["hr_share", "sales_share"]);
+    assert_eq!(strings(&b["get"]["hr_share"]), vec!["main.hr.salaries"]);
+    assert_eq!(
+        strings(&b["permissions"]["sales_share"]),
+        vec!["partner_acme:SELECT"]
+    );
+    assert_eq!(strings(&b["recipients"]), Vec::<String>::new());
+    assert_eq!(b["recipient"], "alice@example.com");
+    sdk_error(&b["changes"][0], "PermissionDenied", "SET SHARE PERMISSION");
+
+    // carol is a metastore admin (admins): everything, and the admins' share is hers to change.
+    let c = sdk_sharing(
+        &stack,
+        &as_admin_agent("carol"),
+        json!([["hr_share", "auditor_co", "remove"]]),
+    )
+    .await;
+    assert_eq!(
+        strings(&c["recipients"]),
+        vec!["auditor_co", "partner_acme"]
+    );
+    assert_eq!(strings(&c["providers"]), vec!["market_data_inc"]);
+    assert_eq!(
+        strings(&c["permissions"]["hr_share"]),
+        vec!["auditor_co:SELECT"]
+    );
+    assert_eq!(strings(&c["changes"][0]), Vec::<String>::new());
+
+    // The same change by alice's usual agent: refused by aegis before the workspace.
+    let before = actions(&stack, "updateSharePermissions").len();
+    let refused = sdk_sharing(
+        &stack,
+        &token(&stack, "alice"),
+        json!([["sales_share", "partner_acme", "remove"]]),
+    )
+    .await;
+    let e = &refused["changes"][0];
+    assert_eq!(e["error"], "PermissionDenied", "{e:#}");
+    assert!(e["message"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("path_blocked"));
+    assert_eq!(actions(&stack, "updateSharePermissions").len(), before);
+    // ...while her reads went through as her.
+    assert_eq!(strings(&refused["shares"]), vec!["sales_share"]);
+    stack.shutdown().await;
+}
+
+/// Sends `method path` with a JSON body through Envoy as `token`.
+async fn send(stack: &Stack, token: &str, method: &str, path: &str, body: Value) -> Resp {
+    read(
+        http()
+            .request(
+                method.parse().expect("method"),
+                format!("{}{path}", stack.envoy_url()),
+            )
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request through envoy"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_cannot_change_acls_or_sharing_unless_an_allow_rule_lifts_it() {
+    let stack = start_with_policy(
+        r#"allow = [
+  { methods = ["PUT", "PATCH"], path = "/api/2.0/permissions/*", agents = ["acl-admin"] },
+  { methods = ["POST"], path = "/api/2.1/unity-catalog/recipients/*", agents = ["acl-admin"] },
+]"#,
+    )
+    .await;
+    let (copilot, admin_agent) = (
+        token_as(&stack, "carol", "copilot"),
+        token_as(&stack, "carol", "acl-admin"),
+    );
+    let alice = token(&stack, "alice");
+    let cluster_acl = format!("/api/2.0/permissions/clusters/{CLUSTER_ADMIN}");
+    let dashboard_acl = format!(
+        "/api/2.0/permissions/dashboards/{}",
+        sandbox::fixture::DASHBOARD_PAYROLL
+    );
+    let grant_alice = |level: &str| json!({"access_control_list": [{"user_name": "alice@example.com", "permission_level": level}]});
+    let writes: Vec<(&str, String, Value)> = vec![
+        ("PATCH", cluster_acl.clone(), grant_alice("CAN_ATTACH_TO")),
+        ("PUT", dashboard_acl.clone(), grant_alice("CAN_READ")),
+        (
+            "POST",
+            "/api/2.1/unity-catalog/recipients/partner_acme/rotate-token".to_string(),
+            json!({"existing_token_expire_in_seconds": 0}),
+        ),
+        (
+            "POST",
+            "/api/2.1/unity-catalog/recipients".to_string(),
+            json!({"name": "exfil", "authentication_type": "TOKEN"}),
+        ),
+    ];
+
+    // carol may make each change in Databricks, but her everyday agent may not: aegis refuses
+    // each with its own reason, and nothing reaches the workspace.
+    let before = stack.sandbox.requests().len();
+    for (method, path, body) in &writes {
+        let r = send(&stack, &copilot, method, path, body.clone()).await;
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.text);
+        assert_eq!(r.body["error"], "path_blocked", "{method} {path}");
+        assert_eq!(r.body["trace_id"].as_str(), Some(r.trace_id().as_str()));
+    }
+    assert_eq!(
+        stack.sandbox.requests().len(),
+        before,
+        "a refused write reached the workspace"
+    );
+    // Before any change alice cannot see the admins' cluster or carol's dashboard.
+    let r = get(&stack, "/api/2.1/clusters/list", Some(&alice)).await;
+    assert!(!r.text.contains(CLUSTER_ADMIN), "{}", r.text);
+    let payroll = format!(
+        "/api/2.0/lakeview/dashboards/{}",
+        sandbox::fixture::DASHBOARD_PAYROLL
+    );
+    assert_eq!(get(&stack, &payroll, Some(&alice)).await.status, 403);
+
+    // The positive control: the agent the operator allowed makes the same changes, and the
+    // workspace applies them (or refuses what carol may not do: rotating alice's recipient).
+    let want = [200, 200, 403, 200];
+    for ((method, path, body), status) in writes.iter().zip(want) {
+        let r = send(&stack, &admin_agent, method, path, body.clone()).await;
+        assert_eq!(r.status, status, "{method} {path}: {}", r.text);
+        assert!(
+            r.body.get("trace_id").is_none(),
+            "answered by the workspace: {}",
+            r.text
+        );
+    }
+    let r = get(&stack, "/api/2.1/clusters/list", Some(&alice)).await;
+    assert!(r.text.contains(CLUSTER_ADMIN), "{}", r.text);
+    assert_eq!(get(&stack, &payroll, Some(&alice)).await.status, 200);
+
+    // Databricks, not aegis, still decides who may change an ACL: alice with the allowed
+    // agent is refused by the workspace (she does not manage the cluster).
+    let alice_admin_agent = token_as(&stack, "alice", "acl-admin");
+    let r = send(
+        &stack,
+        &alice_admin_agent,
+        "PATCH",
+        &cluster_acl,
+        grant_alice("CAN_MANAGE"),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert_eq!(r.body["error_code"], "PERMISSION_DENIED");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_run_each_viewers_queries_as_the_viewer() {
+    let stack = start().await;
+    let (sales, payroll) = (
+        sandbox::fixture::DASHBOARD_SALES,
+        sandbox::fixture::DASHBOARD_PAYROLL,
+    );
+    let view = |user: &'static str| {
+        let token = token(&stack, user);
+        let url = stack.envoy_url();
+        async move {
+            let out = run_python(
+                "sdk_sharing.py",
+                &[&url, "dashboards", sales, payroll],
+                &[("SDK_TOKEN", &token)],
+            )
+            .await;
+            eprintln!("dashboards {user}: {out:#}");
+            out
+        }
+    };
+    let rows = |v: &Value| -> Vec<Vec<String>> {
+        assert_eq!(v["state"], "SUCCEEDED", "{v:#}");
+        v["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(strings)
+            .collect()
+    };
+
+    let a = view("alice").await;
+    assert_eq!(strings(&a["list"]), vec![sales.to_string()]);
+    sdk_error(&a["get"][payroll], "PermissionDenied", payroll);
+    let p = &a["published"][sales];
+    assert_eq!(p["embed_credentials"], false);
+    assert_eq!(p["warehouse_id"], sandbox::WAREHOUSE_ID);
+    assert_eq!(
+        rows(&p["datasets"]["Orders by region"]),
+        vec![vec!["EMEA", "3", "505.75"]]
+    );
+    let customers = rows(&p["datasets"]["Customers"]);
+    assert_eq!(customers.len(), 3);
+    assert!(customers.iter().all(|r| r[1] == "***"), "{customers:?}");
+
+    // bob may view the same dashboard, but its datasets run as him: no SELECT on orders.
+    let b = view("bob").await;
+    let p = &b["published"][sales];
+    for ds in ["Orders by region", "Customers"] {
+        let v = &p["datasets"][ds];
+        assert_eq!(v["state"], "FAILED", "{v:#}");
+        assert!(v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("User does not have SELECT on Table 'main.sales.orders'"));
+    }
+
+    // carol sees every row unmasked, and her own unpublished dashboard.
+    let c = view("carol").await;
+    assert_eq!(strings(&c["list"]).len(), 2);
+    assert_eq!(c["get"][payroll], "Payroll");
+    sdk_error(&c["published"][payroll], "ResourceDoesNotExist", payroll);
+    let p = &c["published"][sales];
+    assert_eq!(rows(&p["datasets"]["Orders by region"]).len(), 3);
+    assert_eq!(rows(&p["datasets"]["Customers"])[0][1], "anna@example.org");
+
+    // Every dataset query reached the warehouse as its viewer, with the viewer's own token.
+    let runs: Vec<RequestRecord> = actions(&stack, "executeStatement");
+    for user in ["alice", "bob", "carol"] {
+        let mine = runs
+            .iter()
+            .filter(|r| r.user.as_deref() == Some(&format!("{user}@example.com")))
+            .count();
+        assert_eq!(mine, 2, "{user} ran {mine} dataset queries");
+    }
+    assert!(runs
+        .iter()
+        .all(|r| r.authorization_kind == "databricks_token"));
+    stack.shutdown().await;
+}
