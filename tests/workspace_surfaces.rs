@@ -641,3 +641,90 @@ async fn dashboards_run_each_viewers_queries_as_the_viewer() {
         .all(|r| r.authorization_kind == "databricks_token"));
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databricks_mcp_client_reaches_managed_servers_as_the_user() {
+    let stack = start().await;
+    let call = |user: &'static str, path: &'static str, tool: &'static str, args: Value| {
+        let token = token(&stack, user);
+        let url = stack.envoy_url();
+        async move {
+            let out = run_python(
+                "databricks_mcp_client.py",
+                &[&url, path, tool, &args.to_string()],
+                &[("MCP_TOKEN", &token)],
+            )
+            .await;
+            eprintln!("databricks-mcp {user} {path}: {out:#}");
+            out
+        }
+    };
+    let payload = |out: &Value| -> Value {
+        let texts = strings(&out["texts"]);
+        serde_json::from_str(texts.last().expect("a text result")).expect("json text")
+    };
+    let query = json!({"query": "SELECT region, COUNT(*) AS n FROM main.sales.orders GROUP BY region ORDER BY region"});
+
+    // The DBSQL server: the same tool and query, each user's own rows.
+    let alice = call("alice", "/api/2.0/mcp/sql", "execute_sql", query.clone()).await;
+    assert_eq!(strings(&alice["tools"]), vec!["execute_sql"]);
+    assert_eq!(alice["is_error"], false, "{alice:#}");
+    assert_eq!(payload(&alice)["rows"], json!([["EMEA", "3"]]));
+    let carol = call("carol", "/api/2.0/mcp/sql", "execute_sql", query.clone()).await;
+    assert_eq!(payload(&carol)["rows"].as_array().map(Vec::len), Some(3));
+    let bob = call("bob", "/api/2.0/mcp/sql", "execute_sql", query).await;
+    assert_eq!(bob["is_error"], true, "{bob:#}");
+
+    // Unity Catalog functions: the tools the caller may EXECUTE, masks applied.
+    let tool = "main__sales__orders_in_region";
+    let alice = call(
+        "alice",
+        "/api/2.0/mcp/functions/main/sales",
+        tool,
+        json!({"region_name": "EMEA"}),
+    )
+    .await;
+    assert_eq!(strings(&alice["tools"]), vec![tool]);
+    assert_eq!(payload(&alice)["rows"][0][2], "***");
+
+    // A permission change through the same client and tool: refused by aegis with a JSON-RPC
+    // error the library raises, and not run.
+    let before = actions(&stack, "callTool").len();
+    let refused = call(
+        "alice",
+        "/api/2.0/mcp/sql",
+        "execute_sql",
+        json!({"query": "GRANT ALL PRIVILEGES ON CATALOG main TO `account users`"}),
+    )
+    .await;
+    assert_eq!(refused["error"], "McpError", "{refused:#}");
+    assert_eq!(
+        refused["data"]["reason"], "statement_blocked",
+        "{refused:#}"
+    );
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("statement_blocked"),
+        "{refused:#}"
+    );
+    assert_eq!(actions(&stack, "callTool").len(), before);
+
+    // Every request the library made reached the workspace as the user, with their own token.
+    let mcp: Vec<RequestRecord> = stack
+        .sandbox
+        .requests()
+        .into_iter()
+        .filter(|r| r.service == "mcp")
+        .collect();
+    assert!(!mcp.is_empty());
+    assert!(mcp
+        .iter()
+        .all(|r| r.authorization_kind == "databricks_token"));
+    for user in ["alice", "bob", "carol"] {
+        let who = format!("{user}@example.com");
+        assert!(mcp.iter().any(|r| r.user.as_deref() == Some(who.as_str())));
+    }
+    stack.shutdown().await;
+}
