@@ -385,6 +385,9 @@ pub struct PolicyConfig {
     pub allow: Vec<RuleConfig>,
     /// Agents (per workspace) that may run SQL the statement guardrail would block.
     pub allow_statements: Vec<ScopeConfig>,
+    /// Agents (per workspace) that may run Python, Scala and R through the command execution
+    /// API (`/api/1.2/commands/execute`), which the guardrail refuses otherwise.
+    pub allow_commands: Vec<ScopeConfig>,
     /// MCP tools agents may not call.
     pub tool_deny: Vec<ToolRuleConfig>,
     /// MCP tools agents may call: where a rule's server, agents and workspaces match, only the
@@ -1823,6 +1826,7 @@ impl Reader<'_> {
                 "deny",
                 "allow",
                 "allow_statements",
+                "allow_commands",
                 "tool_deny",
                 "tool_allow",
             ],
@@ -1833,6 +1837,7 @@ impl Reader<'_> {
         let deny = self.rules(t, "deny", workspaces);
         let allow = self.rules(t, "allow", workspaces);
         let allow_statements = self.scopes(t, "allow_statements", workspaces);
+        let allow_commands = self.scopes(t, "allow_commands", workspaces);
         let tool_deny = self.tool_rules(t, "tool_deny", workspaces);
         let tool_allow = self.tool_rules(t, "tool_allow", workspaces);
         Some(PolicyConfig {
@@ -1840,6 +1845,7 @@ impl Reader<'_> {
             deny,
             allow,
             allow_statements,
+            allow_commands,
             tool_deny,
             tool_allow,
         })
@@ -2163,6 +2169,7 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
             "scopes = [\"all-apis\"]\n",
             "scopes = [\"all-apis\"]\nrate_limits = { user = \"600/min\", user_agent = \"5/s\" }\n",
         ) + "allow_statements = [ { agents = [\"dba-bot\"] } ]\n\
+             allow_commands = [ { agents = [\"notebook-bot\"], workspaces = [\"prod\"] } ]\n\
              tool_deny = [ { server = \"/api/2.0/mcp/sql\", tools = [\"execute_sql\"] } ]\n";
         let cfg = f.parse(&good, &HashMap::new()).unwrap();
         let limits = cfg.workspaces[0].rate_limits;
@@ -2175,18 +2182,22 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
         );
         assert_eq!(limits.agent, None);
         assert_eq!(cfg.policy.allow_statements[0].agents, vec!["dba-bot"]);
+        assert_eq!(cfg.policy.allow_commands[0].agents, vec!["notebook-bot"]);
+        assert_eq!(cfg.policy.allow_commands[0].workspaces, vec!["prod"]);
         assert_eq!(cfg.policy.tool_deny[0].tools, vec!["execute_sql"]);
 
         let bad = GOOD.replace(
             "scopes = [\"all-apis\"]\n",
             "scopes = [\"all-apis\"]\nrate_limits = { user = \"lots\", per_day = \"1/d\" }\n",
         ) + "allow_statements = [ { workspaces = [\"prod\"] } ]\n\
+             allow_commands = [ { agents = [] } ]\n\
              tool_deny = [ { server = \"/api/2.0/sql/statements\" } ]\n";
         let errs = f.parse(&bad, &HashMap::new()).unwrap_err().to_string();
         for want in [
             "workspaces[0].rate_limits.user",
             "workspaces[0].rate_limits.per_day",
             "policy.allow_statements[0].agents",
+            "policy.allow_commands[0].agents",
             "policy.tool_deny[0].server",
         ] {
             assert!(errs.contains(want), "{want} not reported in:\n{errs}");

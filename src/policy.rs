@@ -95,6 +95,28 @@ const AGENT_SAFE_DEFAULTS: &[(&[&str], &str)] = &[
         &["POST", "PUT", "PATCH", "DELETE"],
         "/api/2.1/unity-catalog/workspace-bindings/*",
     ),
+    // Delta Sharing: creating, changing or deleting shares (adding a table to a share publishes
+    // it), their recipient grants, recipients (and rotating their tokens) and providers all
+    // change who outside the workspace can read data. Reading them stays allowed.
+    (
+        &["POST", "PUT", "PATCH", "DELETE"],
+        "/api/2.1/unity-catalog/shares/*",
+    ),
+    (
+        &["POST", "PUT", "PATCH", "DELETE"],
+        "/api/2.1/unity-catalog/recipients/*",
+    ),
+    (
+        &["POST", "PUT", "PATCH", "DELETE"],
+        "/api/2.1/unity-catalog/providers/*",
+    ),
+    (
+        &["POST", "PUT", "PATCH", "DELETE"],
+        "/api/2.0/data-sharing/recipients/*",
+    ),
+    // A cluster's owner (whose identity single-user clusters run as).
+    (&["POST"], "/api/2.1/clusters/change-owner"),
+    (&["POST"], "/api/2.0/clusters/change-owner"),
     // The workspace's and the account's OAuth endpoints: with its IdP JWT as the subject token
     // an agent would get a raw Databricks token (RFC 8693 token exchange) and could use it without
     // aegis. The metadata documents (`/oidc/.well-known/*`, `/.well-known/databricks-config`)
@@ -105,11 +127,24 @@ const AGENT_SAFE_DEFAULTS: &[(&[&str], &str)] = &[
     (&[], "/oidc/accounts/*/v1/authorize/*"),
 ];
 
-/// The routes whose bodies carry an agent's SQL.
+/// The routes whose bodies carry an agent's SQL (or code).
 enum SqlRoute {
     Statements,
     McpSql,
+    /// The command execution API: SQL, or Python, Scala and R that can issue any SQL.
+    Commands,
 }
+
+/// The fields of a command execution request the guardrail reads. Deserialized into a struct so
+/// that a body naming a field twice (which another JSON reader might resolve the other way) is
+/// refused as unreadable.
+#[derive(serde::Deserialize)]
+struct CommandBody {
+    language: Option<serde_json::Value>,
+    command: Option<serde_json::Value>,
+}
+
+const NOT_SQL_COMMAND: &str = "runs Python, Scala or R, which can issue any SQL";
 
 /// The messages of a JSON-RPC body: one message, or each message of a batch.
 fn jsonrpc_messages(doc: &serde_json::Value) -> Vec<&serde_json::Value> {
@@ -168,6 +203,8 @@ pub struct Policy {
     allow: Vec<Rule>,
     /// Agents (per workspace) the statement guardrail does not apply to.
     allow_statements: Vec<crate::config::ScopeConfig>,
+    /// Agents (per workspace) that may run Python, Scala and R commands.
+    allow_commands: Vec<crate::config::ScopeConfig>,
     /// MCP tool rules: (server pattern, tools) for deny and allow.
     tool_deny: Vec<(Rule, Vec<String>)>,
     tool_allow: Vec<(Rule, Vec<String>)>,
@@ -290,6 +327,7 @@ impl Policy {
             deny: cfg.policy.deny.iter().map(Rule::from_config).collect(),
             allow: cfg.policy.allow.iter().map(Rule::from_config).collect(),
             allow_statements: cfg.policy.allow_statements.clone(),
+            allow_commands: cfg.policy.allow_commands.clone(),
             tool_deny: cfg.policy.tool_deny.iter().map(tool_rule).collect(),
             tool_allow: cfg.policy.tool_allow.iter().map(tool_rule).collect(),
             authorization_servers: cfg.issuers.iter().map(|i| i.issuer.clone()).collect(),
@@ -341,11 +379,13 @@ impl Policy {
     }
 
     /// The statement guardrail: on the routes that carry SQL (the Statement Execution API, the
-    /// managed MCP SQL server), the SQL an agent sends must not change permissions (see
-    /// [`sql`]). `Ok` passes; `Err` is a `statement_blocked` deny, with the JSON-RPC id of the
-    /// offending MCP message when there is one. A guarded route whose body aegis did not get
-    /// (Envoy not set up to send it) or cannot read is blocked, never passed unread. `path` is
-    /// already normalized.
+    /// managed MCP SQL server, the command execution API), the SQL an agent sends must not
+    /// change permissions (see [`sql`]). A command in any language but `sql` (Python, Scala, R,
+    /// or none named) is refused unless `allow_commands` lifts it for the agent and workspace:
+    /// such code can issue any SQL. `Ok` passes; `Err` is a `statement_blocked` deny, with the
+    /// JSON-RPC id of the offending MCP message when there is one. A guarded route whose body
+    /// aegis did not get (Envoy not set up to send it) or cannot read is blocked, never passed
+    /// unread. `path` is already normalized.
     pub fn statement_guard(
         &self,
         method: &str,
@@ -362,13 +402,22 @@ impl Policy {
             SqlRoute::Statements
         } else if trimmed.eq_ignore_ascii_case("/api/2.0/mcp/sql") {
             SqlRoute::McpSql
+        } else if trimmed.eq_ignore_ascii_case("/api/1.2/commands/execute") {
+            SqlRoute::Commands
         } else {
             return Ok(None);
         };
-        let lifted = self.allow_statements.iter().any(|s| {
-            agent.is_some_and(|a| s.agents.iter().any(|x| x == a))
-                && (s.workspaces.is_empty() || s.workspaces.iter().any(|w| w == workspace))
-        });
+        let scoped = |scopes: &[crate::config::ScopeConfig]| {
+            scopes.iter().any(|s| {
+                agent.is_some_and(|a| s.agents.iter().any(|x| x == a))
+                    && (s.workspaces.is_empty() || s.workspaces.iter().any(|w| w == workspace))
+            })
+        };
+        let commands_lifted = matches!(route, SqlRoute::Commands) && scoped(&self.allow_commands);
+        // On the command route an unread body could be any language: only an agent free of
+        // both guardrails may send one.
+        let lifted = scoped(&self.allow_statements)
+            && (commands_lifted || !matches!(route, SqlRoute::Commands));
         let unread = |why: &'static str| {
             if lifted {
                 Ok(None)
@@ -384,6 +433,14 @@ impl Policy {
         let Some(body) = body.filter(|b| !b.is_empty()) else {
             return unread("the request body was not sent to aegis");
         };
+        if matches!(route, SqlRoute::Commands) {
+            return self.command_guard(
+                body,
+                lifted,
+                scoped(&self.allow_statements),
+                commands_lifted,
+            );
+        }
         let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
             return unread("the request body is not JSON");
         };
@@ -409,6 +466,7 @@ impl Policy {
                 Some(serde_json::Value::String(sql)) => judge(sql, None),
                 _ => unread("the statement is missing or not a string"),
             },
+            SqlRoute::Commands => unread("the command was not read"),
             SqlRoute::McpSql => {
                 let mut seen = None;
                 for m in jsonrpc_messages(&doc) {
@@ -443,6 +501,67 @@ impl Policy {
                 }
                 Ok(seen)
             }
+        }
+    }
+
+    /// The command execution API's body: `language` `sql` (exactly that word, in any letter
+    /// case) is classified like any agent SQL; every other language, or none, is code that can
+    /// issue any SQL. `unread_ok`: the body may pass unread; `sql_lifted`, `code_lifted`: the
+    /// statement and command guardrails do not apply to this agent.
+    fn command_guard(
+        &self,
+        body: &[u8],
+        unread_ok: bool,
+        sql_lifted: bool,
+        code_lifted: bool,
+    ) -> Result<Option<StatementSeen>, StatementBlock> {
+        let block = |why, kind, fingerprint| StatementBlock {
+            why,
+            jsonrpc_id: None,
+            kind,
+            fingerprint,
+        };
+        let unread = |why: &'static str| {
+            if unread_ok {
+                Ok(None)
+            } else {
+                Err(block(why, sql::StatementKind::Unknown, [0u8; 32]))
+            }
+        };
+        let Ok(cmd) = serde_json::from_slice::<CommandBody>(body) else {
+            return unread("the command body is not JSON naming each field once");
+        };
+        let Some(serde_json::Value::String(text)) = cmd.command else {
+            return unread("the command is missing or not a string");
+        };
+        let is_sql = match &cmd.language {
+            Some(serde_json::Value::String(l)) => l.eq_ignore_ascii_case("sql"),
+            None => false,
+            Some(_) => return unread("the command language is not a string"),
+        };
+        if is_sql {
+            let c = sql::classify(&text);
+            return match c.blocked {
+                Some(why) if !sql_lifted => Err(block(why, c.kind, c.fingerprint)),
+                _ => Ok(Some(StatementSeen {
+                    kind: c.kind,
+                    fingerprint: c.fingerprint,
+                })),
+            };
+        }
+        use sha2::Digest;
+        let fingerprint: [u8; 32] = sha2::Sha256::digest(text.as_bytes()).into();
+        if code_lifted {
+            Ok(Some(StatementSeen {
+                kind: sql::StatementKind::Unknown,
+                fingerprint,
+            }))
+        } else {
+            Err(block(
+                NOT_SQL_COMMAND,
+                sql::StatementKind::Unknown,
+                fingerprint,
+            ))
         }
     }
 
@@ -745,6 +864,33 @@ allowed_agents = ["joule"]
                 "PATCH",
                 "/api/2.1/unity-catalog/workspace-bindings/catalogs/main",
             ),
+            // Cluster and dashboard ACLs (the Permissions API), share grants, recipients.
+            ("PUT", "/api/2.0/permissions/clusters/0601-101010-shared01"),
+            (
+                "PATCH",
+                "/api/2.0/permissions/clusters/0601-101010-shared01",
+            ),
+            ("PUT", "/api/2.0/permissions/dashboards/01f0d5a1"),
+            ("PATCH", "/api/2.0/permissions/dashboards/01f0d5a1"),
+            (
+                "PATCH",
+                "/api/2.1/unity-catalog/shares/sales_share/permissions",
+            ),
+            ("PATCH", "/api/2.1/unity-catalog/shares/sales_share"),
+            ("POST", "/api/2.1/unity-catalog/shares"),
+            ("DELETE", "/api/2.1/unity-catalog/shares/sales_share"),
+            ("POST", "/api/2.1/unity-catalog/recipients"),
+            (
+                "POST",
+                "/api/2.1/unity-catalog/recipients/partner_acme/rotate-token",
+            ),
+            ("PATCH", "/api/2.1/unity-catalog/Recipients/partner_acme"),
+            ("POST", "/api/2.1/unity-catalog/providers"),
+            (
+                "POST",
+                "/api/2.0/data-sharing/recipients/r/federation-policies",
+            ),
+            ("POST", "/api/2.1/clusters/change-owner"),
         ];
         for (m, raw) in blocked {
             assert!(
@@ -786,6 +932,17 @@ allowed_agents = ["joule"]
             ),
             ("POST", "/api/2.0/preview/sql/queries"),
             ("POST", "/api/2.0/git-credentialsx"),
+            // Reading clusters, dashboards and shares, and starting a cluster.
+            ("GET", "/api/2.0/permissions/clusters/0601-101010-shared01"),
+            ("GET", "/api/2.1/unity-catalog/shares"),
+            (
+                "GET",
+                "/api/2.1/unity-catalog/shares/sales_share/permissions",
+            ),
+            ("GET", "/api/2.1/unity-catalog/recipients"),
+            ("GET", "/api/2.1/unity-catalog/providers/p"),
+            ("POST", "/api/2.1/clusters/start"),
+            ("POST", "/api/1.2/contexts/create"),
         ];
         for (m, raw) in allowed {
             assert!(
@@ -932,5 +1089,64 @@ deny = [ { path = "/api/2.0/sql/statements/*", workspaces = ["b"] } ]"#,
         assert!(p
             .statement_guard("POST", "/API/2.0/SQL/Statements/", Some(grant), None, "a")
             .is_err());
+    }
+
+    #[test]
+    fn commands_are_classified_by_language_and_code_needs_allow_commands() {
+        let p = policy(
+            "[policy]\n\
+             allow_commands = [ { agents = [\"notebook-bot\"], workspaces = [\"a\"] } ]\n\
+             allow_statements = [ { agents = [\"dba-bot\"] } ]",
+        );
+        let path = "/api/1.2/commands/execute";
+        let cmd = |language: &str, command: &str| {
+            serde_json::json!({"clusterId": "c", "contextId": "1", "language": language, "command": command})
+                .to_string()
+        };
+        let guard = |body: &str, agent: &str, ws: &str| {
+            p.statement_guard("POST", path, Some(body.as_bytes()), Some(agent), ws)
+        };
+        // SQL: the classifier decides; permission changes are refused, queries pass.
+        let grant = guard(&cmd("sql", "GRANT SELECT ON t TO x"), "copilot", "a").unwrap_err();
+        assert_eq!(grant.kind, sql::StatementKind::Dcl);
+        assert_ne!(grant.fingerprint, [0u8; 32]);
+        let seen = guard(&cmd("SQL", "SELECT 1"), "copilot", "a")
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen.kind, sql::StatementKind::Query);
+        assert!(guard(&cmd("sql", "GRANT SELECT ON t TO x"), "dba-bot", "a").is_ok());
+        // Code: refused by default, lifted per agent and workspace.
+        for language in ["python", "scala", "r", "PYTHON", "sql ", ""] {
+            let refused = guard(&cmd(language, "1 + 1"), "copilot", "a").unwrap_err();
+            assert_eq!(refused.why, NOT_SQL_COMMAND, "{language:?}");
+            assert_ne!(refused.fingerprint, [0u8; 32]);
+        }
+        assert!(guard(&cmd("python", "1 + 1"), "notebook-bot", "a").is_ok());
+        assert!(guard(&cmd("python", "1 + 1"), "notebook-bot", "b").is_err());
+        // allow_statements does not lift code.
+        assert!(guard(&cmd("python", "1 + 1"), "dba-bot", "a").is_err());
+        // No language named: it runs in the context's language, so it is code.
+        let no_language = r#"{"clusterId": "c", "contextId": "1", "command": "1 + 1"}"#;
+        assert!(guard(no_language, "copilot", "a").is_err());
+        // A field named twice, a form body, no body: unreadable, refused.
+        let twice = r#"{"language": "sql", "command": "SELECT 1", "language": "python"}"#;
+        assert!(guard(twice, "copilot", "a").is_err());
+        assert!(guard("language=python&command=1", "copilot", "a").is_err());
+        assert!(p
+            .statement_guard("POST", path, None, Some("copilot"), "a")
+            .is_err());
+        // Only an agent free of both guardrails may send an unreadable body.
+        assert!(guard(twice, "dba-bot", "a").is_err());
+        assert!(guard(twice, "notebook-bot", "a").is_err());
+        // Status polls and context calls are not read.
+        assert!(p
+            .statement_guard(
+                "GET",
+                "/api/1.2/commands/status",
+                None,
+                Some("copilot"),
+                "a"
+            )
+            .is_ok());
     }
 }

@@ -412,6 +412,264 @@ pub struct Warehouse {
     pub can_use: Vec<String>,
 }
 
+// === Compute, AI/BI dashboards and Delta Sharing ===
+
+/// One entry of a workspace object's access control list (clusters, dashboards): a principal (a
+/// user name or a group name) and the permission level it holds directly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AclEntry {
+    pub principal: String,
+    pub level: String,
+}
+
+/// An all-purpose cluster. Its ACL follows Databricks' compute permissions: `CAN_ATTACH_TO`
+/// (attach, run commands), `CAN_RESTART` (+ start, restart, terminate), `CAN_MANAGE` (+ edit,
+/// change permissions); workspace admins hold `CAN_MANAGE` on every cluster.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    pub id: String,
+    pub name: String,
+    pub creator: String,
+    /// RUNNING when the sandbox starts (else TERMINATED).
+    pub running: bool,
+    pub acl: Vec<AclEntry>,
+}
+
+/// A dataset of an AI/BI (Lakeview) dashboard: a query the dashboard runs on its warehouse.
+#[derive(Clone, Debug)]
+pub struct DashboardDataset {
+    pub name: String,
+    pub display_name: String,
+    pub query: String,
+}
+
+/// An AI/BI (Lakeview) dashboard. Its ACL levels are `CAN_READ`, `CAN_RUN`, `CAN_EDIT` and
+/// `CAN_MANAGE`; workspace admins hold `CAN_MANAGE`. A published dashboard in the fixture never
+/// embeds its publisher's credentials: every viewer's queries run as the viewer.
+#[derive(Clone, Debug)]
+pub struct Dashboard {
+    pub id: String,
+    pub display_name: String,
+    pub parent_path: String,
+    pub warehouse_id: String,
+    pub owner: String,
+    pub published: bool,
+    pub datasets: Vec<DashboardDataset>,
+    pub acl: Vec<AclEntry>,
+}
+
+/// A Delta Sharing share: tables of this metastore, and the recipients granted `SELECT` on it.
+#[derive(Clone, Debug)]
+pub struct Share {
+    pub name: String,
+    pub owner: String,
+    pub comment: String,
+    /// Full names of the shared tables.
+    pub tables: Vec<String>,
+    /// Recipients holding SELECT on the share.
+    pub recipients: Vec<String>,
+}
+
+/// A Delta Sharing recipient (`TOKEN`: open sharing; `DATABRICKS`: another metastore).
+#[derive(Clone, Debug)]
+pub struct Recipient {
+    pub name: String,
+    pub owner: String,
+    pub comment: String,
+    pub authentication_type: &'static str,
+    pub global_metastore_id: Option<String>,
+}
+
+/// A Delta Sharing provider (an organization that shares data with this metastore).
+#[derive(Clone, Debug)]
+pub struct Provider {
+    pub name: String,
+    pub owner: String,
+    pub comment: String,
+    pub global_metastore_id: String,
+}
+
+/// The metastore privileges Delta Sharing checks (granted on the metastore itself).
+pub const METASTORE_PRIVILEGES: [&str; 7] = [
+    "CREATE_SHARE",
+    "CREATE_RECIPIENT",
+    "CREATE_PROVIDER",
+    "USE_SHARE",
+    "USE_RECIPIENT",
+    "USE_PROVIDER",
+    "SET_SHARE_PERMISSION",
+];
+
+/// The metastore the workspace is attached to.
+pub const METASTORE_ID: &str = "11111111-2222-4333-8444-555555555555";
+/// This metastore's Delta Sharing identifier (`<cloud>:<region>:<metastore id>`).
+pub const GLOBAL_METASTORE_ID: &str = "aws:us-west-2:11111111-2222-4333-8444-555555555555";
+
+/// A running cluster alice may attach to (analysts) but not start or manage.
+pub const CLUSTER_SHARED: &str = "0601-101010-shared01";
+/// A terminated cluster: alice may attach, bob may restart it.
+pub const CLUSTER_ETL: &str = "0601-101010-etlnight";
+/// The admins' cluster: nobody else holds a permission on it.
+pub const CLUSTER_ADMIN: &str = "0601-101010-adminops";
+/// The published sales dashboard (alice and bob may run it).
+pub const DASHBOARD_SALES: &str = "01f0d5a1b2c3d4e5f60718293a4b5c6d";
+/// carol's private payroll dashboard.
+pub const DASHBOARD_PAYROLL: &str = "01f0e6f7a8b9c0d1e2f30415263748a9";
+
+fn acl(entries: &[(&str, &str)]) -> Vec<AclEntry> {
+    entries
+        .iter()
+        .map(|(p, l)| AclEntry {
+            principal: p.to_string(),
+            level: l.to_string(),
+        })
+        .collect()
+}
+
+/// The fixture's clusters, dashboards and Delta Sharing objects.
+struct ComputeAndSharing {
+    clusters: Vec<Cluster>,
+    dashboards: Vec<Dashboard>,
+    shares: Vec<Share>,
+    recipients: Vec<Recipient>,
+    providers: Vec<Provider>,
+    metastore_grants: Vec<(String, Vec<&'static str>)>,
+}
+
+fn compute_and_sharing() -> ComputeAndSharing {
+    let clusters = vec![
+        Cluster {
+            id: CLUSTER_SHARED.into(),
+            name: "Shared analytics".into(),
+            creator: "carol@example.com".into(),
+            running: true,
+            acl: acl(&[
+                ("carol@example.com", "CAN_MANAGE"),
+                ("analysts", "CAN_ATTACH_TO"),
+            ]),
+        },
+        Cluster {
+            id: CLUSTER_ETL.into(),
+            name: "Nightly ETL".into(),
+            creator: "carol@example.com".into(),
+            running: false,
+            acl: acl(&[
+                ("carol@example.com", "CAN_MANAGE"),
+                ("alice@example.com", "CAN_ATTACH_TO"),
+                ("bob@example.com", "CAN_RESTART"),
+            ]),
+        },
+        Cluster {
+            id: CLUSTER_ADMIN.into(),
+            name: "Admin operations".into(),
+            creator: "carol@example.com".into(),
+            running: true,
+            acl: acl(&[("carol@example.com", "CAN_MANAGE")]),
+        },
+    ];
+    let dashboards = vec![
+        Dashboard {
+            id: DASHBOARD_SALES.into(),
+            display_name: "Sales overview".into(),
+            parent_path: "/Shared".into(),
+            warehouse_id: WAREHOUSE_ID.into(),
+            owner: "carol@example.com".into(),
+            published: true,
+            datasets: vec![
+                DashboardDataset {
+                    name: "4f2a9c1e".into(),
+                    display_name: "Orders by region".into(),
+                    query: "SELECT region, COUNT(*) AS orders, SUM(amount) AS total_amount \
+                            FROM main.sales.orders GROUP BY region ORDER BY region"
+                        .into(),
+                },
+                DashboardDataset {
+                    name: "7b3d0e52".into(),
+                    display_name: "Customers".into(),
+                    query: "SELECT order_id, customer_email FROM main.sales.orders \
+                            ORDER BY order_id"
+                        .into(),
+                },
+            ],
+            acl: acl(&[
+                ("carol@example.com", "CAN_MANAGE"),
+                ("alice@example.com", "CAN_RUN"),
+                ("bob@example.com", "CAN_RUN"),
+            ]),
+        },
+        Dashboard {
+            id: DASHBOARD_PAYROLL.into(),
+            display_name: "Payroll".into(),
+            parent_path: "/Users/carol@example.com".into(),
+            warehouse_id: WAREHOUSE_ID.into(),
+            owner: "carol@example.com".into(),
+            published: false,
+            datasets: vec![DashboardDataset {
+                name: "9c8d7e6f".into(),
+                display_name: "Salaries".into(),
+                query: "SELECT employee, salary FROM main.hr.salaries ORDER BY employee".into(),
+            }],
+            acl: acl(&[("carol@example.com", "CAN_MANAGE")]),
+        },
+    ];
+    let shares = vec![
+        Share {
+            name: "sales_share".into(),
+            owner: "alice@example.com".into(),
+            comment: "Orders for our resellers".into(),
+            tables: vec!["main.sales.orders".into()],
+            recipients: vec![],
+        },
+        Share {
+            name: "hr_share".into(),
+            owner: "admins".into(),
+            comment: "Payroll for the auditors".into(),
+            tables: vec!["main.hr.salaries".into()],
+            recipients: vec!["auditor_co".into()],
+        },
+    ];
+    let recipients = vec![
+        Recipient {
+            name: "partner_acme".into(),
+            owner: "alice@example.com".into(),
+            comment: "Acme, a reseller (open sharing)".into(),
+            authentication_type: "TOKEN",
+            global_metastore_id: None,
+        },
+        Recipient {
+            name: "auditor_co".into(),
+            owner: "admins".into(),
+            comment: "The external auditors' Databricks metastore".into(),
+            authentication_type: "DATABRICKS",
+            global_metastore_id: Some("aws:eu-west-1:9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d".into()),
+        },
+    ];
+    let providers = vec![Provider {
+        name: "market_data_inc".into(),
+        owner: "admins".into(),
+        comment: "Reference market data".into(),
+        global_metastore_id: "aws:us-east-1:0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0".into(),
+    }];
+    let metastore_grants = vec![
+        (
+            "alice@example.com".to_string(),
+            vec!["CREATE_SHARE", "CREATE_RECIPIENT"],
+        ),
+        (
+            "bob@example.com".to_string(),
+            vec!["USE_SHARE", "USE_RECIPIENT"],
+        ),
+    ];
+    ComputeAndSharing {
+        clusters,
+        dashboards,
+        shares,
+        recipients,
+        providers,
+        metastore_grants,
+    }
+}
+
 // === The fixture ===
 
 #[derive(Clone, Debug)]
@@ -426,6 +684,15 @@ pub struct Fixture {
     pub functions: Vec<Function>,
     pub genie_spaces: Vec<GenieSpace>,
     pub objects: Vec<WorkspaceObject>,
+    pub clusters: Vec<Cluster>,
+    pub dashboards: Vec<Dashboard>,
+    pub shares: Vec<Share>,
+    pub recipients: Vec<Recipient>,
+    pub providers: Vec<Provider>,
+    /// Metastore admins (principals) hold every metastore privilege and pass every owner check.
+    pub metastore_admins: Vec<String>,
+    /// Privileges granted on the metastore: (principal, privileges).
+    pub metastore_grants: Vec<(String, Vec<&'static str>)>,
 }
 
 /// Display names the dev IdP and the workspace directory agree on.
@@ -561,6 +828,14 @@ impl Fixture {
             name: name.to_string(),
         })
         .collect();
+        let ComputeAndSharing {
+            clusters,
+            dashboards,
+            shares,
+            recipients,
+            providers,
+            metastore_grants,
+        } = compute_and_sharing();
 
         let orders = Table {
             catalog: "main".into(),
@@ -813,6 +1088,13 @@ impl Fixture {
                 },
             ],
             objects: workspace_objects(),
+            clusters,
+            dashboards,
+            shares,
+            recipients,
+            providers,
+            metastore_admins: vec!["admins".into()],
+            metastore_grants,
         }
     }
 
@@ -889,6 +1171,28 @@ impl Fixture {
                 || (!top && path.starts_with(&o.path) && path[o.path.len()..].starts_with('/'));
             covers && grants(o)
         })
+    }
+
+    pub fn cluster(&self, id: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.id == id)
+    }
+
+    pub fn dashboard(&self, id: &str) -> Option<&Dashboard> {
+        self.dashboards.iter().find(|d| d.id == id)
+    }
+
+    /// Whether `who` is a metastore admin.
+    pub fn is_metastore_admin(&self, who: &Principal) -> bool {
+        self.metastore_admins.iter().any(|a| who.matches(a))
+    }
+
+    /// Whether `who` holds `privilege` on the metastore (metastore admins hold them all).
+    pub fn has_metastore_privilege(&self, who: &Principal, privilege: &str) -> bool {
+        self.is_metastore_admin(who)
+            || self
+                .metastore_grants
+                .iter()
+                .any(|(p, privs)| who.matches(p) && privs.contains(&privilege))
     }
 
     pub fn warehouse(&self, id: &str) -> Option<&Warehouse> {

@@ -11,6 +11,9 @@ pub use sandbox::stack::{
 pub use sandbox::stack::{Stack, StackOptions};
 pub use sandbox::{RequestRecord, TokenRequest};
 
+pub mod python;
+pub mod sql_corpus;
+
 pub const AEGIS_BIN: &str = env!("CARGO_BIN_EXE_aegis");
 
 /// Starts a stack, failing loudly if anything cannot start.

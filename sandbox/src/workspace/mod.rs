@@ -12,12 +12,16 @@
 //! servers). The data and the grants live in [`crate::fixture`],
 //! the SQL engine in [`crate::sql`].
 
+mod clusters;
 pub(crate) mod entra;
 mod genie;
+mod lakeview;
 mod mcp;
 pub(crate) mod oauth;
 mod objects;
+mod permissions;
 mod scim;
+mod sharing;
 mod statements;
 mod u2m;
 mod unity_catalog;
@@ -76,6 +80,12 @@ pub(crate) struct WorkspaceState {
     pub u2m: u2m::U2mState,
     /// The Entra-shaped OBO endpoint's state (served on the IdP's listener).
     pub entra: entra::EntraState,
+    /// Cluster and dashboard ACLs as they are now (PUT/PATCH change them).
+    acls: permissions::Acls,
+    /// Clusters' run state, execution contexts and commands.
+    compute: clusters::Compute,
+    /// Delta Sharing shares and recipients as they are now.
+    sharing: sharing::Sharing,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,10 +97,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl WorkspaceState {
     pub fn new(url: String, opts: SandboxOptions, idp: Arc<IdpState>) -> WorkspaceState {
+        let fixture = Fixture::standard();
         WorkspaceState {
             url,
             opts,
-            fixture: Fixture::standard(),
+            acls: permissions::Acls::new(&fixture),
+            compute: clusters::Compute::new(&fixture),
+            sharing: sharing::Sharing::new(&fixture),
+            fixture,
             idp,
             tokens: Mutex::new(HashMap::new()),
             exchanges: Mutex::new(HashMap::new()),
@@ -120,13 +134,17 @@ impl WorkspaceState {
             .unwrap_or(0)
     }
 
-    /// `POST /_sandbox/reset`: forgets the request log, the exchange counts and the statements.
-    /// Issued tokens stay valid, as they would in Databricks.
+    /// `POST /_sandbox/reset`: forgets the request log, the exchange counts, the statements,
+    /// conversations, execution contexts and commands, and puts clusters, ACLs and shares back
+    /// as the fixture has them. Issued tokens stay valid, as they would in Databricks.
     pub fn reset(&self) {
         self.clear_requests();
         lock(&self.exchanges).clear();
         self.statements.clear();
         self.genie.clear();
+        self.acls.reset(&self.fixture);
+        self.compute.reset(&self.fixture);
+        self.sharing.reset(&self.fixture);
     }
 
     fn record(&self, rec: RequestRecord) {
@@ -312,6 +330,64 @@ pub(crate) fn router(state: Arc<WorkspaceState>) -> Router {
             "/api/2.0/genie/spaces/{space_id}/conversations/{conversation_id}/messages/{message_id}/attachments/{attachment_id}/query-result",
             get(genie::attachment_query_result),
         )
+        .route("/api/2.1/clusters/list", get(clusters::list))
+        .route("/api/2.0/clusters/list", get(clusters::list))
+        .route("/api/2.1/clusters/get", get(clusters::get))
+        .route("/api/2.0/clusters/get", get(clusters::get))
+        .route("/api/2.1/clusters/start", post(clusters::start))
+        .route("/api/2.0/clusters/start", post(clusters::start))
+        .route(
+            "/api/2.0/permissions/{object_type}/{object_id}",
+            get(permissions::get)
+                .put(permissions::put)
+                .patch(permissions::patch),
+        )
+        .route(
+            "/api/2.0/permissions/{object_type}/{object_id}/permissionLevels",
+            get(permissions::levels),
+        )
+        .route("/api/1.2/contexts/create", post(clusters::create_context))
+        .route("/api/1.2/contexts/status", get(clusters::context_status))
+        .route("/api/1.2/contexts/destroy", post(clusters::destroy_context))
+        .route("/api/1.2/commands/execute", post(clusters::execute))
+        .route("/api/1.2/commands/status", get(clusters::command_status))
+        .route("/api/1.2/commands/cancel", post(clusters::cancel))
+        .route("/api/2.0/lakeview/dashboards", get(lakeview::list))
+        .route("/api/2.0/lakeview/dashboards/{id}", get(lakeview::get))
+        .route(
+            "/api/2.0/lakeview/dashboards/{id}/published",
+            get(lakeview::published),
+        )
+        .route(
+            "/api/2.1/unity-catalog/shares",
+            get(sharing::list_shares).post(sharing::create_share),
+        )
+        .route("/api/2.1/unity-catalog/shares/{name}", get(sharing::get_share))
+        .route(
+            "/api/2.1/unity-catalog/shares/{name}/permissions",
+            get(sharing::share_permissions).patch(sharing::update_share_permissions),
+        )
+        .route(
+            "/api/2.1/unity-catalog/recipients",
+            get(sharing::list_recipients).post(sharing::create_recipient),
+        )
+        .route(
+            "/api/2.1/unity-catalog/recipients/{name}",
+            get(sharing::get_recipient),
+        )
+        .route(
+            "/api/2.1/unity-catalog/recipients/{name}/share-permissions",
+            get(sharing::recipient_share_permissions),
+        )
+        .route(
+            "/api/2.1/unity-catalog/recipients/{name}/rotate-token",
+            post(sharing::rotate_recipient_token),
+        )
+        .route("/api/2.1/unity-catalog/providers", get(sharing::list_providers))
+        .route(
+            "/api/2.1/unity-catalog/providers/{name}",
+            get(sharing::get_provider),
+        )
         .route("/api/2.0/workspace/list", get(objects::list))
         .route("/api/2.0/workspace/get-status", get(objects::get_status))
         .route(
@@ -439,6 +515,94 @@ fn classify(method: &Method, path: &str) -> Route {
         (&Method::GET, ["api", "2.0", "workspace", "list"]) => route("workspace", "list", true),
         (&Method::GET, ["api", "2.0", "workspace", "get-status"]) => {
             route("workspace", "getStatus", true)
+        }
+        (&Method::GET, ["api", "2.0" | "2.1", "clusters", "list"]) => {
+            route("clusters", "list", true)
+        }
+        (&Method::GET, ["api", "2.0" | "2.1", "clusters", "get"]) => route("clusters", "get", true),
+        (&Method::POST, ["api", "2.0" | "2.1", "clusters", "start"]) => {
+            route("clusters", "start", true)
+        }
+        (&Method::GET, ["api", "2.0", "permissions", "clusters", _]) => {
+            route("clusters", "getClusterPermissions", true)
+        }
+        (&Method::GET, ["api", "2.0", "permissions", "clusters", _, "permissionLevels"]) => {
+            route("clusters", "getClusterPermissionLevels", true)
+        }
+        (_, ["api", "2.0", "permissions", "clusters", ..]) => {
+            route("clusters", "changeClusterAcl", true)
+        }
+        (&Method::GET, ["api", "2.0", "permissions", "dashboards", _]) => {
+            route("dashboards", "getDashboardPermissions", true)
+        }
+        (&Method::GET, ["api", "2.0", "permissions", "dashboards", _, "permissionLevels"]) => {
+            route("dashboards", "getDashboardPermissionLevels", true)
+        }
+        (_, ["api", "2.0", "permissions", "dashboards", ..]) => {
+            route("dashboards", "changeDashboardAcl", true)
+        }
+        (&Method::POST, ["api", "1.2", "contexts", "create"]) => {
+            route("commandExecution", "createContext", true)
+        }
+        (&Method::GET, ["api", "1.2", "contexts", "status"]) => {
+            route("commandExecution", "getContextStatus", true)
+        }
+        (&Method::POST, ["api", "1.2", "contexts", "destroy"]) => {
+            route("commandExecution", "destroyContext", true)
+        }
+        (&Method::POST, ["api", "1.2", "commands", "execute"]) => {
+            route("commandExecution", "executeCommand", true)
+        }
+        (&Method::GET, ["api", "1.2", "commands", "status"]) => {
+            route("commandExecution", "getCommandStatus", true)
+        }
+        (&Method::POST, ["api", "1.2", "commands", "cancel"]) => {
+            route("commandExecution", "cancelCommand", true)
+        }
+        (&Method::GET, ["api", "2.0", "lakeview", "dashboards"]) => {
+            route("dashboards", "listDashboards", true)
+        }
+        (&Method::GET, ["api", "2.0", "lakeview", "dashboards", _]) => {
+            route("dashboards", "getDashboard", true)
+        }
+        (&Method::GET, ["api", "2.0", "lakeview", "dashboards", _, "published"]) => {
+            route("dashboards", "getPublishedDashboard", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "shares"]) => {
+            route("unityCatalog", "listShares", true)
+        }
+        (&Method::POST, ["api", "2.1", "unity-catalog", "shares"]) => {
+            route("unityCatalog", "createShare", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "shares", _]) => {
+            route("unityCatalog", "getShare", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "shares", _, "permissions"]) => {
+            route("unityCatalog", "getSharePermissions", true)
+        }
+        (&Method::PATCH, ["api", "2.1", "unity-catalog", "shares", _, "permissions"]) => {
+            route("unityCatalog", "updateSharePermissions", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "recipients"]) => {
+            route("unityCatalog", "listRecipients", true)
+        }
+        (&Method::POST, ["api", "2.1", "unity-catalog", "recipients"]) => {
+            route("unityCatalog", "createRecipient", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "recipients", _]) => {
+            route("unityCatalog", "getRecipient", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "recipients", _, "share-permissions"]) => {
+            route("unityCatalog", "getRecipientSharePermissions", true)
+        }
+        (&Method::POST, ["api", "2.1", "unity-catalog", "recipients", _, "rotate-token"]) => {
+            route("unityCatalog", "rotateRecipientToken", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "providers"]) => {
+            route("unityCatalog", "listProviders", true)
+        }
+        (&Method::GET, ["api", "2.1", "unity-catalog", "providers", _]) => {
+            route("unityCatalog", "getProvider", true)
         }
         (_, ["api", "2.0", "mcp", ..]) => route("mcp", "request", true),
         (_, ["api", ..]) => route("workspace", "endpointNotFound", true),
