@@ -114,6 +114,12 @@ const AGENT_SAFE_DEFAULTS: &[(&[&str], &str)] = &[
         &["POST", "PUT", "PATCH", "DELETE"],
         "/api/2.0/data-sharing/recipients/*",
     ),
+    // Publishing an AI/BI dashboard: with `embed_credentials` every viewer reads its data with
+    // the publisher's access, a permission change the body decides; any publish is refused.
+    (
+        &["POST", "PUT", "PATCH"],
+        "/api/2.0/lakeview/dashboards/*/published",
+    ),
     // A cluster's owner (whose identity single-user clusters run as).
     (&["POST"], "/api/2.1/clusters/change-owner"),
     (&["POST"], "/api/2.0/clusters/change-owner"),
@@ -891,6 +897,7 @@ allowed_agents = ["joule"]
                 "/api/2.0/data-sharing/recipients/r/federation-policies",
             ),
             ("POST", "/api/2.1/clusters/change-owner"),
+            ("POST", "/api/2.0/lakeview/dashboards/01f0d5a1/published"),
         ];
         for (m, raw) in blocked {
             assert!(
@@ -943,6 +950,7 @@ allowed_agents = ["joule"]
             ("GET", "/api/2.1/unity-catalog/providers/p"),
             ("POST", "/api/2.1/clusters/start"),
             ("POST", "/api/1.2/contexts/create"),
+            ("GET", "/api/2.0/lakeview/dashboards/01f0d5a1/published"),
         ];
         for (m, raw) in allowed {
             assert!(
