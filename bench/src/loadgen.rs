@@ -39,9 +39,35 @@ pub const CALLS: &[(&str, &str)] = &[
     ("GET", "/api/2.0/workspace/list?path=/Users"),
 ];
 
+/// The bodies Envoy sends with the calls on the routes aegis reads (issue 17's guardrails):
+/// without one, those routes are refused for agents.
+pub fn body_of(path: &str) -> Option<&'static str> {
+    match path {
+        "/api/2.0/sql/statements" => Some(
+            r#"{"warehouse_id":"bench","statement":"SELECT * FROM main.sales.orders LIMIT 10","wait_timeout":"30s"}"#,
+        ),
+        "/api/2.0/mcp/sql" => Some(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"execute_sql","arguments":{"query":"SELECT region, sum(amount) FROM main.sales.orders GROUP BY region"}}}"#,
+        ),
+        _ => None,
+    }
+}
+
 /// One CheckRequest per user, as Envoy's ext_authz filter builds it for an agent request.
 pub fn check_request(i: usize, token: &str, workspace: &str) -> CheckRequest {
     let (method, path) = CALLS[i % CALLS.len()];
+    request(i, token, workspace, method, path, body_of(path))
+}
+
+/// A CheckRequest for `method path` (with the request body Envoy buffered, if any).
+pub fn request(
+    i: usize,
+    token: &str,
+    workspace: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> CheckRequest {
     let host = "dbc-bench.cloud.databricks.com";
     let mut headers = HashMap::with_capacity(10);
     headers.insert(":authority".to_string(), host.to_string());
@@ -56,9 +82,10 @@ pub fn check_request(i: usize, token: &str, workspace: &str) -> CheckRequest {
     headers.insert("accept".to_string(), "application/json".to_string());
     headers.insert("x-forwarded-proto".to_string(), "http".to_string());
     headers.insert("x-request-id".to_string(), String::new());
+    let size = body.map(str::len).unwrap_or(if method == "POST" { 96 } else { 0 });
     if method == "POST" {
         headers.insert("content-type".to_string(), "application/json".to_string());
-        headers.insert("content-length".to_string(), "96".to_string());
+        headers.insert("content-length".to_string(), size.to_string());
     }
     let peer = |port: u32| {
         Peer {
@@ -93,7 +120,8 @@ pub fn check_request(i: usize, token: &str, workspace: &str) -> CheckRequest {
                     scheme: "http".to_string(),
                     query: query.to_string(),
                     protocol: "HTTP/1.1".to_string(),
-                    size: if method == "POST" { 96 } else { 0 },
+                    size: size as i64,
+                    raw_body: body.map(|b| b.as_bytes().to_vec()).unwrap_or_default(),
                     ..Default::default()
                 }),
             }),
