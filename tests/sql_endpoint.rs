@@ -305,3 +305,118 @@ async fn a_session_outlives_the_users_databricks_token() {
     assert_joined(&stack).await;
     stack.shutdown().await;
 }
+
+/// The trace id aegis put in a refusal's `x-databricks-reason-phrase`, as the connector shows it.
+fn trace_in(message: &str) -> Option<String> {
+    let at = message.find("(trace_id ")? + "(trace_id ".len();
+    let id: String = message[at..]
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect();
+    (id.len() == 32).then_some(id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_changes_sent_through_the_connector_never_reach_the_workspace() {
+    use support::sql_corpus::{ORDINARY_SQL, PERMISSION_CHANGES};
+    assert!(PERMISSION_CHANGES.len() >= 40 && ORDINARY_SQL.len() >= 40);
+    let stack = start().await;
+    let executed = |stack: &Stack| {
+        stack
+            .sandbox
+            .requests()
+            .iter()
+            .filter(|r| r.action == "executeStatement")
+            .count()
+    };
+
+    // Every spelling, on one connection: the connector raises what aegis said, and nothing of
+    // it runs in the workspace.
+    let before = executed(&stack);
+    let corpus = serde_json::to_string(PERMISSION_CHANGES).unwrap();
+    let out = connector(&stack, "alice", "statements", &[], &[], Some(corpus)).await;
+    let results = out["results"].as_array().expect("results");
+    assert_eq!(results.len(), PERMISSION_CHANGES.len());
+    let mut traces = Vec::new();
+    for r in results {
+        let msg = r["message"].as_str().unwrap_or_default();
+        assert_eq!(r["error"], "RequestError", "{r:#}");
+        assert!(
+            msg.contains("statement_blocked: agents may not run SQL that changes permissions"),
+            "the reason is not visible to the client: {r:#}"
+        );
+        traces.push(trace_in(msg).unwrap_or_else(|| panic!("no trace id in {msg:?}")));
+    }
+    assert_eq!(
+        executed(&stack),
+        before,
+        "a permission change reached the workspace"
+    );
+    let log = stack.sandbox.requests();
+    for t in &traces {
+        assert!(!log
+            .iter()
+            .any(|r| r.trace_id.as_deref() == Some(t.as_str())));
+        let rows = stack
+            .postgres
+            .query_json(&format!(
+                "SELECT decision, reason, path, statement_kind, length(statement_fp) AS fp \
+                 FROM aegis_audit WHERE trace_id = '{t}'"
+            ))
+            .await
+            .expect("the deny row");
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0]["decision"], "DENY");
+        assert_eq!(rows[0]["reason"], "statement_blocked");
+        assert_eq!(rows[0]["path"], HTTP_PATH);
+        assert_ne!(rows[0]["statement_kind"], "");
+    }
+    // Never the text, only its kind and fingerprint.
+    let texts = stack
+        .postgres
+        .query_json("SELECT count(*)::bigint AS n FROM aegis_audit WHERE path LIKE '%GRANT%'")
+        .await
+        .expect("count");
+    assert_eq!(texts[0]["n"], 0);
+
+    // Positive control: ordinary SQL through the same connector reaches the workspace, which
+    // answers it (the sandbox runs queries only; the rest it refuses itself).
+    let before = executed(&stack);
+    let ordinary = serde_json::to_string(ORDINARY_SQL).unwrap();
+    let out = connector(&stack, "alice", "statements", &[], &[], Some(ordinary)).await;
+    for r in out["results"].as_array().expect("results") {
+        let msg = r["message"].as_str().unwrap_or_default();
+        assert!(!msg.contains("statement_blocked"), "{r:#}");
+        assert_ne!(r["error"], "RequestError", "{r:#}");
+    }
+    assert_eq!(executed(&stack) - before, ORDINARY_SQL.len());
+    let allowed = stack
+        .postgres
+        .query_json(&format!(
+            "SELECT count(*)::bigint AS n FROM aegis_audit WHERE decision = 'ALLOW' \
+             AND path = '{HTTP_PATH}' AND statement_kind <> '' AND length(statement_fp) = 32"
+        ))
+        .await
+        .expect("count");
+    assert_eq!(allowed[0]["n"], ORDINARY_SQL.len());
+
+    // A body that is not a TCLIService call is refused on the endpoint, with the reason in the
+    // header the connector reads.
+    let r = http()
+        .post(format!("{}{HTTP_PATH}", stack.envoy.listener_url()))
+        .bearer_auth(token(&stack, "alice"))
+        .header("content-type", "application/x-thrift")
+        .body("GRANT ALL PRIVILEGES ON CATALOG main TO `account users`")
+        .send()
+        .await
+        .expect("request");
+    let r = read(r).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert_eq!(r.body["error"], "statement_blocked");
+    let phrase = r.header("x-databricks-reason-phrase").unwrap_or_default();
+    assert!(
+        phrase.starts_with("statement_blocked: ") && phrase.contains(&r.trace_id()),
+        "{phrase:?}"
+    );
+    stack.shutdown().await;
+}

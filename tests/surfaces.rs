@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::sql_corpus::{ORDINARY_SQL, PERMISSION_CHANGES};
 use support::*;
 
 const PYTHON_TIMEOUT: Duration = Duration::from_secs(180);
@@ -570,108 +571,6 @@ async fn agent_safe_policy_stops_dangerous_calls_before_databricks() {
 }
 
 // === The statement guardrail: SQL that changes permissions ===
-
-/// Permission changes, spelled every way an agent (or a prompt injection) might: each is refused
-/// by aegis with `statement_blocked` before it reaches the workspace.
-const PERMISSION_CHANGES: &[&str] = &[
-    "GRANT SELECT ON TABLE main.sales.orders TO `bob@example.com`",
-    "grant all privileges on catalog main to `account users`",
-    "GrAnT USE CATALOG ON CATALOG main TO `account users`",
-    "  \n\t GRANT SELECT ON SCHEMA main.sales TO `bob@example.com`",
-    "/* housekeeping */ GRANT SELECT ON main.sales.orders TO x",
-    "-- just a read\nGRANT SELECT ON main.sales.orders TO x",
-    "SELECT 1; GRANT SELECT ON main.sales.orders TO x",
-    "SELECT 1;\nGRANT ALL PRIVILEGES ON CATALOG main TO `account users`;",
-    "/* a /* nested */ comment */ GRANT MODIFY ON main.sales.orders TO x",
-    "/* /* */ SELECT 1 */ GRANT MODIFY ON main.sales.orders TO x",
-    "GRANT/**/SELECT ON main.sales.orders TO x",
-    "REVOKE SELECT ON TABLE main.sales.orders FROM `alice@example.com`",
-    "revoke all privileges on catalog main from `account users`",
-    "DENY SELECT ON TABLE main.sales.orders TO x",
-    "ALTER TABLE main.sales.orders OWNER TO `mallory@example.com`",
-    "ALTER SCHEMA main.sales OWNER TO mallory",
-    "ALTER CATALOG main OWNER TO `mallory`",
-    "ALTER TABLE main.sales.orders SET OWNER TO `mallory`",
-    "alter view main.sales.v owner to mallory",
-    "ALTER TABLE main.sales.orders SET ROW FILTER main.sales.f ON (region)",
-    "ALTER TABLE main.sales.orders DROP ROW FILTER",
-    "ALTER TABLE main.sales.customers ALTER COLUMN email SET MASK main.sales.m",
-    "ALTER TABLE main.sales.customers ALTER COLUMN email DROP MASK",
-    "CREATE TABLE main.sales.t (email STRING MASK main.sales.m)",
-    "CREATE TABLE main.sales.t (a INT) WITH ROW FILTER main.sales.f ON (a)",
-    "CREATE STORAGE CREDENTIAL c WITH (AWS_IAM_ROLE = 'arn:aws:iam::1:role/r')",
-    "DROP STORAGE CREDENTIAL c",
-    "CREATE CREDENTIAL svc WITH (AWS_IAM_ROLE = 'arn:aws:iam::1:role/r')",
-    "CREATE EXTERNAL LOCATION l URL 's3://bucket/p' WITH (STORAGE CREDENTIAL c)",
-    "ALTER EXTERNAL LOCATION l OWNER TO mallory",
-    "DROP EXTERNAL LOCATION IF EXISTS l",
-    "CREATE CONNECTION pg TYPE postgresql OPTIONS (host 'db', port '5432')",
-    "CREATE OR REPLACE CONNECTION pg TYPE mysql OPTIONS (host 'db')",
-    "DROP CONNECTION pg",
-    "COMMENT ON CONNECTION pg IS 'mine now'",
-    "CREATE SHARE exfil",
-    "ALTER SHARE exfil ADD TABLE main.sales.orders",
-    "CREATE RECIPIENT outsider",
-    "DROP RECIPIENT outsider",
-    "ALTER PROVIDER p RENAME TO q",
-    "EXECUTE IMMEDIATE 'GRANT SELECT ON main.sales.orders TO x'",
-    "DECLARE s STRING DEFAULT 'GR' || 'ANT'; EXECUTE IMMEDIATE s || ' SELECT ON t TO x'",
-    "ＧＲＡＮＴ SELECT ON main.sales.orders TO x",
-    "GR\u{0410}NT SELECT ON main.sales.orders TO x",
-    "\u{feff}GRANT SELECT ON main.sales.orders TO x",
-    "`GRANT` SELECT ON main.sales.orders TO x",
-    "SELECT 'unterminated",
-    "MSCK REPAIR TABLE t; GRANT SELECT ON main.sales.orders TO x",
-];
-
-/// Ordinary Databricks SQL an agent runs: none is refused by the guardrail (whether the sandbox
-/// can run it is the workspace's business).
-const ORDINARY_SQL: &[&str] = &[
-    "SELECT * FROM main.sales.orders",
-    "select region, count(*) as n from main.sales.orders group by region order by region",
-    "SELECT * FROM main.sales.orders WHERE note = 'GRANT ALL PRIVILEGES'",
-    "-- GRANT SELECT ON everything\nSELECT 1",
-    "/* REVOKE */ SELECT 1",
-    "WITH t AS (SELECT region FROM main.sales.orders) SELECT * FROM t",
-    "SELECT *, row_number() OVER (PARTITION BY region ORDER BY id) AS rn FROM main.sales.orders QUALIFY rn = 1",
-    "SELECT * FROM (SELECT region, amount FROM main.sales.orders) PIVOT (SUM(amount) FOR region IN ('EMEA', 'AMER'))",
-    "SELECT transform(array(1, 2, 3), x -> x * 2) AS doubled",
-    "SELECT filter(array(1, 2, 3), x -> x > 1)",
-    "SELECT * FROM main.sales.orders WHERE region = :region",
-    "SELECT * FROM main.sales.orders WHERE id = ?",
-    "MERGE INTO main.sales.orders t USING main.sales.staging s ON t.id = s.id WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *",
-    "CREATE TABLE main.sales.summary AS SELECT region, COUNT(*) AS n FROM main.sales.orders GROUP BY region",
-    "CREATE OR REPLACE VIEW main.sales.v AS SELECT region FROM main.sales.orders",
-    "CREATE TABLE IF NOT EXISTS main.sales.t (id BIGINT, mask_id STRING)",
-    "CREATE EXTERNAL TABLE main.sales.ext (id INT) LOCATION 's3://bucket/ext'",
-    "DROP TABLE IF EXISTS main.sales.t",
-    "DROP VIEW main.sales.v",
-    "ALTER TABLE main.sales.orders ADD COLUMN note STRING",
-    "ALTER TABLE main.sales.orders RENAME TO main.sales.orders2",
-    "INSERT INTO main.sales.orders VALUES (1, 'EMEA', 10.0)",
-    "INSERT OVERWRITE main.sales.summary SELECT region, COUNT(*) FROM main.sales.orders GROUP BY region",
-    "UPDATE main.sales.orders SET amount = amount * 1.1 WHERE region = 'EMEA'",
-    "DELETE FROM main.sales.orders WHERE id = 1",
-    "TRUNCATE TABLE main.sales.summary",
-    "DESCRIBE TABLE main.sales.orders",
-    "DESCRIBE HISTORY main.sales.orders",
-    "SHOW TABLES IN main.sales",
-    "SHOW GRANTS ON TABLE main.sales.orders",
-    "EXPLAIN SELECT * FROM main.sales.orders",
-    "USE CATALOG main",
-    "SET ansi_mode = true",
-    "VALUES (1, 'a'), (2, 'b')",
-    "(SELECT 1) UNION ALL (SELECT 2)",
-    "TABLE main.sales.orders",
-    "FROM main.sales.orders SELECT region",
-    "OPTIMIZE main.sales.orders ZORDER BY (region)",
-    "VACUUM main.sales.orders RETAIN 168 HOURS",
-    "ANALYZE TABLE main.sales.orders COMPUTE STATISTICS",
-    "COMMENT ON TABLE main.sales.orders IS 'orders, one row each'",
-    "COPY INTO main.sales.orders FROM 's3://bucket/in' FILEFORMAT = CSV",
-    "SELECT 1; SELECT 2",
-    "SELECT named_struct('a', 1).a, `weird col` FROM main.sales.orders",
-];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_cannot_change_permissions_through_sql() {

@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+pub mod sql_corpus;
+
 pub use sandbox::stack::{
     dev_envoy_yaml, envoy_bin, free_port, AegisProcess, EnvoyProcess, EnvoyUpstreams,
 };
