@@ -23,7 +23,7 @@ mod scim;
 mod sql_endpoint;
 mod statements;
 mod telemetry;
-mod thrift;
+pub(crate) mod thrift;
 mod u2m;
 mod unity_catalog;
 
