@@ -113,7 +113,47 @@ pub async fn check<I: Identify, T: Tokens, A: Audit>(
         }
         _ => None,
     };
-    respond_with(decision, resource_metadata.as_deref())
+    let phrase = match &decision {
+        Decision::Deny(d) if crate::policy::is_sql_endpoint(&http.path) => Some(reason_phrase(d)),
+        _ => None,
+    };
+    let mut resp = respond_with(decision, resource_metadata.as_deref());
+    if let Some(phrase) = phrase {
+        add_denied_header(&mut resp, "x-databricks-reason-phrase", phrase);
+    }
+    resp
+}
+
+/// On the SQL endpoint a deny also names its reason in `x-databricks-reason-phrase`, the only
+/// header `databricks-sql-connector` shows from a refused HTTP call, so the agent sees the
+/// reason code and the trace id rather than "Error during request to server". Fixed text only:
+/// the code, its message and the trace id.
+fn reason_phrase(deny: &Deny) -> String {
+    format!(
+        "{}: {} (trace_id {})",
+        deny.reason.code(),
+        deny.reason.message(),
+        deny.trace_id
+    )
+}
+
+/// Adds a header to a denied response (no-op on an allow).
+fn add_denied_header(resp: &mut CheckResponse, key: &str, value: String) {
+    use envoy_types::ext_authz::v3::pb::HttpResponse;
+    let Some(HttpResponse::DeniedResponse(denied)) = resp.http_response.as_mut() else {
+        return;
+    };
+    denied.headers.push(
+        envoy_types::pb::envoy::config::core::v3::HeaderValueOption {
+            header: Some(envoy_types::pb::envoy::config::core::v3::HeaderValue {
+                key: key.into(),
+                value,
+                ..Default::default()
+            }),
+            append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+            ..Default::default()
+        },
+    );
 }
 
 /// The Protected Resource Metadata document as a direct 200 answer (a denied response with

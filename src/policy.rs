@@ -11,6 +11,7 @@
 
 pub mod blocklist;
 pub mod sql;
+pub mod thrift;
 
 use std::collections::HashMap;
 
@@ -139,6 +140,17 @@ enum SqlRoute {
     McpSql,
     /// The command execution API: SQL, or Python, Scala and R that can issue any SQL.
     Commands,
+    /// The SQL warehouse endpoint (and the clusters' one, `/sql/protocolv1/...`): one
+    /// TCLIService Thrift call per body.
+    Thrift,
+}
+
+/// Whether `path` (normalized or not) is under `/sql/`, where the SQL warehouse and cluster
+/// endpoints take TCLIService calls over HTTP (`/sql/1.0/warehouses/<id>`,
+/// `/sql/protocolv1/o/<org>/<cluster>`). Compared without allocating.
+pub fn is_sql_endpoint(path: &str) -> bool {
+    path.get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("/sql/"))
 }
 
 /// The fields of a command execution request the guardrail reads. Deserialized into a struct so
@@ -385,13 +397,14 @@ impl Policy {
     }
 
     /// The statement guardrail: on the routes that carry SQL (the Statement Execution API, the
-    /// managed MCP SQL server, the command execution API), the SQL an agent sends must not
-    /// change permissions (see [`sql`]). A command in any language but `sql` (Python, Scala, R,
-    /// or none named) is refused unless `allow_commands` lifts it for the agent and workspace:
-    /// such code can issue any SQL. `Ok` passes; `Err` is a `statement_blocked` deny, with the
-    /// JSON-RPC id of the offending MCP message when there is one. A guarded route whose body
-    /// aegis did not get (Envoy not set up to send it) or cannot read is blocked, never passed
-    /// unread. `path` is already normalized.
+    /// managed MCP SQL server, the command execution API, the SQL endpoint's Thrift
+    /// `ExecuteStatement`), the SQL an agent sends must not change permissions (see [`sql`]). A
+    /// command in any language but `sql` (Python, Scala, R, or none named) is refused unless
+    /// `allow_commands` lifts it for the agent and workspace: such code can issue any SQL.
+    /// `Ok` passes; `Err` is a `statement_blocked` deny, with the JSON-RPC id of the offending
+    /// MCP message when there is one. A guarded route whose body aegis did not get (Envoy not
+    /// set up to send it) or cannot read is blocked, never passed unread. `path` is already
+    /// normalized.
     pub fn statement_guard(
         &self,
         method: &str,
@@ -410,6 +423,8 @@ impl Policy {
             SqlRoute::McpSql
         } else if trimmed.eq_ignore_ascii_case("/api/1.2/commands/execute") {
             SqlRoute::Commands
+        } else if is_sql_endpoint(path) {
+            SqlRoute::Thrift
         } else {
             return Ok(None);
         };
@@ -436,20 +451,6 @@ impl Policy {
                 })
             }
         };
-        let Some(body) = body.filter(|b| !b.is_empty()) else {
-            return unread("the request body was not sent to aegis");
-        };
-        if matches!(route, SqlRoute::Commands) {
-            return self.command_guard(
-                body,
-                lifted,
-                scoped(&self.allow_statements),
-                commands_lifted,
-            );
-        }
-        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return unread("the request body is not JSON");
-        };
         // Every statement is classified (the ledger records what it saw); only an agent the
         // guardrail applies to is refused.
         let judge = |sql: &str, id: Option<&serde_json::Value>| {
@@ -467,12 +468,41 @@ impl Policy {
                 })),
             }
         };
+        let Some(body) = body.filter(|b| !b.is_empty()) else {
+            return unread("the request body was not sent to aegis");
+        };
+        // A TCLIService call: only ExecuteStatement carries SQL; every other call passes.
+        if let SqlRoute::Thrift = route {
+            return match thrift::read_call(body) {
+                Err(e) => unread(e.0),
+                Ok(thrift::Call {
+                    statement: None, ..
+                }) => Ok(None),
+                Ok(thrift::Call {
+                    statement: Some(text),
+                    ..
+                }) => judge(text, None),
+            };
+        }
+        if matches!(route, SqlRoute::Commands) {
+            return self.command_guard(
+                body,
+                lifted,
+                scoped(&self.allow_statements),
+                commands_lifted,
+            );
+        }
+        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return unread("the request body is not JSON");
+        };
         match route {
             SqlRoute::Statements => match doc.get("statement") {
                 Some(serde_json::Value::String(sql)) => judge(sql, None),
                 _ => unread("the statement is missing or not a string"),
             },
             SqlRoute::Commands => unread("the command was not read"),
+            // Read above, before the JSON.
+            SqlRoute::Thrift => Ok(None),
             SqlRoute::McpSql => {
                 let mut seen = None;
                 for m in jsonrpc_messages(&doc) {
@@ -1156,5 +1186,46 @@ deny = [ { path = "/api/2.0/sql/statements/*", workspaces = ["b"] } ]"#,
                 "a"
             )
             .is_ok());
+    }
+
+    #[test]
+    fn the_sql_endpoint_judges_execute_statement_and_passes_other_calls() {
+        let p = policy("");
+        let hex = |s: &str| -> Vec<u8> {
+            let s: String = s.split_whitespace().collect();
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let grant = hex(include_str!("policy/thrift_golden/execute_grant.hex"));
+        let tables = hex(include_str!("policy/thrift_golden/get_tables.hex"));
+        let path = "/sql/1.0/warehouses/abcdef0123456789";
+        let blocked = p
+            .statement_guard("POST", path, Some(&grant), None, "a")
+            .unwrap_err();
+        assert_eq!(blocked.kind, sql::StatementKind::Dcl);
+        assert_ne!(blocked.fingerprint, [0u8; 32]);
+        assert_eq!(
+            p.statement_guard("POST", path, Some(&tables), None, "a"),
+            Ok(None)
+        );
+        // Not a call, no body at all, or the interactive clusters' spelling of the endpoint.
+        for body in [
+            Some(&b"GRANT ALL ON CATALOG main TO x"[..]),
+            None,
+            Some(&[][..]),
+        ] {
+            assert!(p.statement_guard("POST", path, body, None, "a").is_err());
+        }
+        assert!(p
+            .statement_guard("POST", "/SQL/protocolv1/o/1/0123", Some(&grant), None, "a")
+            .is_err());
+        // Lifted for the agents an allow_statements rule names.
+        let lifted = policy("[policy]\nallow_statements = [ { agents = [\"dba-bot\"] } ]");
+        assert!(lifted
+            .statement_guard("POST", path, Some(&grant), Some("dba-bot"), "a")
+            .is_ok_and(|seen| seen.is_some()));
+        assert!(is_sql_endpoint("/Sql/1.0/warehouses/x") && !is_sql_endpoint("/sq"));
     }
 }

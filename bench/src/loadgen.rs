@@ -82,7 +82,9 @@ pub fn request(
     headers.insert("accept".to_string(), "application/json".to_string());
     headers.insert("x-forwarded-proto".to_string(), "http".to_string());
     headers.insert("x-request-id".to_string(), String::new());
-    let size = body.map(str::len).unwrap_or(if method == "POST" { 96 } else { 0 });
+    let size = body
+        .map(str::len)
+        .unwrap_or(if method == "POST" { 96 } else { 0 });
     if method == "POST" {
         headers.insert("content-type".to_string(), "application/json".to_string());
         headers.insert("content-length".to_string(), size.to_string());

@@ -16,6 +16,7 @@ use crate::{TokenRequest, WAREHOUSE_ID};
 
 const SCIM_ME: &str = "/api/2.0/preview/scim/v2/Me";
 const STATEMENTS: &str = "/api/2.0/sql/statements";
+const SQL_ENDPOINT: &str = "/sql/1.0/warehouses/";
 const QUERY: &str = "SELECT * FROM main.sales.orders";
 const AUDIT_QUERY: &str =
     "SELECT seq, ts, decision, reason, user_name, agent, method, path, trace_id FROM aegis_audit ORDER BY seq";
@@ -151,6 +152,29 @@ async fn walk_through(stack: &Stack) -> Result<Vec<String>, StackError> {
                 sql.status
             )),
         }
+
+        if user == "alice" {
+            heading(&format!(
+                "alice (agent copilot): {QUERY}, on the SQL warehouse endpoint \
+                 (TCLIService Thrift over HTTPS, {SQL_ENDPOINT}{WAREHOUSE_ID}, as JDBC, ODBC and \
+                 databricks-sql-connector send it)"
+            ));
+            match thrift_query(stack, &token).await {
+                Ok((calls, columns, rows)) => {
+                    sent += calls;
+                    let headers: Vec<&str> = columns.iter().map(String::as_str).collect();
+                    print_table(&headers, &rows);
+                    println!("({} rows, the same as over REST)", rows.len());
+                    if rows.len() != 3 {
+                        problems.push(format!(
+                            "alice's SQL-endpoint query returned {} rows instead of 3",
+                            rows.len()
+                        ));
+                    }
+                }
+                Err(e) => problems.push(format!("alice's SQL-endpoint query failed: {e}")),
+            }
+        }
     }
 
     heading(&format!("no token: GET {SCIM_ME} through envoy"));
@@ -229,6 +253,131 @@ async fn walk_through(stack: &Stack) -> Result<Vec<String>, StackError> {
         problems.push("aegis audit verify did not exit 0".to_owned());
     }
     Ok(problems)
+}
+
+/// Runs [`QUERY`] as the owner of `token` on the SQL warehouse endpoint through Envoy's TLS
+/// listener: OpenSession, ExecuteStatement (with direct results), CloseSession. Returns how many
+/// HTTP calls it made, the column names and the rows.
+async fn thrift_query(
+    stack: &Stack,
+    token: &str,
+) -> Result<(usize, Vec<String>, Vec<Vec<String>>), String> {
+    use crate::workspace::thrift::{self, Struct, Value as T};
+    let (Some(url), Some(ca)) = (stack.envoy.tls_listener_url(), stack.envoy.tls_ca_file()) else {
+        return Err("envoy has no TLS listener".into());
+    };
+    let pem = std::fs::read(ca).map_err(|e| format!("reading the test CA: {e}"))?;
+    let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string())?;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(30))
+        .user_agent("copilot-demo/1.0")
+        .build()
+        .map_err(|e| e.to_string())?;
+    let endpoint = format!("{url}{SQL_ENDPOINT}{WAREHOUSE_ID}");
+    let call = |name: &'static str, seqid: i32, req: Struct| {
+        let body = thrift::encode(
+            name,
+            thrift::CALL,
+            seqid,
+            &Struct::new().with(1, T::Struct(req)),
+        );
+        let request = client
+            .post(&endpoint)
+            .bearer_auth(token)
+            .header("content-type", "application/x-thrift")
+            .body(body);
+        async move {
+            let resp = request.send().await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let reason = resp
+                .headers()
+                .get("x-databricks-reason-phrase")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+            if !status.is_success() {
+                return Err(format!("{name}: HTTP {status} {reason}"));
+            }
+            let reply = thrift::decode(&bytes).map_err(|e| format!("{name}: {e}"))?;
+            reply
+                .body
+                .get_struct(0)
+                .cloned()
+                .ok_or_else(|| format!("{name}: no result"))
+        }
+    };
+    let opened = call(
+        "OpenSession",
+        1,
+        Struct::new()
+            .with(1282, T::I64(0xa507))
+            .with(1285, T::Bool(true)),
+    )
+    .await?;
+    let session = opened
+        .get_struct(3)
+        .cloned()
+        .ok_or("OpenSession: no session handle")?;
+    let executed = call(
+        "ExecuteStatement",
+        2,
+        Struct::new()
+            .with(1, T::Struct(session.clone()))
+            .with(2, T::str(QUERY))
+            .with(4, T::Bool(true))
+            .with(1281, T::Struct(Struct::new().with(1, T::I64(1000)))),
+    )
+    .await?;
+    call("CloseSession", 3, Struct::new().with(1, T::Struct(session))).await?;
+    let direct = executed
+        .get_struct(1281)
+        .ok_or("ExecuteStatement: no direct results")?;
+    if let Some(message) = direct.get_struct(1).and_then(|s| s.get_str(1281)) {
+        return Err(message.to_string());
+    }
+    let columns: Vec<String> = direct
+        .get_struct(2)
+        .and_then(|m| m.get_struct(2))
+        .and_then(|s| s.get_list(1))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| match c {
+            T::Struct(c) => c.get_str(1).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let cols = direct
+        .get_struct(3)
+        .and_then(|r| r.get_struct(3))
+        .and_then(|r| r.get_list(3))
+        .unwrap_or_default();
+    for (i, col) in cols.iter().enumerate() {
+        let T::Struct(col) = col else { continue };
+        let Some((_, T::Struct(typed))) = col.0.first() else {
+            continue;
+        };
+        let nulls = typed.get_bytes(2).unwrap_or_default();
+        for (n, v) in typed.get_list(1).unwrap_or_default().iter().enumerate() {
+            if rows.len() <= n {
+                rows.push(vec![String::new(); cols.len()]);
+            }
+            let null = nulls.get(n / 8).is_some_and(|b| b & (1 << (n % 8)) != 0);
+            rows[n][i] = match v {
+                _ if null => "NULL".into(),
+                T::I32(x) => x.to_string(),
+                T::I64(x) => x.to_string(),
+                T::Double(x) => crate::sql::java_double(*x),
+                T::Bool(x) => x.to_string(),
+                T::Bin(b) => String::from_utf8_lossy(b).into_owned(),
+                other => format!("{other:?}"),
+            };
+        }
+    }
+    Ok((3, columns, rows))
 }
 
 /// What came back through Envoy.

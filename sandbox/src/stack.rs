@@ -42,9 +42,9 @@ use crate::{Sandbox, SandboxOptions};
 
 pub use self::aegis::{AegisProcess, READY_TIMEOUT};
 pub use self::envoy::{
-    dev_envoy_yaml, render_aegis_socket, render_envoy_yaml, validate_envoy_config, EnvoyProcess,
-    EnvoyUpstreams, TEMPLATE_ADMIN_PORT, TEMPLATE_AEGIS_PORT, TEMPLATE_AEGIS_SOCKET,
-    TEMPLATE_DATABRICKS_PORT, TEMPLATE_LISTENER_PORT,
+    dev_envoy_yaml, render_aegis_socket, render_envoy_yaml, validate_envoy_config, write_test_tls,
+    EnvoyProcess, EnvoyUpstreams, TEMPLATE_ADMIN_PORT, TEMPLATE_AEGIS_PORT, TEMPLATE_AEGIS_SOCKET,
+    TEMPLATE_DATABRICKS_PORT, TEMPLATE_LISTENER_PORT, TEMPLATE_TLS_DIR, TEMPLATE_TLS_LISTENER_PORT,
 };
 pub use self::faultproxy::{FaultMode, FaultProxy};
 pub use self::postgres::{postgres_can_use, PostgresServer};

@@ -144,13 +144,20 @@ async fn dev_envoy_config_validates_and_never_fails_open() {
             "{port} not rendered"
         );
     }
-    for port in ["10000", "9901", "8080", "9191"] {
+    for port in ["10000", "10443", "9901", "8080", "9191"] {
         assert!(
             !rendered.contains(&format!("port_value: {port}")),
             "{port} left in"
         );
     }
+    // The TLS listener's certificate: a test CA's, as the harness makes it.
     let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    sandbox::stack::write_test_tls(&tls, &[]).unwrap();
+    let rendered = rendered.replace(
+        sandbox::stack::TEMPLATE_TLS_DIR,
+        &format!("{}/", tls.display()),
+    );
     validate_envoy_config(&envoy_bin().unwrap(), &rendered, dir.path())
         .await
         .unwrap();

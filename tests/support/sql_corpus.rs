@@ -1,6 +1,8 @@
-//! The SQL corpus every SQL path an agent can reach is tested with (the Statement Execution API,
-//! the managed MCP SQL tool, the command execution API): permission changes spelled every way
-//! the guardrail must refuse, and ordinary Databricks SQL it must let through.
+//! The SQL corpus every SQL path an agent can reach is tested with (the Statement Execution API
+//! and the MCP SQL tool in tests/surfaces.rs, the command execution API in
+//! tests/workspace_surfaces.rs, the SQL warehouse endpoint in tests/sql_endpoint.rs): permission
+//! changes spelled every way the guardrail must refuse, and ordinary Databricks SQL it must let
+//! through.
 
 /// Permission changes, spelled every way an agent (or a prompt injection) might: each is refused
 /// by aegis with `statement_blocked` before it reaches the workspace.

@@ -82,8 +82,8 @@ async fn run() -> Result<(), String> {
 
     // The classifier alone, in process, on the same statement.
     let sql = statement_4k();
-    let body = json!({ "warehouse_id": "bench", "statement": sql, "wait_timeout": "30s" })
-        .to_string();
+    let body =
+        json!({ "warehouse_id": "bench", "statement": sql, "wait_timeout": "30s" }).to_string();
     let n = 5_000u32;
     let started = Instant::now();
     for _ in 0..n {

@@ -1,8 +1,12 @@
 //! A real Envoy, from a config template such as `envoy/dev.yaml`.
 //!
-//! The template names four well-known loopback ports; rendering replaces them. The listener and
+//! The template names well-known loopback ports; rendering replaces them. The listeners and
 //! the admin port become 0 so that the kernel picks them with no race; the harness then reads
-//! the admin address from `--admin-address-path` and the listener's from `/listeners`.
+//! the admin address from `--admin-address-path` and the listeners' from `/listeners`.
+//!
+//! A template whose TLS listener names certificate files under [`TEMPLATE_TLS_DIR`] gets a
+//! fresh test CA and a certificate for `127.0.0.1` and `localhost` signed by it, written to
+//! `<dir>/tls/` (`ca.crt`, `tls.crt`, `tls.key`); clients trust [`EnvoyProcess::tls_ca_file`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +20,12 @@ use super::process::{
 
 /// `port_value` of the listener in the templates.
 pub const TEMPLATE_LISTENER_PORT: u16 = 10000;
+/// `port_value` of the TLS listener in the templates that have one (`envoy/dev.yaml`).
+pub const TEMPLATE_TLS_LISTENER_PORT: u16 = 10443;
+/// Where the templates name their TLS certificate and key (`tls.crt`, `tls.key`).
+pub const TEMPLATE_TLS_DIR: &str = "/etc/envoy/tls/";
+/// The name of the TLS listener in `envoy/dev.yaml`.
+const TLS_LISTENER_NAME: &str = "agents_tls";
 /// `port_value` of the admin interface in the templates.
 pub const TEMPLATE_ADMIN_PORT: u16 = 9901;
 /// `port_value` of the `databricks` cluster (the sandbox workspace) in the templates.
@@ -56,6 +66,8 @@ pub fn render_envoy_yaml(
     let mut text = template.to_owned();
     for (from, to, required) in [
         (TEMPLATE_LISTENER_PORT, listener_port, true),
+        // The TLS listener always gets a port the kernel picks (found through the admin API).
+        (TEMPLATE_TLS_LISTENER_PORT, 0, false),
         (TEMPLATE_ADMIN_PORT, admin_port, true),
         (TEMPLATE_DATABRICKS_PORT, upstreams.databricks_port, false),
         (TEMPLATE_AEGIS_PORT, upstreams.aegis_port, false),
@@ -107,11 +119,50 @@ pub async fn validate_envoy_config(bin: &Path, yaml: &str, dir: &Path) -> Result
     .await
 }
 
+/// Writes a fresh test CA (`ca.crt`) and a certificate for `127.0.0.1`, `localhost` and
+/// `extra_ips` signed by it (`tls.crt`, `tls.key`, mode 0600) into `dir`. Loopback tests only.
+pub fn write_test_tls(dir: &Path, extra_ips: &[std::net::IpAddr]) -> Result<(), StackError> {
+    let context = "making a test certificate";
+    let fail = |e: rcgen::Error| StackError::new(ErrorKind::Config, context, e);
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StackError::io(format!("creating {}", dir.display()), e))?;
+    let ca_key = rcgen::KeyPair::generate().map_err(fail)?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "aegis sandbox test CA");
+    let ca = ca_params.self_signed(&ca_key).map_err(fail)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().map_err(fail)?;
+    let mut names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    names.extend(extra_ips.iter().map(|ip| ip.to_string()));
+    let params = rcgen::CertificateParams::new(names).map_err(fail)?;
+    let cert = params.signed_by(&key, &issuer).map_err(fail)?;
+    let write = |name: &str, text: String, mode: u32| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .map_err(|e| StackError::io(format!("writing {}", path.display()), e))
+    };
+    write("ca.crt", ca.pem(), 0o644)?;
+    write("tls.crt", cert.pem(), 0o644)?;
+    write("tls.key", key.serialize_pem(), 0o600)
+}
+
 /// A running Envoy. Killed on drop.
 pub struct EnvoyProcess {
     child: Child,
     admin: SocketAddr,
     listeners: Vec<SocketAddr>,
+    /// The TLS listener and the CA file its certificate chains to, when the template has one.
+    tls: Option<(SocketAddr, PathBuf)>,
     config_path: PathBuf,
 }
 
@@ -128,7 +179,20 @@ impl EnvoyProcess {
     ) -> Result<Self, StackError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StackError::io(format!("creating {}", dir.display()), e))?;
-        let yaml = render_envoy_yaml(template, 0, 0, upstreams)?;
+        let tls_dir = dir.join("tls");
+        let has_tls = template.contains(TEMPLATE_TLS_DIR);
+        let mut template = template.to_string();
+        if has_tls {
+            let addr = tls_listen_addr();
+            write_test_tls(&tls_dir, &[addr.ip()])?;
+            template = template
+                .replace(TEMPLATE_TLS_DIR, &format!("{}/", tls_dir.display()))
+                .replace(
+                    &format!("address: 127.0.0.1, port_value: {TEMPLATE_TLS_LISTENER_PORT}"),
+                    &format!("address: {}, port_value: {}", addr.ip(), addr.port()),
+                );
+        }
+        let yaml = render_envoy_yaml(&template, 0, 0, upstreams)?;
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, yaml)
             .map_err(|e| StackError::io(format!("writing {}", config_path.display()), e))?;
@@ -184,6 +248,12 @@ impl EnvoyProcess {
         let listeners = listener_addrs(&client, admin)
             .await
             .map_err(|e| e.with_log(&log))?;
+        let tls = listeners
+            .iter()
+            .find(|(name, _)| name == TLS_LISTENER_NAME)
+            .map(|(_, addr)| (*addr, tls_dir.join("ca.crt")))
+            .filter(|_| has_tls);
+        let listeners: Vec<SocketAddr> = listeners.into_iter().map(|(_, a)| a).collect();
         if listeners.is_empty() {
             return Err(
                 StackError::new(ErrorKind::Config, "starting envoy", "no listener is up")
@@ -194,8 +264,24 @@ impl EnvoyProcess {
             child,
             admin,
             listeners,
+            tls,
             config_path,
         })
+    }
+
+    /// `https://127.0.0.1:<port>` of the TLS listener, when the template has one.
+    pub fn tls_listener_url(&self) -> Option<String> {
+        self.tls.as_ref().map(|(a, _)| format!("https://{a}"))
+    }
+
+    /// The TLS listener's address (host:port, what the SQL connector calls `server_hostname`).
+    pub fn tls_listener_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(a, _)| *a)
+    }
+
+    /// The PEM file of the test CA that signed the TLS listener's certificate.
+    pub fn tls_ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|(_, ca)| ca.as_path())
     }
 
     /// `http://<first listener>`.
@@ -237,17 +323,34 @@ impl EnvoyProcess {
     }
 }
 
+/// Where the TLS listener binds: port 443 on a loopback address of its own (127.a.b.c, free
+/// when probed), so that clients which always speak to port 443 of a host, as
+/// `databricks-sql-connector` does for its feature flags and telemetry, reach this Envoy with
+/// nothing but `server_hostname`. Without the right to bind port 443, a port the kernel picks on
+/// 127.0.0.1.
+fn tls_listen_addr() -> SocketAddr {
+    for _ in 0..8 {
+        let [a, b, c] = rand::random::<[u8; 3]>();
+        let ip = std::net::Ipv4Addr::new(127, a.clamp(16, 250), b.max(1), c.clamp(1, 254));
+        let addr = SocketAddr::from((ip, 443));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
 /// Base ids unique within this process (and spread by pid across processes).
 fn next_base_id() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     (std::process::id() % 100_000) * 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 100
 }
 
-/// The bound addresses of Envoy's listeners, from the admin `/listeners?format=json`.
+/// The names and bound addresses of Envoy's listeners, from the admin `/listeners?format=json`.
 async fn listener_addrs(
     client: &reqwest::Client,
     admin: SocketAddr,
-) -> Result<Vec<SocketAddr>, StackError> {
+) -> Result<Vec<(String, SocketAddr)>, StackError> {
     let context = "reading envoy's listeners";
     let body: serde_json::Value = client
         .get(format!("http://{admin}/listeners?format=json"))
@@ -267,8 +370,10 @@ async fn listener_addrs(
             let socket = &status["local_address"]["socket_address"];
             let ip = socket["address"].as_str().unwrap_or_default();
             let port = socket["port_value"].as_u64().unwrap_or_default();
+            let name = status["name"].as_str().unwrap_or_default().to_string();
             format!("{ip}:{port}")
                 .parse::<SocketAddr>()
+                .map(|a| (name, a))
                 .map_err(|e| StackError::new(ErrorKind::Http, context, format!("{e} in {status}")))
         })
         .collect()

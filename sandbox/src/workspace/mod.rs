@@ -9,7 +9,9 @@
 //! Code map: `oauth` (token endpoint and discovery documents), `scim` (`Me`), `statements` (SQL
 //! Statement Execution API and warehouses), `unity_catalog` (UC listings and permissions),
 //! `genie` (conversations), `objects` (Workspace API with notebook ACLs), `mcp` (managed MCP
-//! servers). The data and the grants live in [`crate::fixture`],
+//! servers), `sql_endpoint` (the SQL warehouse endpoint: TCLIService over HTTP, with `thrift`
+//! its binary-protocol codec), `telemetry` (what the SQL connector fetches and posts on its
+//! own: feature flags, client telemetry). The data and the grants live in [`crate::fixture`],
 //! the SQL engine in [`crate::sql`].
 
 mod clusters;
@@ -22,7 +24,10 @@ mod objects;
 mod permissions;
 mod scim;
 mod sharing;
+mod sql_endpoint;
 mod statements;
+mod telemetry;
+pub(crate) mod thrift;
 mod u2m;
 mod unity_catalog;
 
@@ -69,11 +74,15 @@ pub(crate) struct WorkspaceState {
     exchanges: Mutex<HashMap<String, u64>>,
     log: Mutex<VecDeque<RequestRecord>>,
     statements: statements::Statements,
+    /// Sessions and operations of the SQL warehouse endpoint (Thrift).
+    sql_sessions: sql_endpoint::Sessions,
     genie: genie::Conversations,
     /// How `/oidc/v1/token` misbehaves, for fault tests.
     pub token_fault: Mutex<oauth::TokenFault>,
     /// `/oidc/v1/token` requests received (counted on arrival, before any fault or delay).
     pub token_requests: std::sync::atomic::AtomicU64,
+    /// Client telemetry logs received on `/telemetry-ext`.
+    pub telemetry_logs: std::sync::atomic::AtomicU64,
     /// Access tokens issued so far; each token's serial is its place in that order.
     issued: std::sync::atomic::AtomicU64,
     /// Authorization codes and rotating refresh tokens (U2M).
@@ -110,10 +119,12 @@ impl WorkspaceState {
             exchanges: Mutex::new(HashMap::new()),
             log: Mutex::new(VecDeque::new()),
             statements: statements::Statements::default(),
+            sql_sessions: sql_endpoint::Sessions::default(),
             genie: genie::Conversations::default(),
             token_fault: Mutex::new(oauth::TokenFault::Ok),
             token_requests: std::sync::atomic::AtomicU64::new(0),
             issued: std::sync::atomic::AtomicU64::new(0),
+            telemetry_logs: std::sync::atomic::AtomicU64::new(0),
             u2m: u2m::U2mState::default(),
             entra: entra::EntraState::default(),
         }
@@ -141,6 +152,7 @@ impl WorkspaceState {
         self.clear_requests();
         lock(&self.exchanges).clear();
         self.statements.clear();
+        self.sql_sessions.clear();
         self.genie.clear();
         self.acls.reset(&self.fixture);
         self.compute.reset(&self.fixture);
@@ -285,6 +297,15 @@ pub(crate) fn router(state: Arc<WorkspaceState>) -> Router {
             "/api/2.0/sql/warehouses/{id}",
             get(statements::get_warehouse),
         )
+        .route(
+            "/sql/1.0/warehouses/{id}",
+            post(sql_endpoint::thrift_call),
+        )
+        .route(
+            "/api/2.0/connector-service/feature-flags/{driver}/{version}",
+            get(telemetry::feature_flags),
+        )
+        .route("/telemetry-ext", post(telemetry::upload))
         .route("/api/2.1/unity-catalog/catalogs", get(unity_catalog::list_catalogs))
         .route(
             "/api/2.1/unity-catalog/catalogs/{name}",
@@ -471,6 +492,14 @@ fn classify(method: &Method, path: &str) -> Route {
         (&Method::GET, ["api", "2.0", "sql", "warehouses", _]) => {
             route("sql", "getWarehouse", true)
         }
+        // One Thrift call per request; the handler names the call (openSession, ...).
+        (&Method::POST, ["sql", "1.0", "warehouses", _]) => {
+            route("databrickssql", "thriftCall", true)
+        }
+        (&Method::GET, ["api", "2.0", "connector-service", "feature-flags", _, _]) => {
+            route("connectorService", "getFeatureFlags", true)
+        }
+        (&Method::POST, ["telemetry-ext"]) => route("clientTelemetry", "uploadLogs", true),
         (&Method::GET, ["api", "2.1", "unity-catalog", "catalogs"]) => {
             route("unityCatalog", "listCatalogs", true)
         }

@@ -106,7 +106,12 @@ impl Statement {
         });
     }
 
-    fn cancel(&self) {
+    /// The Statement Execution API's name of the current state.
+    pub(super) fn state(&self) -> &'static str {
+        self.phase.borrow().state()
+    }
+
+    pub(super) fn cancel(&self) {
         self.advance(Phase::Canceled);
         self.stop.store(true, Ordering::Relaxed);
     }

@@ -200,14 +200,52 @@ pub(super) async fn list_catalogs(
     if let Err(e) = check_paging(&q) {
         return e;
     }
-    let f = &ws.fixture;
-    let list: Vec<Value> = f
-        .catalogs
-        .iter()
-        .filter(|c| can_see_catalog(f, &caller.principal, c))
+    let list: Vec<Value> = visible_catalogs(&ws.fixture, &caller.principal)
         .map(catalog_json)
         .collect();
     Json(json!({ "catalogs": list })).into_response()
+}
+
+// === What a caller may list (shared with the SQL endpoint's metadata calls) ===
+
+/// The catalogs `who` may see: owner or `USE CATALOG`.
+pub(super) fn visible_catalogs<'f>(
+    f: &'f Fixture,
+    who: &'f Principal,
+) -> impl Iterator<Item = &'f Catalog> + 'f {
+    f.catalogs
+        .iter()
+        .filter(move |c| can_see_catalog(f, who, c))
+}
+
+/// The schemas of catalog `c` that `who` may see: owner or `USE SCHEMA`.
+pub(super) fn visible_schemas<'f>(
+    f: &'f Fixture,
+    who: &'f Principal,
+    c: &'f Catalog,
+) -> impl Iterator<Item = &'f Schema> + 'f {
+    f.schemas
+        .iter()
+        .filter(move |s| s.catalog == c.name)
+        .filter(move |s| {
+            f.has_privilege(
+                who,
+                &Securable::Schema(s.catalog.clone(), s.name.clone()),
+                Privilege::UseSchema,
+            )
+        })
+}
+
+/// The tables and views of schema `s` that `who` may see: owner or `SELECT`.
+pub(super) fn visible_tables<'f>(
+    f: &'f Fixture,
+    who: &'f Principal,
+    s: &'f Schema,
+) -> impl Iterator<Item = &'f Table> + 'f {
+    f.tables
+        .iter()
+        .filter(move |t| t.catalog == s.catalog && t.schema == s.name)
+        .filter(move |t| f.has_privilege(who, &table_securable(t), Privilege::Select))
 }
 
 fn find_catalog<'f>(f: &'f Fixture, who: &Principal, name: &str) -> Result<&'f Catalog, Response> {
@@ -275,17 +313,7 @@ pub(super) async fn list_schemas(
         Ok(c) => c,
         Err(e) => return e,
     };
-    let list: Vec<Value> = f
-        .schemas
-        .iter()
-        .filter(|s| s.catalog == c.name)
-        .filter(|s| {
-            f.has_privilege(
-                &caller.principal,
-                &Securable::Schema(s.catalog.clone(), s.name.clone()),
-                Privilege::UseSchema,
-            )
-        })
+    let list: Vec<Value> = visible_schemas(f, &caller.principal, c)
         .map(|s| schema_json(f, s))
         .collect();
     Json(json!({ "schemas": list })).into_response()
@@ -330,11 +358,7 @@ pub(super) async fn list_tables(
         Ok(s) => s,
         Err(e) => return e,
     };
-    let list: Vec<Value> = f
-        .tables
-        .iter()
-        .filter(|t| t.catalog == s.catalog && t.schema == s.name)
-        .filter(|t| f.has_privilege(&caller.principal, &table_securable(t), Privilege::Select))
+    let list: Vec<Value> = visible_tables(f, &caller.principal, s)
         .map(|t| table_json(f, t))
         .collect();
     Json(json!({ "tables": list })).into_response()
