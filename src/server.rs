@@ -93,6 +93,7 @@ pub async fn run(
         )
         .ok()
         .and_then(|b| b.install_recorder().ok());
+    export_alert_baselines(&cfg);
 
     for w in cfg.warnings() {
         tracing::warn!("config: {w}");
@@ -381,6 +382,37 @@ pub async fn run(
 
 /// Loads every issuer's keys until all are loaded, then refreshes them every
 /// [`Validator::refresh_interval`] (at most five minutes).
+/// What deploy/observability/aegis-alerts.yml reads before anything has happened: the
+/// checkpoint interval (the checkpoint-age alert compares the age with it), and the counters
+/// the alerts take `increase()` of, at zero. A counter first exported at 1 shows Prometheus no
+/// increase, so without these the first fail-closed deny, commit failure or tampered verify
+/// after a start would not alert.
+fn export_alert_baselines(cfg: &Config) {
+    metrics::gauge!("aegis_checkpoint_interval_seconds")
+        .set(cfg.audit.checkpoint_interval.as_secs_f64());
+    let fail_closed = crate::authz::Reason::DependencyUnavailable.code();
+    metrics::counter!("aegis_checks_total", "decision" => "deny", "reason" => fail_closed)
+        .increment(0);
+    metrics::counter!("aegis_audit_commit_failures_total").increment(0);
+    for kind in ["inconsistent", "unavailable"] {
+        metrics::counter!("aegis_checkpoint_failures_total", "kind" => kind).increment(0);
+    }
+    for result in ["intact", "tampered"] {
+        metrics::counter!("aegis_console_verify_total", "result" => result).increment(0);
+    }
+    for ws in &cfg.workspaces {
+        for outcome in ["ok", "rejected", "rate_limited", "error"] {
+            let source = ws.token_source.as_str();
+            metrics::counter!("aegis_mints_total", "source" => source, "outcome" => outcome)
+                .increment(0);
+        }
+    }
+    for w in &cfg.audit.witnesses {
+        metrics::counter!("aegis_witness_failures_total", "witness" => w.vkey.name.clone())
+            .increment(0);
+    }
+}
+
 async fn keep_keys_fresh(validator: Arc<Validator>) {
     loop {
         let failed = validator.load_all().await;

@@ -486,6 +486,8 @@ impl LiveOps {
         };
         metrics::counter!("aegis_console_verify_total", "result" => if outcome.intact { "intact" } else { "tampered" })
             .increment(1);
+        // The latest result stands until the next verify: an alert on it fires until then.
+        metrics::gauge!("aegis_audit_verify_intact").set(if outcome.intact { 1.0 } else { 0.0 });
         if !outcome.intact {
             tracing::error!(
                 first_bad_seq = ?outcome.first_bad_seq,
