@@ -380,8 +380,6 @@ pub async fn run(
     }
 }
 
-/// Loads every issuer's keys until all are loaded, then refreshes them every
-/// [`Validator::refresh_interval`] (at most five minutes).
 /// What deploy/observability/aegis-alerts.yml reads before anything has happened: the
 /// checkpoint interval (the checkpoint-age alert compares the age with it), and the counters
 /// the alerts take `increase()` of, at zero. A counter first exported at 1 shows Prometheus no
@@ -413,6 +411,8 @@ fn export_alert_baselines(cfg: &Config) {
     }
 }
 
+/// Loads every issuer's keys until all are loaded, then refreshes them every
+/// [`Validator::refresh_interval`] (at most five minutes).
 async fn keep_keys_fresh(validator: Arc<Validator>) {
     loop {
         let failed = validator.load_all().await;
