@@ -159,7 +159,8 @@ pub struct Pipeline<I, T, A> {
     identify: I,
     tokens: T,
     audit: A,
-    policy: Arc<Policy>,
+    /// Swapped whole by a config reload; each Check reads one version of it.
+    policy: Arc<arc_swap::ArcSwap<Policy>>,
     /// Agents blocked from the operator console; read in memory on every Check.
     blocklist: Arc<AgentBlocklist>,
     /// Signs consent links for `consent_required` denies; None: denies carry no link.
@@ -185,7 +186,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             identify,
             tokens,
             audit,
-            policy,
+            policy: Arc::new(arc_swap::ArcSwap::new(policy)),
             blocklist: Arc::new(AgentBlocklist::empty()),
             consent: None,
             ready,
@@ -206,8 +207,14 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         self
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Where a config reload puts the next policy (shared with the pipeline).
+    pub fn policy_cell(&self) -> Arc<arc_swap::ArcSwap<Policy>> {
+        self.policy.clone()
     }
 
     /// Runs the whole pipeline for one request. Never panics, never returns an error: every
@@ -336,6 +343,8 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         jsonrpc_id: &mut Option<serde_json::Value>,
     ) -> Decided {
         let fail = |reason: Reason| -> Decided { Err((reason, None)) };
+        // One version of the policy for the whole Check, even if a reload swaps it meanwhile.
+        let policy = self.policy.load_full();
         if !self.ready.load(Ordering::Acquire) {
             return Err((Reason::DependencyUnavailable, Some(1)));
         }
@@ -361,7 +370,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         draft.actor_chain = clean(&identity.actor_chain, 1024);
 
         // 2. route
-        let Some(workspace) = self.policy.route(input.context_workspace, input.authority) else {
+        let Some(workspace) = policy.route(input.context_workspace, input.authority) else {
             return fail(Reason::UnknownWorkspace);
         };
         draft.workspace = workspace.name.clone();
@@ -370,10 +379,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         }
 
         // 3. policy
-        if !self
-            .policy
-            .agent_allowed(workspace, identity.agent.as_deref())
-        {
+        if !policy.agent_allowed(workspace, identity.agent.as_deref()) {
             return fail(Reason::AgentNotAllowed);
         }
         // Until the operators' blocklist is loaded we cannot tell who is blocked.
@@ -387,7 +393,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         {
             return fail(Reason::AgentNotAllowed);
         }
-        if self.policy.path_blocked(
+        if policy.path_blocked(
             input.method,
             path,
             identity.agent.as_deref(),
@@ -397,7 +403,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         }
         // What the agent's MCP calls and SQL are is recorded whatever is decided; a refused
         // tool is refused whatever SQL it carries.
-        match self.policy.tool_guard(
+        match policy.tool_guard(
             input.method,
             path,
             input.body,
@@ -413,7 +419,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                 return fail(Reason::ToolBlocked);
             }
         }
-        match self.policy.statement_guard(
+        match policy.statement_guard(
             input.method,
             path,
             input.body,

@@ -53,8 +53,8 @@ pub fn serve_config(path: &Path) -> Result<Config, i32> {
     })
 }
 
-/// `aegis serve`, step 2: runs until SIGTERM or Ctrl-C.
-pub async fn serve(cfg: Config) -> i32 {
+/// `aegis serve`, step 2: runs until SIGTERM or Ctrl-C; reloads `path` on SIGHUP or a change.
+pub async fn serve(cfg: Config, path: &Path) -> i32 {
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -69,7 +69,7 @@ pub async fn serve(cfg: Config) -> i32 {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    match crate::server::run(cfg, shutdown).await {
+    match crate::server::run(cfg, Some(path.to_path_buf()), shutdown).await {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, "aegis stopped");

@@ -67,12 +67,13 @@ pub async fn check<I: Identify, T: Tokens, A: Audit>(
         .and_then(|a| a.context_extensions.get("workspace"))
         .map(String::as_str);
     // RFC 9728 metadata for MCP clients: answered here, needs no credentials.
+    let policy = pipeline.policy();
     if let Some(doc) = prm::document(
         &http.method,
         &http.path,
         &http.scheme,
         &http.host,
-        pipeline.policy().authorization_servers(),
+        policy.authorization_servers(),
     ) {
         return metadata_response(doc);
     }

@@ -22,6 +22,7 @@
 //! - [`pg`]: PostgreSQL connections (verified TLS, URL validation, safe error text), shared by
 //!   the ledger, the U2M grant store, the blocklist and config.
 //! - [`ledger`]: the transparency log served read-only (`/checkpoint`, `/tile/...`).
+//! - [`reload`]: config reload on SIGHUP or a file change (issuers, policy, the HMAC key).
 //! - [`public`]: the public listener where users consent to U2M (`/oauth/start`, `/oauth/callback`).
 //! - [`server`]: wires it all together for `aegis serve`; [`cli`]: the other subcommands.
 //!
@@ -48,5 +49,6 @@ pub mod logging;
 pub mod pg;
 pub mod policy;
 pub mod public;
+pub mod reload;
 pub mod secret;
 pub mod server;

@@ -198,7 +198,9 @@ fn main() {
             command: KeysCommand::Generate,
         } => aegis::cli::keys_generate(),
         Command::Serve { config } => match aegis::cli::serve_config(&config) {
-            Ok(cfg) => runtime(Some(cfg.server.worker_threads)).block_on(aegis::cli::serve(cfg)),
+            Ok(cfg) => {
+                runtime(Some(cfg.server.worker_threads)).block_on(aegis::cli::serve(cfg, &config))
+            }
             Err(code) => code,
         },
         other => {

@@ -81,6 +81,7 @@ impl Readiness for Components {
 /// Runs until `shutdown` resolves.
 pub async fn run(
     cfg: Config,
+    config_path: Option<std::path::PathBuf>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -209,6 +210,25 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
+    // Config reload (SIGHUP, or the file changing): issuers, policy, the HMAC key.
+    let console_keys = Arc::new(std::sync::RwLock::new(cfg.audit.keys()));
+    if let Some(path) = config_path {
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            path,
+            cfg.clone(),
+            pipeline.policy_cell(),
+            validator.clone(),
+            audit.clone(),
+            checkpointer.clone(),
+            console_keys.clone(),
+        ));
+        metrics::gauge!("aegis_config_last_reload_ok").set(1.0);
+        for result in ["ok", "error"] {
+            metrics::counter!("aegis_config_reloads_total", "result" => result).increment(0);
+        }
+        tokio::spawn(reloader.run(stop_rx.clone()));
+    }
+
     // --- admin listener (and the console's dependency monitor, which feeds /metrics too) ---
     let console_pg = PgTarget::parse(&cfg.postgres.url).map_err(ServeError::Postgres)?;
     let last_cp = checkpointer.clone();
@@ -224,7 +244,7 @@ pub async fn run(
             blocks: blocks.clone(),
             readiness: components.clone(),
             http: http.clone(),
-            keys: cfg.audit.keys(),
+            keys: console_keys.clone(),
             checkpoint_dir: cfg.audit.checkpoint_dir.clone(),
             checkpoint_public_key: crate::audit::checkpoint::public_key(
                 &cfg.audit.checkpoint_signing_key,

@@ -457,7 +457,12 @@ fn aegis_config(inputs: &ConfigInputs<'_>) -> toml::Table {
 fn write_config(path: &Path, config: &toml::Table) -> Result<(), StackError> {
     let text = toml::to_string(config)
         .map_err(|e| StackError::new(ErrorKind::Config, "serializing the aegis config", e))?;
-    std::fs::write(path, text).map_err(|e| StackError::io(format!("writing {}", path.display()), e))
+    // Atomically (a temporary file renamed over it): a running aegis watches the file and must
+    // never read half of it.
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| StackError::io(format!("writing {}", path.display()), e))
 }
 
 /// 32 random bytes, standard base64.

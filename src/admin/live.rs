@@ -56,8 +56,8 @@ pub struct Parts {
     pub blocks: Arc<crate::policy::blocklist::BlockStore>,
     pub readiness: Arc<dyn Readiness>,
     pub http: reqwest::Client,
-    /// Audit HMAC keys by key id, for "verify now".
-    pub keys: HashMap<String, Key32>,
+    /// Audit HMAC keys by key id, for "verify now" (a config reload may add one).
+    pub keys: Arc<std::sync::RwLock<HashMap<String, Key32>>>,
     /// Where signed checkpoints are, and the key they must verify under (for "verify now").
     pub checkpoint_dir: std::path::PathBuf,
     pub checkpoint_public_key: [u8; 32],
@@ -457,6 +457,12 @@ impl LiveOps {
         .await
         .map_err(|_| OpError::Unavailable("checkpoint directory"))?
         .map_err(|_| OpError::Unavailable("checkpoint directory"))?;
+        let keys = self
+            .parts
+            .keys
+            .read()
+            .map(|k| k.clone())
+            .unwrap_or_default();
         let anchors = crate::audit::verify::TreeAnchors {
             vkey: self.parts.tlog_vkey.clone(),
             notes,
@@ -466,7 +472,7 @@ impl LiveOps {
             crate::audit::verify::verify(
                 &client,
                 &self.chain_id,
-                &self.parts.keys,
+                &keys,
                 &checkpoints,
                 &self.parts.checkpoint_public_key,
                 &anchors,

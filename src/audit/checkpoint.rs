@@ -350,7 +350,8 @@ pub struct TreeHead {
 pub struct Checkpointer {
     target: PgTarget,
     chain_id: String,
-    keys: HashMap<String, Key32>,
+    /// The HMAC keys rows may be signed with (a config reload may add one).
+    keys: std::sync::RwLock<HashMap<String, Key32>>,
     signing: Key32,
     sink: Arc<dyn CheckpointSink>,
     /// This instance's id, signed into every checkpoint it writes.
@@ -375,7 +376,7 @@ impl Checkpointer {
         Checkpointer {
             target,
             chain_id,
-            keys,
+            keys: std::sync::RwLock::new(keys),
             signing,
             sink,
             signer: signer.to_string(),
@@ -383,6 +384,13 @@ impl Checkpointer {
             tlog,
             notes,
             last_tree: Mutex::new(None),
+        }
+    }
+
+    /// Takes the HMAC keys of a reloaded config.
+    pub fn set_keys(&self, keys: HashMap<String, Key32>) {
+        if let Ok(mut k) = self.keys.write() {
+            *k = keys;
         }
     }
 
@@ -481,13 +489,14 @@ impl Checkpointer {
         let mut walk = Walk::resume(from + 1, from_mac.to_vec());
         let mut walked = 0u64;
         let mut leaves = Vec::new();
+        let keys = self.keys.read().map(|k| k.clone()).unwrap_or_default();
         while let Some(row) = rows.try_next().await.map_err(pg)? {
             walked += 1;
             if walked % super::verify::YIELD_EVERY == 0 {
                 tokio::task::yield_now().await;
             }
             let (rec, mac) = record_of(&row).map_err(CheckpointError::Inconsistent)?;
-            if let Err(bad) = walk.step(&rec, &mac, &self.keys) {
+            if let Err(bad) = walk.step(&rec, &mac, &keys) {
                 return Err(CheckpointError::Inconsistent(format!(
                     "seq {}: {} ({})",
                     bad.seq, bad.problem, bad.detail

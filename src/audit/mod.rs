@@ -185,9 +185,16 @@ enum Msg {
     Flush(oneshot::Sender<()>),
 }
 
+/// An HMAC key and its id.
+pub struct HmacKey {
+    pub id: Arc<str>,
+    pub key: Key32,
+}
+
 /// The handle requests append through.
 pub struct AuditChain {
     tx: mpsc::Sender<Msg>,
+    signing: Arc<arc_swap::ArcSwap<HmacKey>>,
     feed: tokio::sync::broadcast::Sender<Arc<Committed>>,
     head_loaded: Arc<AtomicBool>,
     size: Arc<AtomicU64>,
@@ -210,14 +217,17 @@ impl AuditChain {
         let size = Arc::new(AtomicU64::new(0));
         let head_moves = Arc::new(AtomicU64::new(0));
         let (feed, _) = tokio::sync::broadcast::channel(1024);
+        let signing = Arc::new(arc_swap::ArcSwap::from_pointee(HmacKey {
+            id: key_id.into(),
+            key,
+        }));
         let writer = Writer {
             last_head_move: None,
             skew_checked: std::time::Instant::now(),
             feed: feed.clone(),
             target,
             chain_id: chain_id.into(),
-            key_id: key_id.into(),
-            key,
+            signing: signing.clone(),
             instance_id: instance_id.into(),
             opts,
             conn: None,
@@ -230,11 +240,27 @@ impl AuditChain {
         tokio::spawn(writer.run(rx));
         Arc::new(AuditChain {
             tx,
+            signing,
             feed,
             head_loaded,
             size,
             head_moves,
         })
+    }
+
+    /// Seals batches dispatched from now on with `key` under `key_id` (a config reload rotating
+    /// the HMAC key; batches already in flight keep the key they were sealed with, and each row
+    /// names its key).
+    pub fn rekey(&self, key_id: &str, key: Key32) {
+        self.signing.store(Arc::new(HmacKey {
+            id: key_id.into(),
+            key,
+        }));
+    }
+
+    /// The id of the key new rows are sealed with.
+    pub fn key_id(&self) -> Arc<str> {
+        self.signing.load().id.clone()
     }
 
     /// Every committed decision, in seq order, as it commits (a slow subscriber may lag and
@@ -390,8 +416,8 @@ struct Writer {
     target: crate::pg::PgTarget,
     // Shared with every batch in flight (a reference count, not a copy per batch).
     chain_id: Arc<str>,
-    key_id: Arc<str>,
-    key: Key32,
+    /// The HMAC key new batches are sealed with (a config reload may rotate it).
+    signing: Arc<arc_swap::ArcSwap<HmacKey>>,
     instance_id: Arc<str>,
     opts: WriterOptions,
     conn: Option<Conn>,
@@ -548,10 +574,11 @@ impl Writer {
             self.fail(jobs, AuditError::Store("not connected".into()));
             return;
         };
+        let current = self.signing.load_full();
         let signer = Signer {
             chain_id: &self.chain_id,
-            key_id: &self.key_id,
-            key: &self.key,
+            key_id: &current.id,
+            key: &current.key,
             instance_id: &self.instance_id,
         };
         let (size, head) = conn.head;
@@ -567,7 +594,7 @@ impl Writer {
         let append = conn.append.clone();
         let ids = [
             self.chain_id.clone(),
-            self.key_id.clone(),
+            current.id.clone(),
             self.instance_id.clone(),
         ];
         let timeout = self.opts.commit_timeout;
@@ -845,10 +872,11 @@ impl Writer {
             return Err(AuditError::Store("not connected".into()));
         };
         let pg = |e: tokio_postgres::Error| AuditError::Store(crate::pg::error_text(&e));
+        let current = self.signing.load_full();
         let signer = Signer {
             chain_id: &self.chain_id,
-            key_id: &self.key_id,
-            key: &self.key,
+            key_id: &current.id,
+            key: &current.key,
             instance_id: &self.instance_id,
         };
         let Some(client) = Arc::get_mut(&mut conn.client) else {

@@ -95,10 +95,41 @@ pub struct KeysStatus {
     pub fresh: bool,
 }
 
+/// One issuer's validation settings and key cache.
+fn issuer_state(cfg: &IssuerConfig, http: &reqwest::Client) -> IssuerState {
+    let mut validation = HashMap::new();
+    for alg in &cfg.algorithms {
+        let mut v = Validation::new(*alg);
+        v.leeway = cfg.leeway.as_secs();
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        v.validate_aud = true;
+        v.set_audience(&cfg.audiences);
+        v.set_issuer(&[&cfg.issuer]);
+        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.insert(*alg, v);
+    }
+    IssuerState {
+        name: Arc::from(cfg.name.as_str()),
+        iss: Arc::from(cfg.issuer.as_str()),
+        jwks: JwksCache::new(
+            cfg.issuer.clone(),
+            cfg.jwks_uri.clone(),
+            http.clone(),
+            Duration::from_secs(10),
+            cfg.max_key_age,
+        ),
+        cfg: cfg.clone(),
+        validation,
+    }
+}
+
 /// Validates tokens against the configured issuers.
 pub struct Validator {
-    by_iss: HashMap<String, Arc<IssuerState>>,
+    /// Swapped whole by [`Validator::reconfigure`] (a config reload), read once per token.
+    by_iss: arc_swap::ArcSwap<HashMap<String, Arc<IssuerState>>>,
     verified: moka::sync::Cache<[u8; 32], Verified>,
+    http: reqwest::Client,
 }
 
 /// A cached verdict: the identity and the key that verified its signature.
@@ -162,48 +193,52 @@ fn present_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Strin
 
 impl Validator {
     pub fn new(issuers: &[IssuerConfig], http: reqwest::Client) -> Validator {
-        let mut by_iss = HashMap::new();
-        for cfg in issuers {
-            let mut validation = HashMap::new();
-            for alg in &cfg.algorithms {
-                let mut v = Validation::new(*alg);
-                v.leeway = cfg.leeway.as_secs();
-                v.validate_exp = true;
-                v.validate_nbf = true;
-                v.validate_aud = true;
-                v.set_audience(&cfg.audiences);
-                v.set_issuer(&[&cfg.issuer]);
-                v.set_required_spec_claims(&["exp", "iss", "aud"]);
-                validation.insert(*alg, v);
-            }
-            let state = IssuerState {
-                name: Arc::from(cfg.name.as_str()),
-                iss: Arc::from(cfg.issuer.as_str()),
-                jwks: JwksCache::new(
-                    cfg.issuer.clone(),
-                    cfg.jwks_uri.clone(),
-                    http.clone(),
-                    Duration::from_secs(10),
-                    cfg.max_key_age,
-                ),
-                cfg: cfg.clone(),
-                validation,
-            };
-            by_iss.insert(cfg.issuer.clone(), Arc::new(state));
-        }
+        let by_iss = issuers
+            .iter()
+            .map(|cfg| (cfg.issuer.clone(), Arc::new(issuer_state(cfg, &http))))
+            .collect();
         Validator {
-            by_iss,
+            by_iss: arc_swap::ArcSwap::from_pointee(by_iss),
             verified: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .expire_after(UntilExp)
                 .build(),
+            http,
         }
+    }
+
+    /// Takes a reloaded issuer list: an issuer whose settings are unchanged keeps its key cache;
+    /// a new or changed one must load its keys first, or the reload is refused (the running
+    /// issuers keep serving). Verified tokens are forgotten: a claim mapping or audience may
+    /// have changed.
+    pub async fn reconfigure(&self, issuers: &[IssuerConfig]) -> Result<(), String> {
+        let old = self.by_iss.load_full();
+        let mut next = HashMap::new();
+        for cfg in issuers {
+            let kept = old
+                .get(&cfg.issuer)
+                .filter(|st| format!("{:?}", st.cfg) == format!("{cfg:?}"));
+            let state = match kept {
+                Some(st) => st.clone(),
+                None => {
+                    let st = Arc::new(issuer_state(cfg, &self.http));
+                    st.jwks.reload().await.map_err(|e| {
+                        format!("issuer {}: its keys could not be loaded: {e}", cfg.name)
+                    })?;
+                    st
+                }
+            };
+            next.insert(cfg.issuer.clone(), state);
+        }
+        self.by_iss.store(Arc::new(next));
+        self.verified.invalidate_all();
+        Ok(())
     }
 
     /// Loads every issuer's keys; returns the names of those that could not be loaded.
     pub async fn load_all(&self) -> Vec<(String, String)> {
         let mut failed = Vec::new();
-        for st in self.by_iss.values() {
+        for st in self.by_iss.load_full().values() {
             if let Err(e) = st.jwks.reload().await {
                 failed.push((st.cfg.name.clone(), e.to_string()));
             }
@@ -213,12 +248,13 @@ impl Validator {
 
     /// True once every issuer has a key set.
     pub fn all_loaded(&self) -> bool {
-        self.by_iss.values().all(|s| s.jwks.is_loaded())
+        self.by_iss.load().values().all(|s| s.jwks.is_loaded())
     }
 
     /// One issuer's keys (by its configured `name`), for the operator console.
     pub fn keys_of(&self, issuer_name: &str) -> Option<KeysStatus> {
-        let st = self.by_iss.values().find(|s| s.cfg.name == issuer_name)?;
+        let map = self.by_iss.load();
+        let st = map.values().find(|s| s.cfg.name == issuer_name)?;
         let current = st.jwks.current();
         Some(KeysStatus {
             keys: current.as_ref().map_or(0, |s| s.len()),
@@ -231,6 +267,7 @@ impl Validator {
     /// a healthy IdP never lets a key set go stale; between 1 s and 5 min.
     pub fn refresh_interval(&self) -> Duration {
         self.by_iss
+            .load()
             .values()
             .map(|s| s.cfg.max_key_age / 3)
             .min()
@@ -251,6 +288,7 @@ impl Validator {
             // are fetched again or for good.
             let key_held = self
                 .by_iss
+                .load()
                 .get(hit.identity.issuer.as_ref())
                 .is_some_and(|st| st.jwks.holds(hit.kid.as_deref(), hit.alg));
             if hit.identity.expires_at > unix_now() && key_held {
@@ -327,7 +365,7 @@ impl Validator {
             Some(_) => return Err(Rejected("iss is not a string")),
             None => return Err(Rejected("iss is missing")),
         };
-        let Some(issuer) = self.by_iss.get(iss) else {
+        let Some(issuer) = self.by_iss.load().get(iss).cloned() else {
             return Err(IdentityError::UntrustedIssuer);
         };
 
