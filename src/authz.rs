@@ -24,6 +24,7 @@ use crate::broker::{BrokerError, DbToken};
 use crate::config::WorkspaceConfig;
 use crate::identity::{Identity, IdentityError};
 use crate::policy::{normalize_path, AgentBlocklist, Policy};
+use tracing::Instrument;
 
 // === Inputs and outputs ===
 
@@ -231,12 +232,35 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             trace_id = %trace_id,
             w3c_trace_id = tracing::field::Empty,
             w3c_parent_id = tracing::field::Empty,
+            user = tracing::field::Empty,
+            agent = tracing::field::Empty,
+            workspace = tracing::field::Empty,
+            decision = tracing::field::Empty,
+            reason = tracing::field::Empty,
         );
         if let Some(tp) = headers::traceparent(input.headers) {
             span.record("w3c_trace_id", tp.trace_id);
             span.record("w3c_parent_id", tp.parent_id);
         }
-        self.check_traced(input, trace_id).instrument(span).await
+        if crate::logging::exporting() {
+            // Exported spans continue the caller's W3C trace (Envoy forwards `traceparent`).
+            use opentelemetry::propagation::TextMapPropagator;
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new()
+                .extract(input.headers);
+            let _ = span.set_parent(parent);
+        }
+        let decision = self
+            .check_traced(input, trace_id)
+            .instrument(span.clone())
+            .await;
+        match &decision {
+            Decision::Allow(_) => span.record("decision", "allow"),
+            Decision::Deny(d) => span
+                .record("decision", "deny")
+                .record("reason", d.reason.code()),
+        };
+        decision
     }
 
     async fn check_traced(&self, input: &CheckInput<'_>, trace_id: TraceId) -> Decision {
@@ -268,7 +292,11 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                 draft.verdict = Verdict::Allow;
                 draft.token_source = token.source.as_str().to_string();
                 draft.token_fp = token.token.fingerprint().to_vec();
-                match tokio::time::timeout_at(deadline.into(), self.audit.append(draft)).await {
+                let commit = self
+                    .audit
+                    .append(draft)
+                    .instrument(tracing::info_span!(target: crate::logging::SPANS, "audit_commit"));
+                match tokio::time::timeout_at(deadline.into(), commit).await {
                     Ok(Ok(seq)) => Decision::Allow(Allow {
                         trace_id,
                         seq,
@@ -300,7 +328,11 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                 draft.reason = reason.code().to_string();
                 // A deny stands whether or not its row commits; we still wait (bounded) so the
                 // chain holds every decision we could record.
-                match tokio::time::timeout_at(deadline.into(), self.audit.append(draft)).await {
+                let commit = self
+                    .audit
+                    .append(draft)
+                    .instrument(tracing::info_span!(target: crate::logging::SPANS, "audit_commit"));
+                match tokio::time::timeout_at(deadline.into(), commit).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
                         tracing::warn!(trace_id = %trace_id, error = %e, "audit append for a deny failed")
@@ -354,7 +386,8 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             Ok(t) => t,
             Err(reason) => return fail(reason),
         };
-        let identity = match self.identify.identify(token).await {
+        let identify = tracing::info_span!(target: crate::logging::SPANS, "identify");
+        let identity = match self.identify.identify(token).instrument(identify).await {
             Ok(id) => id,
             Err(e) => {
                 tracing::debug!(error = %e, "token rejected");
@@ -368,17 +401,25 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
         draft.user_name = identity.user_name.clone();
         draft.agent = identity.agent.clone().unwrap_or_default();
         draft.actor_chain = clean(&identity.actor_chain, 1024);
+        let check = tracing::Span::current();
+        check.record("user", draft.user_name.as_str());
+        check.record("agent", draft.agent.as_str());
 
         // 2. route
-        let Some(workspace) = policy.route(input.context_workspace, input.authority) else {
+        let routed = tracing::info_span!(target: crate::logging::SPANS, "route")
+            .in_scope(|| policy.route(input.context_workspace, input.authority));
+        let Some(workspace) = routed else {
             return fail(Reason::UnknownWorkspace);
         };
         draft.workspace = workspace.name.clone();
+        check.record("workspace", draft.workspace.as_str());
         if !crate::config::Config::issuer_admitted(workspace, &identity.issuer_name) {
             return fail(Reason::UntrustedIssuer);
         }
 
-        // 3. policy
+        // 3. policy (no await in it: the span's guard never crosses one)
+        let policy_span = tracing::info_span!(target: crate::logging::SPANS, "policy");
+        let in_policy = policy_span.enter();
         if !policy.agent_allowed(workspace, identity.agent.as_deref()) {
             return fail(Reason::AgentNotAllowed);
         }
@@ -445,8 +486,19 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                 return fail(Reason::StatementBlocked);
             }
         }
+        drop(in_policy);
         // 4. token
-        match self.tokens.token(workspace, &identity, token).await {
+        let token_span = tracing::info_span!(
+            target: crate::logging::SPANS,
+            "token",
+            cache = tracing::field::Empty,
+        );
+        match self
+            .tokens
+            .token(workspace, &identity, token)
+            .instrument(token_span)
+            .await
+        {
             Ok(t) => Ok(t),
             Err(e) => {
                 tracing::info!(workspace = %workspace.name, error = %e, "no Databricks token");

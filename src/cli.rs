@@ -55,6 +55,13 @@ pub fn serve_config(path: &Path) -> Result<Config, i32> {
 
 /// `aegis serve`, step 2: runs until SIGTERM or Ctrl-C; reloads `path` on SIGHUP or a change.
 pub async fn serve(cfg: Config, path: &Path) -> i32 {
+    let telemetry = match crate::logging::init_with(cfg.tracing.as_ref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("aegis: {e}");
+            return 1;
+        }
+    };
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -69,7 +76,11 @@ pub async fn serve(cfg: Config, path: &Path) -> i32 {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    match crate::server::run(cfg, Some(path.to_path_buf()), shutdown).await {
+    let result = crate::server::run(cfg, Some(path.to_path_buf()), shutdown).await;
+    // Exported spans are flushed before the process ends (off the runtime's threads: the
+    // exporter's batch task needs them to run).
+    let _ = tokio::task::spawn_blocking(move || drop(telemetry)).await;
+    match result {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, "aegis stopped");

@@ -93,6 +93,27 @@ pub struct Config {
     pub issuers: Vec<IssuerConfig>,
     pub workspaces: Vec<WorkspaceConfig>,
     pub policy: PolicyConfig,
+    /// OpenTelemetry trace export (`[tracing]`); off when absent.
+    pub tracing: Option<TracingConfig>,
+}
+
+/// How spans are exported over OTLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (`opentelemetry.proto.collector.trace.v1.TraceService/Export`).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (`POST <endpoint>/v1/traces`).
+    Http,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    pub otlp_endpoint: url::Url,
+    pub protocol: OtlpProtocol,
+    /// The share of new traces sampled (0.0 to 1.0); a trace whose parent (Envoy's
+    /// `traceparent`) is sampled is always followed, one that is not never is.
+    pub sample_ratio: f64,
+    pub service_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -893,6 +914,7 @@ impl Reader<'_> {
                 "issuers",
                 "workspaces",
                 "policy",
+                "tracing",
             ],
         );
         let empty = Table::new();
@@ -932,6 +954,13 @@ impl Reader<'_> {
             }
         }
         let policy = self.policy(&policy_t, &workspaces);
+        let tracing = match self.table(doc, "tracing", "") {
+            Some(t) => {
+                let t = t.clone();
+                self.tracing(&t)
+            }
+            None => None,
+        };
         if workspaces
             .iter()
             .any(|w| w.token_source == TokenSourceKind::U2m)
@@ -965,6 +994,46 @@ impl Reader<'_> {
             issuers,
             workspaces,
             policy: policy?,
+            tracing,
+        })
+    }
+
+    fn tracing(&mut self, t: &Table) -> Option<TracingConfig> {
+        let path = "tracing";
+        self.unknown_keys(
+            t,
+            path,
+            &["otlp_endpoint", "protocol", "sample_ratio", "service_name"],
+        );
+        let endpoint = self
+            .string(t, "otlp_endpoint", path, true)
+            .and_then(|u| self.http_url(&u, "tracing.otlp_endpoint"));
+        let protocol = match t.get("protocol").map(|v| v.as_str()) {
+            None | Some(Some("grpc")) => Some(OtlpProtocol::Grpc),
+            Some(Some("http")) => Some(OtlpProtocol::Http),
+            _ => {
+                self.err("tracing.protocol", "must be \"grpc\" or \"http\"");
+                None
+            }
+        };
+        let sample_ratio = match t.get("sample_ratio") {
+            None => Some(1.0),
+            Some(Value::Float(f)) if (0.0..=1.0).contains(f) => Some(*f),
+            Some(Value::Integer(i)) if *i == 0 || *i == 1 => Some(*i as f64),
+            Some(_) => {
+                self.err("tracing.sample_ratio", "must be a number from 0.0 to 1.0");
+                None
+            }
+        };
+        let service_name = match t.get("service_name") {
+            None => Some("aegis".to_string()),
+            Some(_) => self.string(t, "service_name", path, true),
+        };
+        Some(TracingConfig {
+            otlp_endpoint: endpoint?,
+            protocol: protocol?,
+            sample_ratio: sample_ratio?,
+            service_name: service_name?,
         })
     }
 

@@ -189,7 +189,10 @@ fn runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
 
 fn main() {
     let cli = Cli::parse();
-    aegis::logging::init();
+    // `serve` sets up logging itself, with span export when its config asks for it.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        aegis::logging::init();
+    }
     let code = match cli.command {
         Command::Config {
             command: ConfigCommand::Check { config },

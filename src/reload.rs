@@ -201,6 +201,11 @@ pub fn needs_restart(old: &Config, next: &Config) -> Vec<String> {
         format!("{:?}", next.redis),
     );
     differs(
+        "[tracing]",
+        format!("{:?}", old.tracing),
+        format!("{:?}", next.tracing),
+    );
+    differs(
         "[postgres]",
         format!("{:?}", old.postgres),
         format!("{:?}", next.postgres),

@@ -409,6 +409,7 @@ impl Broker {
             if t.use_until_ms > now && self.current(&key, &t) {
                 metrics::counter!("aegis_token_cache_total", "tier" => "l1", "result" => "hit")
                     .increment(1);
+                tracing::Span::current().record("cache", "l1");
                 self.stats.record(&ws.name, stats::Event::L1Hit);
                 if now >= t.refresh_at_ms {
                     self.refresh_ahead(key, ws, identity, subject_token, t.use_until_ms);
@@ -604,6 +605,7 @@ impl Broker {
         if let (Some(t), _) = self.l2_read(lookup, newer_than).await? {
             metrics::counter!("aegis_token_cache_total", "tier" => "l2", "result" => "hit")
                 .increment(1);
+            tracing::Span::current().record("cache", "l2");
             self.stats.record(&ws.name, stats::Event::L2Hit);
             return Ok(Arc::new(t));
         }
@@ -680,6 +682,7 @@ impl Broker {
             Err(BrokerError::Rejected(_)) => "rejected",
             Err(_) => "error",
         };
+        tracing::Span::current().record("cache", "mint");
         metrics::counter!("aegis_mints_total", "source" => ws.token_source.as_str(), "outcome" => outcome)
             .increment(1);
         self.stats.record(
