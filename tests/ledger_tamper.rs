@@ -763,16 +763,26 @@ async fn every_tamper_of_a_served_chain_is_caught_by_the_verify_binary() {
     // the notes in the database cut back too: no key is needed for any of it), against an empty
     // checkpoint directory, is not provable…
     assert!(n < 256, "the cut below edits one level-0 tile");
+    // The tile is stored in strips of 16 hashes: keep the first n - 1.
+    let (strip, keep) = ((n - 1) / 16, (n - 1) % 16);
+    let cut_tile = if keep == 0 {
+        format!("DELETE FROM aegis_tlog_tiles WHERE level = 0 AND idx = 0 AND strip >= {strip}")
+    } else {
+        format!(
+            "DELETE FROM aegis_tlog_tiles WHERE level = 0 AND idx = 0 AND strip > {strip}; \
+             UPDATE aegis_tlog_tiles SET hashes = substring(hashes FROM 1 FOR {}) \
+             WHERE level = 0 AND idx = 0 AND strip = {strip}",
+            keep * 32
+        )
+    };
     tamper(
         &stack,
         &format!(
             "DELETE FROM aegis_audit WHERE seq = {n}; \
              UPDATE aegis_chain_head SET size = {m}, tree_size = {m}, head_mac = '\\x{}'; \
-             UPDATE aegis_tlog_tiles SET hashes = substring(hashes FROM 1 FOR {}) \
-             WHERE level = 0 AND idx = 0; \
+             {cut_tile}; \
              DELETE FROM aegis_tlog_checkpoints WHERE size > {m}",
             hex::encode(&all[n as usize - 2].mac),
-            (n - 1) * 32,
             m = n - 1,
         ),
     )

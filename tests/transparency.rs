@@ -450,7 +450,7 @@ async fn outsiders_check_the_log_receipts_and_witnesses_with_public_data_only() 
         ),
         (
             "a tile rewritten",
-            "UPDATE aegis_tlog_tiles SET hashes = overlay(hashes placing '\\x00000000'::bytea from 65 for 4) WHERE level = 0 AND idx = 0".into(),
+            "UPDATE aegis_tlog_tiles SET hashes = overlay(hashes placing '\\x00000000'::bytea from 65 for 4) WHERE level = 0 AND idx = 0 AND strip = 0".into(),
             "DELETE FROM aegis_tlog_tiles; INSERT INTO aegis_tlog_tiles SELECT * FROM saved_tiles".into(),
             "tile 0/0 is not the entries' tree",
         ),
@@ -498,7 +498,7 @@ async fn outsiders_check_the_log_receipts_and_witnesses_with_public_data_only() 
     }
 
     // And `aegis audit verify` sees a tile rewritten under intact rows.
-    tamper(&stack, "UPDATE aegis_tlog_tiles SET hashes = overlay(hashes placing '\\x00000000'::bytea from 1 for 4) WHERE level = 0 AND idx = 0").await;
+    tamper(&stack, "UPDATE aegis_tlog_tiles SET hashes = overlay(hashes placing '\\x00000000'::bytea from 1 for 4) WHERE level = 0 AND idx = 0 AND strip = 0").await;
     let (code, out, _) = aegis(&["audit", "verify", "--config", &config, "--json"]);
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(

@@ -458,7 +458,7 @@ fn compensation(allow: Draft) -> Draft {
 /// One batch in one statement (one round trip, its own transaction): move the head row from
 /// the head this writer expects ($26, $27) to the batch's last row ($28, $29) — the UPDATE takes
 /// the head row's lock, as `SELECT ... FOR UPDATE` would, so replicas serialize on it — and
-/// insert the rows and extend the transparency log's tiles ($30 to $32) only if the head moved:
+/// insert the rows and extend the transparency log's tiles ($30 to $33) only if the head moved:
 /// a committed row is always in the tree. When another replica appended first, the UPDATE
 /// matches nothing and nothing is inserted; the writer then appends under the head row's lock.
 const APPEND_SQL: &str = "WITH moved AS ( \
@@ -475,10 +475,10 @@ const APPEND_SQL: &str = "WITH moved AS ( \
     $21::bytea[], $22::text[], $23::text[], $24::bytea[], $25::text[]) AS u \
     WHERE EXISTS (SELECT 1 FROM moved) RETURNING 1), \
   tiles AS ( \
-    INSERT INTO aegis_tlog_tiles (chain_id, level, idx, hashes) \
-    SELECT $1, t.* FROM UNNEST($30::int2[], $31::int8[], $32::bytea[]) AS t \
+    INSERT INTO aegis_tlog_tiles (chain_id, level, idx, strip, hashes) \
+    SELECT $1, t.* FROM UNNEST($30::int2[], $31::int8[], $32::int2[], $33::bytea[]) AS t \
     WHERE EXISTS (SELECT 1 FROM moved) \
-    ON CONFLICT (chain_id, level, idx) DO UPDATE SET hashes = EXCLUDED.hashes RETURNING 1) \
+    ON CONFLICT (chain_id, level, idx, strip) DO UPDATE SET hashes = EXCLUDED.hashes RETURNING 1) \
   SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM inserted), \
     (SELECT count(*) FROM tiles)";
 
@@ -928,8 +928,8 @@ struct Sealed {
     versions: Vec<i32>,
     prevs: Vec<Vec<u8>>,
     macs: Vec<Vec<u8>>,
-    /// The transparency-log tiles the batch changes, as (levels, indexes, hashes) columns.
-    tiles: (Vec<i16>, Vec<i64>, Vec<Vec<u8>>),
+    /// The transparency-log tile strips the batch changes, as columns.
+    tiles: tiles::Columns,
     /// The head it builds on, and the one it leaves.
     size: i64,
     head: [u8; 32],
@@ -1029,7 +1029,7 @@ fn seal(
         prev = mac;
     }
     out.new_head = prev;
-    out.tiles = tiles::columns(&edge.extend(leaves));
+    out.tiles = tiles::columns(&edge.extend_tracked(leaves));
     Ok(out)
 }
 
@@ -1107,6 +1107,7 @@ async fn send<C: tokio_postgres::GenericClient>(
                 &sealed.tiles.0,
                 &sealed.tiles.1,
                 &sealed.tiles.2,
+                &sealed.tiles.3,
             ],
         )
         .await

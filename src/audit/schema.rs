@@ -96,20 +96,23 @@ CREATE TABLE IF NOT EXISTS aegis_agent_blocks (
 -- tree_size follows the head in that same statement. A tile only ever grows: the trigger
 -- refuses an update that is not an extension of what is stored, and no tile is deleted.
 ALTER TABLE aegis_chain_head ADD COLUMN IF NOT EXISTS tree_size bigint NOT NULL DEFAULT 0;
+-- A tile is stored as strips of up to 16 hashes (512 bytes, kept inline: a batch rewrites one
+-- small strip, not a whole 8 KiB tile); tile (level, idx) is its strips in order.
 CREATE TABLE IF NOT EXISTS aegis_tlog_tiles (
     chain_id text     NOT NULL,
     level    smallint NOT NULL CHECK (level BETWEEN 0 AND 63),
     idx      bigint   NOT NULL CHECK (idx >= 0),
-    hashes   bytea    NOT NULL CHECK (length(hashes) % 32 = 0 AND length(hashes) BETWEEN 32 AND 8192),
-    PRIMARY KEY (chain_id, level, idx)
+    strip    smallint NOT NULL CHECK (strip BETWEEN 0 AND 15),
+    hashes   bytea    NOT NULL CHECK (length(hashes) % 32 = 0 AND length(hashes) BETWEEN 32 AND 512),
+    PRIMARY KEY (chain_id, level, idx, strip)
 );
 CREATE OR REPLACE FUNCTION aegis_tlog_tile_grows() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
     IF NEW.chain_id <> OLD.chain_id OR NEW.level <> OLD.level OR NEW.idx <> OLD.idx
-       OR length(NEW.hashes) < length(OLD.hashes)
+       OR NEW.strip <> OLD.strip OR length(NEW.hashes) < length(OLD.hashes)
        OR substring(NEW.hashes FROM 1 FOR length(OLD.hashes)) <> OLD.hashes THEN
-        RAISE EXCEPTION 'aegis_tlog_tiles only grow: tile %/% refused', OLD.level, OLD.idx;
+        RAISE EXCEPTION 'aegis_tlog_tiles only grow: tile %/% strip % refused', OLD.level, OLD.idx, OLD.strip;
     END IF;
     RETURN NEW;
 END

@@ -9,6 +9,9 @@ use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::{Client, GenericClient};
 
 use super::tlog::{self, Edge, Hash, TileMap, TILE_WIDTH};
+
+/// Hashes per stored strip: a tile is up to 16 strips (see the schema).
+pub const STRIP: usize = 16;
 use super::verify::{record_of, SELECT_RANGE};
 
 fn hashes_of(bytes: &[u8]) -> Vec<Hash> {
@@ -22,6 +25,32 @@ fn hashes_of(bytes: &[u8]) -> Vec<Hash> {
         .collect()
 }
 
+/// Tiles from their strips, (level, idx, strip, hashes) ordered by strip: each tile is its strips
+/// in order, up to the first one missing or short (what follows a gap is not the tile).
+fn assemble(rows: impl IntoIterator<Item = (i16, i64, i16, Vec<u8>)>) -> TileMap {
+    let mut out = TileMap::new();
+    let mut closed = std::collections::BTreeSet::new();
+    for (level, idx, strip, hashes) in rows {
+        let key = (level as u8, idx as u64);
+        if closed.contains(&key) {
+            continue;
+        }
+        let tile = out.entry(key).or_insert_with(Vec::new);
+        if tile.len() != strip as usize * STRIP {
+            closed.insert(key);
+            continue;
+        }
+        let list = hashes_of(&hashes);
+        let full = list.len() == STRIP;
+        tile.extend(list);
+        if !full {
+            closed.insert(key);
+        }
+    }
+    out.retain(|_, t| !t.is_empty());
+    out
+}
+
 /// The tiles at `coords` that exist (a tile may be stored longer than a reader needs).
 pub async fn fetch<C: GenericClient>(
     client: &C,
@@ -32,18 +61,35 @@ pub async fn fetch<C: GenericClient>(
     let idxs: Vec<i64> = coords.iter().map(|(_, i)| *i as i64).collect();
     let rows = client
         .query(
-            "SELECT t.level, t.idx, t.hashes FROM aegis_tlog_tiles t \
+            "SELECT t.level, t.idx, t.strip, t.hashes FROM aegis_tlog_tiles t \
              JOIN UNNEST($2::int2[], $3::int8[]) AS w(level, idx) \
-             ON t.level = w.level AND t.idx = w.idx WHERE t.chain_id = $1",
+             ON t.level = w.level AND t.idx = w.idx WHERE t.chain_id = $1 \
+             ORDER BY t.level, t.idx, t.strip",
             &[&chain_id, &levels, &idxs],
         )
         .await?;
-    let mut out = TileMap::new();
-    for r in rows {
-        let (level, idx, hashes): (i16, i64, Vec<u8>) = (r.get(0), r.get(1), r.get(2));
-        out.insert((level as u8, idx as u64), hashes_of(&hashes));
-    }
-    Ok(out)
+    Ok(assemble(
+        rows.into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))),
+    ))
+}
+
+/// Every stored tile of the chain.
+pub async fn all_tiles<C: GenericClient>(
+    client: &C,
+    chain_id: &str,
+) -> Result<TileMap, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT level, idx, strip, hashes FROM aegis_tlog_tiles WHERE chain_id = $1 \
+             ORDER BY level, idx, strip",
+            &[&chain_id],
+        )
+        .await?;
+    Ok(assemble(
+        rows.into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))),
+    ))
 }
 
 /// The right edge of the stored tree of `size` leaves.
@@ -62,22 +108,31 @@ pub async fn load_edge<C: GenericClient>(
     Edge::from_partials(size, &tiles)
 }
 
-/// Tiles as the columns [`super::APPEND_SQL`] and [`store`] take.
-pub fn columns(tiles: &TileMap) -> (Vec<i16>, Vec<i64>, Vec<Vec<u8>>) {
-    let mut levels = Vec::with_capacity(tiles.len());
-    let mut idxs = Vec::with_capacity(tiles.len());
-    let mut hashes = Vec::with_capacity(tiles.len());
-    for ((l, i), h) in tiles {
-        levels.push(*l as i16);
-        idxs.push(*i as i64);
-        hashes.push(h.concat());
+/// The stored strips of the tiles a batch changed, as the columns [`super::APPEND_SQL`] and
+/// [`UPSERT`] take (level, idx, strip, hashes): only the strips from the first changed position
+/// on, so a small batch writes one small strip.
+pub type Columns = (Vec<i16>, Vec<i64>, Vec<i16>, Vec<Vec<u8>>);
+
+pub fn columns(changed: &std::collections::BTreeMap<(u8, u64), (usize, Vec<Hash>)>) -> Columns {
+    let mut out: Columns = Default::default();
+    for ((level, idx), (from, hashes)) in changed {
+        if hashes.is_empty() {
+            continue;
+        }
+        for strip in from / STRIP..=(hashes.len() - 1) / STRIP {
+            let part = &hashes[strip * STRIP..(strip * STRIP + STRIP).min(hashes.len())];
+            out.0.push(*level as i16);
+            out.1.push(*idx as i64);
+            out.2.push(strip as i16);
+            out.3.push(part.concat());
+        }
     }
-    (levels, idxs, hashes)
+    out
 }
 
-const UPSERT: &str = "INSERT INTO aegis_tlog_tiles (chain_id, level, idx, hashes) \
-    SELECT $1, t.* FROM UNNEST($2::int2[], $3::int8[], $4::bytea[]) AS t \
-    ON CONFLICT (chain_id, level, idx) DO UPDATE SET hashes = EXCLUDED.hashes";
+const UPSERT: &str = "INSERT INTO aegis_tlog_tiles (chain_id, level, idx, strip, hashes) \
+    SELECT $1, t.* FROM UNNEST($2::int2[], $3::int8[], $4::int2[], $5::bytea[]) AS t \
+    ON CONFLICT (chain_id, level, idx, strip) DO UPDATE SET hashes = EXCLUDED.hashes";
 
 /// Rows a catch-up reads between writes of the tiles it built.
 const CATCH_UP_CHUNK: u64 = 16_384;
@@ -133,9 +188,9 @@ pub async fn catch_up(client: &mut Client, chain_id: &str) -> Result<u64, String
                 at + 1
             ));
         }
-        let changed = edge.extend(leaves);
-        let (levels, idxs, hashes) = columns(&changed);
-        tx.execute(UPSERT, &[&chain_id, &levels, &idxs, &hashes])
+        let changed = edge.extend_tracked(leaves);
+        let (levels, idxs, strips, hashes) = columns(&changed);
+        tx.execute(UPSERT, &[&chain_id, &levels, &idxs, &strips, &hashes])
             .await
             .map_err(pg)?;
         at = hi;
@@ -173,19 +228,11 @@ pub async fn tile_bytes<C: GenericClient>(
     index: u64,
     width: usize,
 ) -> Result<Option<Vec<u8>>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT substring(hashes FROM 1 FOR $4) FROM aegis_tlog_tiles \
-             WHERE chain_id = $1 AND level = $2 AND idx = $3 AND length(hashes) >= $4",
-            &[
-                &chain_id,
-                &(level as i16),
-                &(index as i64),
-                &((width * 32) as i32),
-            ],
-        )
-        .await?;
-    Ok(row.map(|r| r.get(0)))
+    let tiles = fetch(client, chain_id, &[(level, index)]).await?;
+    Ok(tiles
+        .get(&(level, index))
+        .filter(|t| t.len() >= width)
+        .map(|t| t[..width].concat()))
 }
 
 /// One entry bundle: the canonical records of leaves `index * 256 ..` (`width` of them), each
@@ -260,4 +307,42 @@ pub async fn all_notes<C: GenericClient>(
         .iter()
         .map(|r| (r.get::<_, i64>(0) as u64, r.get(1)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Strips written batch by batch (only those a batch changed, upserted like the writer does)
+    /// put back together are the tree's tiles.
+    #[test]
+    fn strips_written_per_batch_assemble_into_the_tiles() {
+        let mut edge = Edge::new();
+        let mut want = TileMap::new();
+        let mut store: std::collections::BTreeMap<(i16, i64, i16), Vec<u8>> = Default::default();
+        let mut n = 0u64;
+        for batch in [1usize, 3, 15, 1, 17, 200, 300, 1, 5000, 64, 1] {
+            let leaves: Vec<Hash> = (0..batch)
+                .map(|_| {
+                    n += 1;
+                    tlog::leaf_hash(&n.to_be_bytes())
+                })
+                .collect();
+            let changed = edge.extend_tracked(leaves);
+            for (k, (_, v)) in &changed {
+                want.insert(*k, v.clone());
+            }
+            let (levels, idxs, strips, hashes) = columns(&changed);
+            for i in 0..levels.len() {
+                store.insert((levels[i], idxs[i], strips[i]), hashes[i].clone());
+            }
+        }
+        let got = assemble(store.into_iter().map(|((l, i, s), h)| (l, i, s, h)));
+        assert_eq!(got, want);
+        // A missing strip ends the tile there.
+        let mut rows: Vec<(i16, i64, i16, Vec<u8>)> =
+            vec![(0, 0, 0, vec![1u8; 512]), (0, 0, 2, vec![2u8; 64])];
+        rows.sort();
+        assert_eq!(assemble(rows)[&(0, 0)].len(), 16);
+    }
 }

@@ -122,6 +122,28 @@ impl Edge {
     /// Appends leaf hashes; returns every tile they changed with its new contents (the full
     /// tiles they completed and the partial tiles they left).
     pub fn extend(&mut self, leaves: impl IntoIterator<Item = Hash>) -> TileMap {
+        self.extend_tracked(leaves)
+            .into_iter()
+            .map(|(k, (_, v))| (k, v))
+            .collect()
+    }
+
+    /// As [`Edge::extend`], with where each tile changed: (level, index) → (the first position
+    /// that changed, the tile's new contents). Everything before that position was stored
+    /// already (the tile's partial contents before these leaves).
+    pub fn extend_tracked(
+        &mut self,
+        leaves: impl IntoIterator<Item = Hash>,
+    ) -> BTreeMap<(u8, u64), (usize, Vec<Hash>)> {
+        let before: Vec<((u8, u64), usize)> = self
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(level, row)| {
+                let index = (self.size >> (TILE_HEIGHT * level as u32)) / TILE_WIDTH as u64;
+                ((level as u8, index), row.len())
+            })
+            .collect();
         let mut changed = TileMap::new();
         let mut touched = 0u64;
         for leaf in leaves {
@@ -134,6 +156,15 @@ impl Edge {
             }
         }
         changed
+            .into_iter()
+            .map(|(k, v)| {
+                let from = before
+                    .iter()
+                    .find(|(c, _)| *c == k)
+                    .map_or(0, |(_, len)| *len);
+                (k, (from, v))
+            })
+            .collect()
     }
 
     fn push(&mut self, leaf: Hash, completed: &mut TileMap, touched: &mut u64) {

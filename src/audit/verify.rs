@@ -589,21 +589,7 @@ async fn check_stored_tree(
             ),
         }));
     }
-    let rows = client
-        .query(
-            "SELECT level, idx, hashes FROM aegis_tlog_tiles WHERE chain_id = $1 ORDER BY level, idx",
-            &[&chain_id],
-        )
-        .await?;
-    let mut stored = tlog::TileMap::new();
-    for r in rows {
-        let hashes: Vec<u8> = r.get(2);
-        let list = hashes
-            .chunks_exact(32)
-            .map(|c| c.try_into().unwrap_or([0u8; 32]))
-            .collect();
-        stored.insert((r.get::<_, i16>(0) as u8, r.get::<_, i64>(1) as u64), list);
-    }
+    let stored = super::tiles::all_tiles(client, chain_id).await?;
     let first_leaf = |(level, idx): (u8, u64)| idx * 256u64.pow(level as u32 + 1) + 1;
     for (coord, want) in &tree.tiles {
         if stored.get(coord) != Some(want) {
