@@ -35,7 +35,7 @@ fn assemble(rows: impl IntoIterator<Item = (i16, i64, i16, Vec<u8>)>) -> TileMap
         if closed.contains(&key) {
             continue;
         }
-        let tile = out.entry(key).or_insert_with(Vec::new);
+        let tile = out.entry(key).or_default();
         if tile.len() != strip as usize * STRIP {
             closed.insert(key);
             continue;
