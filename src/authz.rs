@@ -460,13 +460,15 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                 return fail(Reason::ToolBlocked);
             }
         }
-        match policy.statement_guard(
+        drop(in_policy);
+        let judged = policy.statement_guard(
             input.method,
             path,
             input.body,
             identity.agent.as_deref(),
             &workspace.name,
-        ) {
+        );
+        match judged {
             Ok(None) => {}
             Ok(Some(seen)) => {
                 draft.statement_kind = seen.kind.as_str().to_string();
@@ -486,7 +488,6 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                 return fail(Reason::StatementBlocked);
             }
         }
-        drop(in_policy);
         // 4. token
         let token_span = tracing::info_span!(
             target: crate::logging::SPANS,

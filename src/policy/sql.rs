@@ -131,23 +131,31 @@ pub fn classify(sql: &str) -> Classified {
 }
 
 fn normalized_digest(tokens: &[Token]) -> [u8; 32] {
+    use std::fmt::Write;
     let mut h = Sha256::new();
     let mut first = true;
+    // One buffer for every token: no allocation per token.
+    let mut buf = String::with_capacity(64);
     for t in tokens.iter().filter(|t| !matches!(t, Token::Whitespace(_))) {
         if !first {
             h.update(b" ");
         }
         first = false;
+        buf.clear();
         match word(t) {
-            Some(w) => h.update(w.as_bytes()),
-            None => h.update(t.to_string().as_bytes()),
+            Some(w) => buf.extend(w.chars().map(|c| c.to_ascii_uppercase())),
+            None => {
+                let _ = write!(buf, "{t}");
+            }
         }
+        h.update(buf.as_bytes());
     }
     h.finalize().into()
 }
 
-/// An unquoted word, upper-cased, if `t` is one spelled in ASCII letters, digits and `_`.
-fn word(t: &Token) -> Option<String> {
+/// An unquoted word, as written, if `t` is one spelled in ASCII letters, digits and `_` (compared
+/// ignoring ASCII case).
+fn word(t: &Token) -> Option<&str> {
     match t {
         Token::Word(w)
             if w.quote_style.is_none()
@@ -156,10 +164,18 @@ fn word(t: &Token) -> Option<String> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
         {
-            Some(w.value.to_ascii_uppercase())
+            Some(w.value.as_str())
         }
         _ => None,
     }
+}
+
+fn is(w: Option<&str>, want: &str) -> bool {
+    w.is_some_and(|w| w.eq_ignore_ascii_case(want))
+}
+
+fn one_of(w: &str, list: &[&str]) -> bool {
+    list.iter().any(|x| w.eq_ignore_ascii_case(x))
 }
 
 fn statement_verdict(tokens: &[&Token]) -> Classified {
@@ -168,19 +184,15 @@ fn statement_verdict(tokens: &[&Token]) -> Classified {
         blocked: Some(why),
         fingerprint: [0u8; 32],
     };
-    let words: Vec<Option<String>> = tokens.iter().map(|t| word(t)).collect();
-    let has = |w: &str| words.iter().any(|x| x.as_deref() == Some(w));
-    let has_pair = |a: &str, b: &str| {
-        words
-            .windows(2)
-            .any(|p| p[0].as_deref() == Some(a) && p[1].as_deref() == Some(b))
-    };
+    let words: Vec<Option<&str>> = tokens.iter().map(|t| word(t)).collect();
+    let has = |w: &str| words.iter().any(|x| is(*x, w));
+    let has_pair = |a: &str, b: &str| words.windows(2).any(|p| is(p[0], a) && is(p[1], b));
     if has_pair("EXECUTE", "IMMEDIATE") || has("IMMEDIATE") {
         return block(StatementKind::Unknown, DYNAMIC_SQL);
     }
     let first = match (tokens.first(), words.first()) {
         (Some(Token::LParen), _) => "(".to_string(),
-        (_, Some(Some(w))) => w.clone(),
+        (_, Some(Some(w))) => w.to_ascii_uppercase(),
         _ => return block(StatementKind::Unknown, UNRECOGNIZED),
     };
     let kind = match first.as_str() {
@@ -217,14 +229,18 @@ fn statement_verdict(tokens: &[&Token]) -> Classified {
             .iter()
             .skip(1)
             .flatten()
-            .find(|w| !TYPE_MODIFIERS.contains(&w.as_str()));
-        if object.is_some_and(|o| GUARDED_TYPES.contains(&o.as_str())) {
+            .find(|w| !one_of(w, TYPE_MODIFIERS));
+        if object.is_some_and(|o| one_of(o, GUARDED_TYPES)) {
             return block(StatementKind::Dcl, CHANGES_SECURABLE);
         }
-        if first == "COMMENT" && object.is_some_and(|o| o == "ON") {
+        if first == "COMMENT" && object.is_some_and(|o| o.eq_ignore_ascii_case("ON")) {
             // COMMENT ON <type> ...: judge the type after ON.
-            let after_on = words.iter().flatten().skip_while(|w| *w != "ON").nth(1);
-            if after_on.is_some_and(|o| GUARDED_TYPES.contains(&o.as_str())) {
+            let after_on = words
+                .iter()
+                .flatten()
+                .skip_while(|w| !w.eq_ignore_ascii_case("ON"))
+                .nth(1);
+            if after_on.is_some_and(|o| one_of(o, GUARDED_TYPES)) {
                 return block(StatementKind::Dcl, CHANGES_SECURABLE);
             }
         }
