@@ -179,80 +179,78 @@ fn fingerprint(path: &std::path::Path) -> Option<[u8; 32]> {
 
 /// What in `next` only a restart can apply, each named.
 pub fn needs_restart(old: &Config, next: &Config) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut differs = |what: &str, a: String, b: String| {
-        if a != b {
-            out.push(format!("{what} changed: it takes effect on a restart"));
-        }
-    };
-    differs(
-        "[server]",
-        format!("{:?}", old.server),
-        format!("{:?}", next.server),
-    );
-    differs(
-        "[admin]",
-        format!("{:?}", old.admin),
-        format!("{:?}", next.admin),
-    );
-    differs(
-        "[redis]",
-        format!("{:?}", old.redis),
-        format!("{:?}", next.redis),
-    );
-    differs(
-        "[tracing]",
-        format!("{:?}", old.tracing),
-        format!("{:?}", next.tracing),
-    );
-    differs(
-        "[postgres]",
-        format!("{:?}", old.postgres),
-        format!("{:?}", next.postgres),
-    );
     let (a, b) = (&old.audit, &next.audit);
-    differs("audit.chain_id", a.chain_id.clone(), b.chain_id.clone());
-    differs(
-        "audit.checkpoint_dir",
-        a.checkpoint_dir.display().to_string(),
-        b.checkpoint_dir.display().to_string(),
-    );
-    differs(
-        "audit.checkpoint_interval",
-        format!("{:?}", a.checkpoint_interval),
-        format!("{:?}", b.checkpoint_interval),
-    );
-    differs(
-        "audit.checkpoint_signing_key_file",
-        hex::encode(a.checkpoint_signing_key.expose()),
-        hex::encode(b.checkpoint_signing_key.expose()),
-    );
-    differs(
-        "audit.max_clock_skew",
-        format!("{:?}", a.max_clock_skew),
-        format!("{:?}", b.max_clock_skew),
-    );
-    differs(
-        "audit.tlog_origin",
-        a.tlog_origin.clone(),
-        b.tlog_origin.clone(),
-    );
-    differs(
-        "audit.tlog_listen",
-        format!("{:?}", a.tlog_listen),
-        format!("{:?}", b.tlog_listen),
-    );
-    differs(
-        "audit.witnesses",
-        format!(
-            "{:?} {} {:?}",
-            a.witnesses, a.witness_quorum, a.witness_timeout
+    // Each part only a restart applies, as the text compared (secrets print redacted; the
+    // checkpoint key is compared by its bytes).
+    let parts: [(&str, String, String); 12] = [
+        (
+            "[server]",
+            format!("{:?}", old.server),
+            format!("{:?}", next.server),
         ),
-        format!(
-            "{:?} {} {:?}",
-            b.witnesses, b.witness_quorum, b.witness_timeout
+        (
+            "[admin]",
+            format!("{:?}", old.admin),
+            format!("{:?}", next.admin),
         ),
-    );
+        (
+            "[redis]",
+            format!("{:?}", old.redis),
+            format!("{:?}", next.redis),
+        ),
+        (
+            "[tracing]",
+            format!("{:?}", old.tracing),
+            format!("{:?}", next.tracing),
+        ),
+        (
+            "[postgres]",
+            format!("{:?}", old.postgres),
+            format!("{:?}", next.postgres),
+        ),
+        ("audit.chain_id", a.chain_id.clone(), b.chain_id.clone()),
+        (
+            "audit.checkpoint_dir",
+            a.checkpoint_dir.display().to_string(),
+            b.checkpoint_dir.display().to_string(),
+        ),
+        (
+            "audit.checkpoint_interval",
+            format!("{:?}", a.checkpoint_interval),
+            format!("{:?}", b.checkpoint_interval),
+        ),
+        (
+            "audit.checkpoint_signing_key_file",
+            hex::encode(a.checkpoint_signing_key.expose()),
+            hex::encode(b.checkpoint_signing_key.expose()),
+        ),
+        (
+            "audit.max_clock_skew",
+            format!("{:?}", a.max_clock_skew),
+            format!("{:?}", b.max_clock_skew),
+        ),
+        (
+            "audit.tlog_origin / tlog_listen",
+            format!("{} {:?}", a.tlog_origin, a.tlog_listen),
+            format!("{} {:?}", b.tlog_origin, b.tlog_listen),
+        ),
+        (
+            "audit.witnesses",
+            format!(
+                "{:?} {} {:?}",
+                a.witnesses, a.witness_quorum, a.witness_timeout
+            ),
+            format!(
+                "{:?} {} {:?}",
+                b.witnesses, b.witness_quorum, b.witness_timeout
+            ),
+        ),
+    ];
+    let mut out: Vec<String> = parts
+        .iter()
+        .filter(|(_, was, is)| was != is)
+        .map(|(what, _, _)| format!("{what} changed: it takes effect on a restart"))
+        .collect();
     // The HMAC key rotates only to a new key id, with the old one kept for the rows it signed.
     if b.key_id == a.key_id && b.hmac_key.expose() != a.hmac_key.expose() {
         out.push(

@@ -622,49 +622,10 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported_by_aegis() {
 
 /// Signs in to the console and verifies the chain, which must be intact.
 async fn console_verify(stack: &Stack) {
-    let base = stack.aegis_admin_url();
-    let origin = format!("http://{}", base.trim_start_matches("http://"));
-    let resp = http()
-        .post(format!("{base}/console/login"))
-        .header("origin", &origin)
-        .form(&[("token", stack.console_token())])
-        .send()
-        .await
-        .expect("console login");
-    assert_eq!(resp.status().as_u16(), 303);
-    let cookie = resp
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .expect("a session cookie")
-        .to_string();
-    let page = http()
-        .get(format!("{base}/console"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .expect("console page")
-        .text()
-        .await
-        .expect("console page text");
-    let csrf = page
-        .split("name=\"aegis-csrf\" content=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("a csrf token in the page")
-        .to_string();
-    let r = read(
-        http()
-            .post(format!("{base}/console/api/verify"))
-            .header("cookie", &cookie)
-            .header("x-aegis-csrf", &csrf)
-            .header("origin", &origin)
-            .send()
-            .await
-            .expect("console verify"),
-    )
-    .await;
+    let console = console_sign_in(stack).await;
+    let r = console
+        .act("/console/api/verify", serde_json::Value::Null)
+        .await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["intact"], true, "{r:?}");
 }

@@ -11,72 +11,6 @@ use support::*;
 
 const ME: &str = "/api/2.0/preview/scim/v2/Me";
 
-/// A signed-in console session: the cookie and the CSRF token actions must carry.
-struct Console {
-    base: String,
-    host: String,
-    cookie: String,
-    csrf: String,
-}
-
-async fn sign_in(stack: &Stack) -> Console {
-    let base = stack.aegis_admin_url();
-    let host = base.trim_start_matches("http://").to_string();
-    let resp = http()
-        .post(format!("{base}/console/login"))
-        .header("origin", format!("http://{host}"))
-        .form(&[("token", stack.console_token())])
-        .send()
-        .await
-        .expect("console login");
-    assert_eq!(resp.status().as_u16(), 303);
-    let cookie = resp
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .expect("a session cookie")
-        .to_string();
-    let page = http()
-        .get(format!("{base}/console"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .expect("console page")
-        .text()
-        .await
-        .expect("console page text");
-    let csrf = page
-        .split("name=\"aegis-csrf\" content=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("a csrf token in the page")
-        .to_string();
-    Console {
-        base,
-        host,
-        cookie,
-        csrf,
-    }
-}
-
-impl Console {
-    async fn act(&self, path: &str, body: serde_json::Value) -> Resp {
-        read(
-            http()
-                .post(format!("{}{path}", self.base))
-                .header("cookie", &self.cookie)
-                .header("x-aegis-csrf", &self.csrf)
-                .header("origin", format!("http://{}", self.host))
-                .json(&body)
-                .send()
-                .await
-                .expect("console action"),
-        )
-        .await
-    }
-}
-
 fn agent_token(stack: &Stack, user: &str, agent: &str) -> String {
     let mut req = TokenRequest::new(user);
     req.agent = agent.to_string();
@@ -107,7 +41,7 @@ async fn an_agent_block_survives_redis_data_loss_and_every_action_is_audited() {
     let joule = agent_token(&stack, "alice", "joule");
     let copilot = agent_token(&stack, "alice", "copilot");
     assert_eq!(decision(&stack, &joule).await.0, 200);
-    let console = sign_in(&stack).await;
+    let console = console_sign_in(&stack).await;
 
     let r = console
         .act("/console/api/block", serde_json::json!({"agent": "joule"}))
@@ -173,7 +107,7 @@ async fn an_agent_block_survives_redis_data_loss_and_every_action_is_audited() {
     assert_eq!(decision(&stack, &joule).await, blocked);
 
     // Unblock (a new session: aegis restarted), and revoke alice, from the console.
-    let console = sign_in(&stack).await;
+    let console = console_sign_in(&stack).await;
     let r = console
         .act(
             "/console/api/unblock",
@@ -298,7 +232,7 @@ async fn the_console_reports_each_issuers_own_keys() {
             .await
             .is_ok();
         if up {
-            console = Some(sign_in(&stack).await);
+            console = Some(console_sign_in(&stack).await);
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

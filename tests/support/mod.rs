@@ -315,3 +315,68 @@ pub async fn flushall(stack: &Stack) {
         .await
         .expect("FLUSHALL");
 }
+
+/// A signed-in operator console session (static-token sign-in): the cookie and the CSRF token
+/// its actions must carry.
+pub struct Console {
+    pub base: String,
+    pub host: String,
+    pub cookie: String,
+    pub csrf: String,
+}
+
+pub async fn console_sign_in(stack: &Stack) -> Console {
+    let base = stack.aegis_admin_url();
+    let host = base.trim_start_matches("http://").to_string();
+    let resp = http()
+        .post(format!("{base}/console/login"))
+        .header("origin", format!("http://{host}"))
+        .form(&[("token", stack.console_token())])
+        .send()
+        .await
+        .expect("console login");
+    assert_eq!(resp.status().as_u16(), 303);
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_string();
+    let page = http()
+        .get(format!("{base}/console"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("console page")
+        .text()
+        .await
+        .expect("console page text");
+    let csrf = page
+        .split("name=\"aegis-csrf\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a csrf token in the page")
+        .to_string();
+    Console {
+        base,
+        host,
+        cookie,
+        csrf,
+    }
+}
+
+impl Console {
+    /// POSTs a console action (a JSON body, or none for `Value::Null`).
+    pub async fn act(&self, path: &str, body: serde_json::Value) -> Resp {
+        let mut req = http()
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .header("x-aegis-csrf", &self.csrf)
+            .header("origin", format!("http://{}", self.host));
+        if !body.is_null() {
+            req = req.json(&body);
+        }
+        read(req.send().await.expect("console action")).await
+    }
+}
