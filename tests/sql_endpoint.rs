@@ -83,18 +83,7 @@ async fn connector(
 }
 
 fn rows(v: &Value) -> Vec<Vec<String>> {
-    v["rows"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no rows in {v:#}"))
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|c| c.as_str().unwrap_or("NULL").to_string())
-                .collect()
-        })
-        .collect()
+    support::python::rows_of(v)
 }
 
 fn strings(v: &Value) -> Vec<String> {

@@ -31,18 +31,7 @@ async fn sdk_as(stack: &Stack, user: &str) -> Value {
 
 fn rows(v: &Value) -> Vec<Vec<String>> {
     assert_eq!(v["state"], "SUCCEEDED", "{v:#}");
-    v["rows"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no rows in {v:#}"))
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|c| c.as_str().unwrap_or("NULL").to_string())
-                .collect()
-        })
-        .collect()
+    support::python::rows_of(v)
 }
 
 fn failed_with(v: &Value, needle: &str) {

@@ -48,3 +48,19 @@ pub async fn run_python(name: &str, args: &[&str], env: &[(&str, &str)]) -> Valu
     serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("{name} printed no JSON ({e}):\n{stdout}\n{stderr}"))
 }
+
+/// The `rows` of a client's JSON answer, each cell as text (`NULL` for null).
+pub fn rows_of(v: &Value) -> Vec<Vec<String>> {
+    v["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no rows in {v:#}"))
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .expect("row")
+                .iter()
+                .map(|c| c.as_str().unwrap_or("NULL").to_string())
+                .collect()
+        })
+        .collect()
+}
