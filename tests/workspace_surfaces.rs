@@ -128,6 +128,28 @@ fn actions(stack: &Stack, action: &str) -> Vec<RequestRecord> {
         .collect()
 }
 
+/// Every request the workspace logged under `prefix` carries an aegis trace id whose chain row
+/// is an ALLOW for the same user: the workspace's audit joins aegis' ledger.
+async fn assert_joined(stack: &Stack, prefix: &str) {
+    let chain = audit_rows(stack).await;
+    let seen: Vec<RequestRecord> = stack
+        .sandbox
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with(prefix))
+        .collect();
+    assert!(!seen.is_empty(), "no workspace request under {prefix}");
+    for r in &seen {
+        let trace = r.trace_id.as_deref().expect("an aegis trace id");
+        assert!(
+            chain.iter().any(|row| row["trace_id"] == trace
+                && row["decision"] == "ALLOW"
+                && row["user_name"].as_str() == r.user.as_deref()),
+            "no ALLOW row for {r:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clusters_and_commands_follow_the_cluster_acls() {
     let stack = start().await;
@@ -451,6 +473,7 @@ async fn shares_follow_ownership_and_metastore_privileges() {
     assert_eq!(actions(&stack, "updateSharePermissions").len(), before);
     // ...while her reads went through as her.
     assert_eq!(strings(&refused["shares"]), vec!["sales_share"]);
+    assert_joined(&stack, "/api/2.1/unity-catalog/").await;
     stack.shutdown().await;
 }
 
@@ -639,6 +662,8 @@ async fn dashboards_run_each_viewers_queries_as_the_viewer() {
     assert!(runs
         .iter()
         .all(|r| r.authorization_kind == "databricks_token"));
+    assert_joined(&stack, "/api/2.0/lakeview/").await;
+    assert_joined(&stack, "/api/2.0/sql/statements").await;
     stack.shutdown().await;
 }
 
