@@ -258,11 +258,6 @@ impl AuditChain {
         }));
     }
 
-    /// The id of the key new rows are sealed with.
-    pub fn key_id(&self) -> Arc<str> {
-        self.signing.load().id.clone()
-    }
-
     /// Every committed decision, in seq order, as it commits (a slow subscriber may lag and
     /// miss rows; the chain itself never does).
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Committed>> {

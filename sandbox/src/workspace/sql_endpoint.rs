@@ -21,10 +21,10 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::statements::{self, Statement};
+use super::statements::{self, warehouse_refusal, Statement};
 use super::thrift::{self, Struct, Value};
 use super::unity_catalog::{visible_catalogs, visible_schemas, visible_tables};
-use super::{api_error, lock, Caller, LogNote, WorkspaceState};
+use super::{lock, Caller, LogNote, WorkspaceState};
 use crate::fixture::{DataType, Table};
 use crate::sql::{self, OutColumn, ResultSet, SqlError};
 
@@ -244,26 +244,8 @@ pub(super) async fn thrift_call(
     Path(warehouse_id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let Some(warehouse) = ws.fixture.warehouse(&warehouse_id) else {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "RESOURCE_DOES_NOT_EXIST",
-            format!("SQL warehouse {warehouse_id} does not exist."),
-        );
-    };
-    if !warehouse
-        .can_use
-        .iter()
-        .any(|p| caller.principal.matches(p))
-    {
-        return api_error(
-            StatusCode::FORBIDDEN,
-            "PERMISSION_DENIED",
-            format!(
-                "User {} does not have permission to use SQL warehouse {}.",
-                caller.user.user_name, warehouse.id
-            ),
-        );
+    if let Some(refused) = warehouse_refusal(&ws, &caller, &warehouse_id) {
+        return refused;
     }
     let msg = match thrift::decode(&body) {
         Ok(m) if m.kind == thrift::CALL => m,

@@ -210,6 +210,38 @@ fn statement_not_found(id: &str) -> Response {
     )
 }
 
+/// The workspace's answer when warehouse `warehouse_id` does not exist (404
+/// `RESOURCE_DOES_NOT_EXIST`) or `caller` may not use it (403 `PERMISSION_DENIED`); None when it
+/// may be used. Shared by the Statement Execution API and the SQL warehouse endpoint.
+pub(super) fn warehouse_refusal(
+    ws: &WorkspaceState,
+    caller: &Caller,
+    warehouse_id: &str,
+) -> Option<Response> {
+    let Some(warehouse) = ws.fixture.warehouse(warehouse_id) else {
+        return Some(api_error(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_DOES_NOT_EXIST",
+            format!("SQL warehouse {warehouse_id} does not exist."),
+        ));
+    };
+    if !warehouse
+        .can_use
+        .iter()
+        .any(|p| caller.principal.matches(p))
+    {
+        return Some(api_error(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            format!(
+                "User {} does not have permission to use SQL warehouse {}.",
+                caller.user.user_name, warehouse.id
+            ),
+        ));
+    }
+    None
+}
+
 // === Handlers ===
 
 pub(super) async fn execute(
@@ -233,26 +265,8 @@ pub(super) async fn execute(
     let Some(warehouse_id) = body.warehouse_id.filter(|w| !w.trim().is_empty()) else {
         return invalid("Missing required field: warehouse_id");
     };
-    let Some(warehouse) = ws.fixture.warehouse(&warehouse_id) else {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "RESOURCE_DOES_NOT_EXIST",
-            format!("SQL warehouse {warehouse_id} does not exist."),
-        );
-    };
-    if !warehouse
-        .can_use
-        .iter()
-        .any(|p| caller.principal.matches(p))
-    {
-        return api_error(
-            StatusCode::FORBIDDEN,
-            "PERMISSION_DENIED",
-            format!(
-                "User {} does not have permission to use SQL warehouse {}.",
-                caller.user.user_name, warehouse.id
-            ),
-        );
+    if let Some(refused) = warehouse_refusal(&ws, &caller, &warehouse_id) {
+        return refused;
     }
     let wait = match parse_wait_timeout(body.wait_timeout.as_deref()) {
         Ok(w) => w,
