@@ -8,6 +8,7 @@
 //! Invariant: an [`Decision::Allow`] is only ever returned after the audit row for it committed.
 
 pub mod headers;
+pub mod ports;
 pub mod prm;
 pub mod reason;
 
@@ -391,7 +392,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             Ok(id) => id,
             Err(e) => {
                 tracing::debug!(error = %e, "token rejected");
-                let reason = e.reason();
+                let reason = Reason::from(&e);
                 let retry = (reason == Reason::DependencyUnavailable).then_some(1);
                 return Err((reason, retry));
             }
@@ -503,7 +504,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             Ok(t) => Ok(t),
             Err(e) => {
                 tracing::info!(workspace = %workspace.name, error = %e, "no Databricks token");
-                Err((e.reason(), e.retry_after()))
+                Err((Reason::from(&e), e.retry_after()))
             }
         }
     }

@@ -474,7 +474,7 @@ pub struct RevokeTarget {
 /// follows), discards or deletes their U2M grants, and records the action in the audit chain.
 /// Grants go first: a request racing the revocation can then only refresh, never re-serve.
 pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
-    use crate::broker::redis::RedisLink;
+    use crate::redis::RedisLink;
     let user = target.user.as_str();
     let consent = target.consent;
     let cfg = match load(path) {

@@ -328,7 +328,7 @@ pub struct AuditConfig {
     /// absent.
     pub tlog_listen: Option<SocketAddr>,
     /// Witnesses that cosign each checkpoint (`[[audit.witnesses]]`).
-    pub witnesses: Vec<crate::audit::witness::Witness>,
+    pub witnesses: Vec<crate::tlog::Witness>,
     /// Cosignatures a checkpoint needs to count as witnessed (default: every witness).
     pub witness_quorum: usize,
     pub witness_timeout: Duration,
@@ -1366,7 +1366,7 @@ impl Reader<'_> {
             Some(_) => {
                 let o = self.string(t, "tlog_origin", path, true);
                 match o {
-                    Some(o) if crate::audit::tlog::valid_key_name(&o) => Some(o),
+                    Some(o) if crate::tlog::valid_key_name(&o) => Some(o),
                     Some(o) => {
                         self.err(
                             "audit.tlog_origin",
@@ -1421,7 +1421,7 @@ impl Reader<'_> {
 
     /// `[[audit.witnesses]]`: `url` (the submission prefix) and `vkey` (the witness' cosigning
     /// key, type 0x04), each witness named once.
-    fn witnesses(&mut self, t: &Table) -> Vec<crate::audit::witness::Witness> {
+    fn witnesses(&mut self, t: &Table) -> Vec<crate::tlog::Witness> {
         let items = match t.get("witnesses") {
             None => return Vec::new(),
             Some(Value::Array(items)) => items,
@@ -1433,7 +1433,7 @@ impl Reader<'_> {
                 return Vec::new();
             }
         };
-        let mut out: Vec<crate::audit::witness::Witness> = Vec::new();
+        let mut out: Vec<crate::tlog::Witness> = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let path = format!("audit.witnesses[{i}]");
             let Value::Table(w) = item else {
@@ -1445,8 +1445,8 @@ impl Reader<'_> {
                 .string(w, "url", &path, true)
                 .and_then(|u| self.http_url(&u, &join(&path, "url")));
             let vkey = self.string(w, "vkey", &path, true).and_then(|v| {
-                match crate::audit::tlog::Vkey::parse(&v) {
-                    Ok(k) if k.kind == crate::audit::tlog::TYPE_COSIGNATURE_V1 => Some(k),
+                match crate::tlog::Vkey::parse(&v) {
+                    Ok(k) if k.kind == crate::tlog::TYPE_COSIGNATURE_V1 => Some(k),
                     Ok(_) => {
                         self.err(
                             &join(&path, "vkey"),
@@ -1468,7 +1468,7 @@ impl Reader<'_> {
                     );
                     continue;
                 }
-                out.push(crate::audit::witness::Witness {
+                out.push(crate::tlog::Witness {
                     url: url.to_string(),
                     vkey,
                 });

@@ -9,22 +9,38 @@
 //! # Layout
 //!
 //! - [`config`]: typed config, every error reported at once.
-//! - [`authz`]: the Check pipeline (identify → route → policy → token → audit → respond) and the
-//!   stable deny reasons; knows no tonic types.
+//! - [`authz`]: the Check pipeline (identify → route → policy → token → audit → respond), the
+//!   stable deny reasons, and the ports the domain modules plug into ([`authz::ports`]: the
+//!   trait impls and every error → reason mapping); knows no tonic types.
 //! - [`grpc`]: the tonic edge, `CheckRequest` → pipeline → `CheckResponse`.
 //! - [`identity`]: JWT validation, OIDC discovery, JWKS cache.
-//! - [`broker`]: per-user Databricks tokens: token sources, L1/L2 cache, Redis link.
-//! - [`audit`]: canonical record, HMAC chain, group-commit writer, verifier, and the
-//!   transparency log over the chain (RFC 6962 tree as C2SP tiles, signed-note checkpoints,
-//!   witness cosigning, receipts).
-//! - [`policy`]: route → workspace, path rules, agent allowlist.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`broker`]: per-user Databricks tokens: token sources, L1/L2 cache, sealing at rest.
+//! - [`audit`]: canonical record, HMAC chain, group-commit writer, verifier, checkpoints,
+//!   witness cosigning and receipts.
+//! - [`tlog`]: the transparency log's pure parts (RFC 6962 tree, C2SP tiles, signed notes).
+//! - [`policy`]: route → workspace, path rules, agent allowlist and blocklist, SQL and MCP
+//!   guardrails.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the operator console.
 //! - [`pg`]: PostgreSQL connections (verified TLS, URL validation, safe error text), shared by
 //!   the ledger, the U2M grant store, the blocklist and config.
+//! - [`redis`]: the Redis link (topologies, health monitor, events channel), shared by the
+//!   broker, the blocklist, the consent listener and the rate limits.
 //! - [`ledger`]: the transparency log served read-only (`/checkpoint`, `/tile/...`).
 //! - [`reload`]: config reload on SIGHUP or a file change (issuers, policy, the HMAC key).
 //! - [`public`]: the public listener where users consent to U2M (`/oauth/start`, `/oauth/callback`).
 //! - [`server`]: wires it all together for `aegis serve`; [`cli`]: the other subcommands.
+//!
+//! # The module graph is one-way
+//!
+//! A module uses only modules below it (checked by a test that reads every `crate::` path):
+//!
+//! ```text
+//! cli → server → grpc, admin, public, ledger, reload → authz
+//!     → broker → identity, audit, policy → redis, logging → config → pg, tlog → clock, secret, http
+//! ```
+//!
+//! So no lower layer speaks the wire contract: identity, broker and audit report failures in
+//! their own error types, and only `authz` turns them into deny reasons.
 //!
 //! # Invariants
 //!
@@ -44,11 +60,15 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod identity;
+#[cfg(test)]
+mod layers;
 pub mod ledger;
 pub mod logging;
 pub mod pg;
 pub mod policy;
 pub mod public;
+pub mod redis;
 pub mod reload;
 pub mod secret;
 pub mod server;
+pub mod tlog;

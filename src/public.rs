@@ -20,10 +20,10 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::broker::now_ms;
-use crate::broker::redis::RedisLink;
 use crate::broker::u2m::{CallbackError, LinkError, U2m, CONSENT_TTL};
 use crate::config::{Config, TokenSourceKind, WorkspaceConfig};
 use crate::pg::PgTarget;
+use crate::redis::RedisLink;
 
 pub struct PublicState {
     pub u2m: Arc<U2m>,

@@ -14,7 +14,7 @@ use crate::admin::{self, AdminState, Readiness, ReadyStatus};
 use crate::audit::checkpoint::{Checkpointer, DirSink};
 use crate::audit::{AuditChain, WriterOptions};
 use crate::authz::Pipeline;
-use crate::broker::redis::{RedisLink, Sealer};
+use crate::broker::seal::Sealer;
 use crate::broker::Broker;
 use crate::config::{Config, ListenAddr};
 use crate::grpc::AuthzService;
@@ -22,6 +22,7 @@ use crate::identity::Validator;
 use crate::pg::PgTarget;
 use crate::policy::blocklist::BlockStore;
 use crate::policy::{AgentBlocklist, Policy};
+use crate::redis::RedisLink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

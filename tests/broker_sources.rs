@@ -453,7 +453,7 @@ async fn u2m_refresh_rotation_under_concurrency_across_two_replicas() {
                 &cfg.redis.cache_key,
                 cfg.server.public_url.clone().expect("public_url"),
                 aegis::http::client(Duration::from_secs(2)).expect("http client"),
-                aegis::broker::redis::RedisLink::new(&stack.redis.url()).expect("redis url"),
+                aegis::redis::RedisLink::new(&stack.redis.url()).expect("redis url"),
             ))
         })
         .collect();

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aegis::broker::redis::RedisLink;
 use aegis::config::{RedisConfig, RedisTopology};
+use aegis::redis::RedisLink;
 use aegis::secret::Key32;
 use sandbox::stack::free_port;
 use support::*;

@@ -23,11 +23,11 @@ use super::console::{
 use super::Readiness;
 use crate::audit::checkpoint::{CheckpointSink, DirSink};
 use crate::audit::{AuditChain, Committed};
-use crate::broker::redis::RedisLink;
 use crate::broker::Broker;
 use crate::config::{Config, IssuerConfig, WorkspaceConfig};
 use crate::identity::Validator;
 use crate::policy::AgentBlocklist;
+use crate::redis::RedisLink;
 use crate::secret::Key32;
 
 /// How often Redis and Postgres are probed.

@@ -21,7 +21,7 @@ pub mod receipt;
 pub mod record;
 pub mod schema;
 pub mod tiles;
-pub mod tlog;
+pub use crate::tlog;
 pub mod verify;
 pub mod witness;
 
@@ -32,7 +32,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, Statement};
 
-use crate::authz::Audit;
 use crate::secret::Key32;
 use record::{AuditRecord, Decision, RECORD_VERSION};
 
@@ -301,12 +300,6 @@ impl AuditChain {
                 mpsc::error::TrySendError::Closed(_) => AuditError::WriterGone,
             })?;
         wait.await.map_err(|_| AuditError::WriterGone)?
-    }
-}
-
-impl Audit for Arc<AuditChain> {
-    async fn append(&self, draft: Draft) -> Result<u64, AuditError> {
-        AuditChain::append(self, draft).await
     }
 }
 

@@ -13,14 +13,9 @@ use base64::Engine;
 use tokio_postgres::GenericClient;
 
 use super::tiles;
-use super::tlog::{self, LineCheck, Vkey};
+use super::tlog::{self, LineCheck};
 
-/// A configured witness: its submission prefix and its cosigning key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Witness {
-    pub url: String,
-    pub vkey: Vkey,
-}
+pub use super::tlog::Witness;
 
 /// What one witness did with a checkpoint.
 #[derive(Debug)]

@@ -5,8 +5,7 @@ use std::collections::HashMap;
 
 use super::Reason;
 
-/// Tokens longer than this are refused before any parsing (documented in SECURITY.md).
-pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+pub use crate::identity::MAX_TOKEN_LEN;
 
 /// The single bearer token in `authorization`.
 ///

@@ -12,7 +12,7 @@
 pub mod entra;
 pub mod federation;
 pub mod principal;
-pub mod redis;
+pub mod seal;
 pub mod stats;
 pub mod u2m;
 
@@ -22,11 +22,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::authz::{Reason, Tokens};
 use crate::config::{TokenSourceKind, WorkspaceConfig};
 use crate::identity::Identity;
+use crate::redis::RedisLink;
 use crate::secret::SecretString;
-use redis::{RedisLink, Sealer};
+use seal::Sealer;
 
 /// A user's Databricks token, as cached.
 #[derive(Debug)]
@@ -58,15 +58,6 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    pub fn reason(&self) -> Reason {
-        match self {
-            BrokerError::Unavailable(_) => Reason::DependencyUnavailable,
-            BrokerError::RateLimited { .. } => Reason::RateLimited,
-            BrokerError::Rejected(_) => Reason::TokenExchangeRejected,
-            BrokerError::ConsentRequired => Reason::ConsentRequired,
-        }
-    }
-
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             BrokerError::Unavailable(_) => Some(1),
@@ -102,7 +93,7 @@ pub async fn revoke_everywhere(
     workspace: &str,
     user: &str,
     narrow: Option<(&str, &str)>,
-) -> Result<Revoked, redis::RedisError> {
+) -> Result<Revoked, crate::redis::RedisError> {
     let prefix = principal::name_prefix(workspace, user);
     let generation = {
         use rand::RngCore;
@@ -129,19 +120,19 @@ pub async fn revoke_everywhere(
 }
 
 struct Scripts {
-    lookup: ::redis::Script,
-    store: ::redis::Script,
-    revoke: ::redis::Script,
-    limit: ::redis::Script,
+    lookup: redis::Script,
+    store: redis::Script,
+    revoke: redis::Script,
+    limit: redis::Script,
 }
 
 fn scripts() -> &'static Scripts {
     static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
-        lookup: ::redis::Script::new(principal::LOOKUP_SCRIPT),
-        store: ::redis::Script::new(principal::STORE_SCRIPT),
-        revoke: ::redis::Script::new(principal::REVOKE_SCRIPT),
-        limit: ::redis::Script::new(principal::LIMIT_SCRIPT),
+        lookup: redis::Script::new(principal::LOOKUP_SCRIPT),
+        store: redis::Script::new(principal::STORE_SCRIPT),
+        revoke: redis::Script::new(principal::REVOKE_SCRIPT),
+        limit: redis::Script::new(principal::LIMIT_SCRIPT),
     })
 }
 
@@ -773,17 +764,6 @@ impl Broker {
             source,
             seq,
         })
-    }
-}
-
-impl Tokens for Arc<Broker> {
-    async fn token(
-        &self,
-        workspace: &WorkspaceConfig,
-        identity: &Identity,
-        subject_token: &str,
-    ) -> Result<Arc<DbToken>, BrokerError> {
-        self.get(workspace, identity, subject_token).await
     }
 }
 

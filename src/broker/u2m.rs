@@ -36,12 +36,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::Client;
 
 use super::federation::{form_encode, token_reply, TokenReply};
-use super::redis::{RedisLink, Sealer};
+use super::seal::Sealer;
 use super::{now_ms, BrokerError, Minted};
 use crate::config::{TokenSourceKind, WorkspaceConfig};
 use crate::http::{post_form, read_body, without_url};
 use crate::identity::Identity;
 use crate::pg::PgTarget;
+use crate::redis::RedisLink;
 use crate::secret::{Key32, SecretString};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -210,15 +211,16 @@ impl ConsentLinks {
     }
 }
 
-impl crate::authz::ConsentLink for U2m {
-    fn consent_url(
+impl U2m {
+    /// The signed link where the user consents, bound to the verified principal.
+    pub fn consent_link(
         &self,
         workspace: &str,
         user_name: &str,
         issuer: &str,
         subject: &str,
-    ) -> Option<String> {
-        Some(self.links.link(
+    ) -> String {
+        self.links.link(
             &LinkClaims {
                 workspace: workspace.to_string(),
                 user_name: user_name.to_string(),
@@ -226,7 +228,7 @@ impl crate::authz::ConsentLink for U2m {
                 subject: subject.to_string(),
             },
             now_ms(),
-        ))
+        )
     }
 }
 

@@ -25,9 +25,11 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::authz::{headers::MAX_TOKEN_LEN, Identify, Reason};
 use crate::config::IssuerConfig;
 use jwks::{JwksCache, KeyError};
+
+/// Tokens longer than this are refused before any parsing (documented in SECURITY.md).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
 /// The validated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,18 +64,6 @@ pub enum IdentityError {
     NoUsername,
     #[error("the issuer's signing keys are unavailable")]
     KeysUnavailable,
-}
-
-impl IdentityError {
-    pub fn reason(&self) -> Reason {
-        match self {
-            IdentityError::Malformed(_) | IdentityError::Rejected(_) => Reason::InvalidToken,
-            IdentityError::Expired => Reason::TokenExpired,
-            IdentityError::UntrustedIssuer => Reason::UntrustedIssuer,
-            IdentityError::NoUsername => Reason::NoDatabricksIdentity,
-            IdentityError::KeysUnavailable => Reason::DependencyUnavailable,
-        }
-    }
 }
 
 struct IssuerState {
@@ -458,12 +448,6 @@ impl Validator {
             kid: header.kid.as_deref().map(Arc::from),
             alg,
         })
-    }
-}
-
-impl Identify for Arc<Validator> {
-    async fn identify(&self, token: &str) -> Result<Arc<Identity>, IdentityError> {
-        self.validate(token).await
     }
 }
 

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::broker::redis::RedisLink;
 use crate::pg::PgTarget;
+use crate::redis::RedisLink;
 
 /// The Redis set where blocks lived before they were durable (read once at start and copied
 /// into PostgreSQL, so an upgrade loses no block).

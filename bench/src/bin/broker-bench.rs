@@ -5,10 +5,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aegis::broker::redis::{RedisLink, Sealer};
+use aegis::broker::seal::Sealer;
 use aegis::broker::Broker;
 use aegis::config::{TokenSourceKind, WorkspaceConfig};
 use aegis::identity::Identity;
+use aegis::redis::RedisLink;
 use aegis::secret::Key32;
 use sandbox::stack::RedisServer;
 use sandbox::{Sandbox, SandboxOptions, TokenRequest};

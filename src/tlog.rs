@@ -8,7 +8,7 @@
 //! secret. Witnesses keep the log from showing different histories to different readers.
 //!
 //! This module is pure: hashing, the writer's right edge of the tree, proofs over any source of
-//! tile hashes, and the note formats. Storage is in [`super::tiles`].
+//! tile hashes, and the note formats. Storage is in [`crate::audit::tiles`].
 
 use std::collections::BTreeMap;
 
@@ -826,6 +826,13 @@ pub fn open_checkpoint(
         text,
         cosigned_by,
     })
+}
+
+/// A configured witness: its submission prefix and its cosigning key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Witness {
+    pub url: String,
+    pub vkey: Vkey,
 }
 
 #[cfg(test)]

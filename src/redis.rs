@@ -1,4 +1,6 @@
-//! The Redis link: one multiplexed connection, a health monitor, and the encrypted L2 cache.
+//! The Redis link: one multiplexed connection (standalone, cluster or Sentinel), a health
+//! monitor, and the pub/sub events channel; shared by the token broker, the agent blocklist,
+//! the consent listener and the rate limits.
 //!
 //! Redis carries revocations between replicas, so when aegis cannot see Redis it cannot know
 //! whether a cached token was revoked: the monitor PINGs every [`PING_EVERY`] and, on failure,
@@ -14,23 +16,15 @@
 //! heartbeat: every probe publishes this link's own nonce on the channel, and unless it comes
 //! back within [`HEARTBEAT_DEADLINE`] the link goes down and resubscribes. Every connection has
 //! TCP keepalive and a TCP user timeout, so a peer that vanished is also noticed by the kernel.
-//!
-//! Tokens at rest in Redis are sealed with XChaCha20-Poly1305 under the cache key; the key id is
-//! stored beside the ciphertext and the Redis key name is the AAD, so a value copied to another
-//! user's key does not open.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 
 use crate::config::{RedisConfig, RedisTopology};
-
-use crate::secret::Key32;
 
 pub const PING_EVERY: Duration = Duration::from_millis(250);
 /// The pub/sub channel revocations (and other cross-replica events) travel on.
@@ -533,93 +527,5 @@ impl redis::aio::ConnectionLike for Conn {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
-    }
-}
-
-// === Sealing ===
-
-/// AEAD for cache values.
-pub struct Sealer {
-    aead: XChaCha20Poly1305,
-    key_id: String,
-}
-
-const SEAL_VERSION: u8 = 1;
-
-impl Sealer {
-    pub fn new(key: &Key32) -> Sealer {
-        Sealer {
-            aead: XChaCha20Poly1305::new(key.expose().into()),
-            key_id: key.fingerprint(),
-        }
-    }
-
-    pub fn key_id(&self) -> &str {
-        &self.key_id
-    }
-
-    /// `version || len(key_id) || key_id || nonce || ciphertext`, AAD = `aad`.
-    pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
-        use rand::RngCore;
-        let mut nonce = [0u8; 24];
-        rand::rng().fill_bytes(&mut nonce);
-        let ct = self
-            .aead
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
-            .ok()?;
-        let mut out = Vec::with_capacity(2 + self.key_id.len() + 24 + ct.len());
-        out.push(SEAL_VERSION);
-        out.push(self.key_id.len() as u8);
-        out.extend_from_slice(self.key_id.as_bytes());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ct);
-        Some(out)
-    }
-
-    /// Opens a sealed value; `None` for another key id, another AAD, or any tampering.
-    pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
-        let (&version, rest) = sealed.split_first()?;
-        if version != SEAL_VERSION {
-            return None;
-        }
-        let (&kid_len, rest) = rest.split_first()?;
-        let kid_len = kid_len as usize;
-        if rest.len() < kid_len + 24 {
-            return None;
-        }
-        let (kid, rest) = rest.split_at(kid_len);
-        if kid != self.key_id.as_bytes() {
-            return None;
-        }
-        let (nonce, ct) = rest.split_at(24);
-        self.aead
-            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
-            .ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sealed_values_are_bound_to_key_and_aad() {
-        let s = Sealer::new(&Key32::generate());
-        let sealed = s.seal(b"token", b"aegis:v1:tok:a:alice").unwrap();
-        assert!(!sealed.windows(5).any(|w| w == b"token"));
-        assert_eq!(s.open(&sealed, b"aegis:v1:tok:a:alice").unwrap(), b"token");
-        assert!(s.open(&sealed, b"aegis:v1:tok:a:bob").is_none());
-        let other = Sealer::new(&Key32::generate());
-        assert!(other.open(&sealed, b"aegis:v1:tok:a:alice").is_none());
-        let mut flipped = sealed.clone();
-        let last = flipped.len() - 1;
-        flipped[last] ^= 1;
-        assert!(s.open(&flipped, b"aegis:v1:tok:a:alice").is_none());
     }
 }
