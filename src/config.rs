@@ -63,6 +63,8 @@ impl fmt::Display for ConfigError {
     }
 }
 
+impl std::error::Error for ConfigError {}
+
 /// Every problem found in a config.
 #[derive(Debug)]
 pub struct ConfigErrors(pub Vec<ConfigError>);

@@ -12,6 +12,28 @@ use std::time::Duration;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::Client;
 
+/// A PostgreSQL failure. The driver's error is kept as the source; the text shown to operators
+/// is [`error_text`]'s (SQLSTATE and server message, or "connection closed"/"connection error"),
+/// never a connection string or a parameter value.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PgError {
+    #[error("{}", error_text(.0))]
+    Db(#[source] std::sync::Arc<tokio_postgres::Error>),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("not connected")]
+    NotConnected,
+    /// A fixed-text state problem (e.g. a connection still in use).
+    #[error("{0}")]
+    State(&'static str),
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> PgError {
+        PgError::Db(std::sync::Arc::new(e))
+    }
+}
+
 /// Connection settings parsed from an aegis postgres URL.
 #[derive(Clone)]
 pub struct PgTarget {
@@ -61,26 +83,20 @@ impl PgTarget {
     }
 
     /// Connects and spawns the connection task.
-    pub async fn connect(&self, timeout: Duration, app: &str) -> Result<Client, String> {
+    pub async fn connect(&self, timeout: Duration, app: &str) -> Result<Client, PgError> {
         let mut cfg = self.config.clone();
         cfg.connect_timeout(timeout);
         cfg.application_name(app);
         let fut = async {
             let client = match &self.tls {
                 None => {
-                    let (client, conn) = cfg
-                        .connect(tokio_postgres::NoTls)
-                        .await
-                        .map_err(|e| crate::pg::error_text(&e))?;
+                    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
                     tokio::spawn(drive(conn));
                     client
                 }
                 Some(tls) => {
                     let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone());
-                    let (client, conn) = cfg
-                        .connect(connector)
-                        .await
-                        .map_err(|e| crate::pg::error_text(&e))?;
+                    let (client, conn) = cfg.connect(connector).await?;
                     tokio::spawn(drive(conn));
                     client
                 }
@@ -89,7 +105,7 @@ impl PgTarget {
         };
         tokio::time::timeout(timeout, fut)
             .await
-            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|_| PgError::ConnectTimeout)?
     }
 }
 
@@ -100,7 +116,7 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     if let Err(e) = conn.await {
-        tracing::debug!(error = %crate::pg::error_text(&e), "postgres connection closed");
+        tracing::debug!(error = %error_text(&e), "postgres connection closed");
     }
 }
 

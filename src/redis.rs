@@ -88,8 +88,9 @@ pub struct RedisLink {
 pub enum RedisError {
     #[error("redis is unavailable")]
     Down,
-    #[error("redis operation failed: {0}")]
-    Op(String),
+    /// Shown as the error's kind only: a Redis error's text can carry a key or an address.
+    #[error("redis operation failed: {:?}", .0.kind())]
+    Op(#[source] redis::RedisError),
     #[error("redis operation timed out")]
     Timeout,
 }
@@ -330,7 +331,7 @@ impl RedisLink {
         if e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal() {
             self.down("command connection lost");
         }
-        RedisError::Op(format!("{:?}", e.kind()))
+        RedisError::Op(e)
     }
 
     /// Marks the link down now; the monitor brings it back (and bumps the epoch, so L1 is

@@ -41,7 +41,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Opens a Postgres connection for the console (the server decides how: URL, TLS).
-pub type PgConnect = Arc<dyn Fn() -> BoxFuture<'static, Result<Client, String>> + Send + Sync>;
+pub type PgConnect =
+    Arc<dyn Fn() -> BoxFuture<'static, Result<Client, crate::pg::PgError>> + Send + Sync>;
 /// The newest signed checkpoint (size, unix seconds), if any.
 pub type LastCheckpoint = Arc<dyn Fn() -> Option<(u64, i64)> + Send + Sync>;
 

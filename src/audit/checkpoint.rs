@@ -318,7 +318,7 @@ pub fn notes_of(
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("audit store unavailable: {0}")]
-    Store(String),
+    Store(#[from] crate::pg::PgError),
     #[error("refusing to sign an inconsistent chain: {0}")]
     Inconsistent(String),
     #[error("cannot write the checkpoint: {0}")]
@@ -429,9 +429,8 @@ impl Checkpointer {
         let client = self
             .target
             .connect(Duration::from_secs(2), "aegis-checkpoint")
-            .await
-            .map_err(CheckpointError::Store)?;
-        let pg = |e: tokio_postgres::Error| CheckpointError::Store(crate::pg::error_text(&e));
+            .await?;
+        let pg = |e: tokio_postgres::Error| CheckpointError::Store(e.into());
         // The head and the database's clock, read together: with several replicas signing, the
         // database orders the checkpoints, not each host's clock.
         let head = client
@@ -591,7 +590,7 @@ impl Checkpointer {
             let coords: Vec<(u8, u64)> = (from / w..=(size - 1) / w).map(|i| (0u8, i)).collect();
             let stored = super::tiles::fetch(client, &self.chain_id, &coords)
                 .await
-                .map_err(|e| CheckpointError::Store(crate::pg::error_text(&e)))?;
+                .map_err(|e| CheckpointError::Store(e.into()))?;
             for (i, leaf) in leaves.iter().enumerate() {
                 let j = from + i as u64;
                 let found = stored

@@ -114,7 +114,7 @@ pub enum AuditError {
     #[error("audit writer is not running")]
     WriterGone,
     #[error("audit store unavailable: {0}")]
-    Store(String),
+    Store(#[from] crate::pg::PgError),
     #[error("audit commit timed out")]
     Timeout,
     #[error("this host's clock is {0} ms away from the database's")]
@@ -343,7 +343,7 @@ async fn measure_skew(client: &Client) -> Result<i64, AuditError> {
             &[],
         )
         .await
-        .map_err(|e| AuditError::Store(crate::pg::error_text(&e)))?;
+        .map_err(crate::pg::PgError::from)?;
     let after = now_ms();
     let db: i64 = row.get(0);
     Ok(db - (before + after) / 2)
@@ -359,7 +359,7 @@ async fn ensure_durable(client: &Client, min: crate::config::SyncCommit) -> Resu
     client
         .batch_execute(&format!("SET synchronous_commit TO {}", min.as_str()))
         .await
-        .map_err(|e| AuditError::Store(crate::pg::error_text(&e)))?;
+        .map_err(crate::pg::PgError::from)?;
     let row = client
         .query_one(
             "SELECT current_setting('synchronous_commit'), pg_is_in_recovery(), \
@@ -368,7 +368,7 @@ async fn ensure_durable(client: &Client, min: crate::config::SyncCommit) -> Resu
             &[],
         )
         .await
-        .map_err(|e| AuditError::Store(crate::pg::error_text(&e)))?;
+        .map_err(crate::pg::PgError::from)?;
     let (level, recovery, read_only, standbys): (String, bool, String, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     if recovery {
@@ -483,7 +483,7 @@ impl Writer {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                         msg = rx.recv() => match msg {
                             // Requests that arrive before the store is reachable are refused.
-                            Some(Msg::Append(job)) => { let _ = job.done.send(Err(AuditError::Store("not connected".into()))); }
+                            Some(Msg::Append(job)) => { let _ = job.done.send(Err(AuditError::Store(crate::pg::PgError::NotConnected))); }
                             Some(Msg::Flush(done)) => { let _ = done.send(()); }
                             None => return,
                         }
@@ -559,7 +559,7 @@ impl Writer {
             return;
         }
         let Some(conn) = self.conn.as_mut() else {
-            self.fail(jobs, AuditError::Store("not connected".into()));
+            self.fail(jobs, AuditError::Store(crate::pg::PgError::NotConnected));
             return;
         };
         let current = self.signing.load_full();
@@ -772,8 +772,7 @@ impl Writer {
         let client = self
             .target
             .connect(self.opts.connect_timeout, "aegis")
-            .await
-            .map_err(AuditError::Store)?;
+            .await?;
         if let Err(e) = measure_skew(&client).await.and_then(|s| self.judge_skew(s)) {
             self.head_loaded.store(false, Ordering::Release);
             return Err(e);
@@ -823,7 +822,7 @@ impl Writer {
                 .map_err(|_| AuditError::Timeout)?
                 .map_err(|e| match e {
                     schema::SchemaError::Inconsistent(why) => AuditError::Inconsistent(why),
-                    schema::SchemaError::Pg(e) => AuditError::Store(crate::pg::error_text(&e)),
+                    schema::SchemaError::Pg(e) => AuditError::Store(e.into()),
                 })?;
         self.size.store(head.0 as u64, Ordering::Release);
         self.head_loaded.store(true, Ordering::Release);
@@ -857,9 +856,9 @@ impl Writer {
     async fn commit_locked(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
         self.ensure_conn().await?;
         let Some(conn) = self.conn.as_mut() else {
-            return Err(AuditError::Store("not connected".into()));
+            return Err(AuditError::Store(crate::pg::PgError::NotConnected));
         };
-        let pg = |e: tokio_postgres::Error| AuditError::Store(crate::pg::error_text(&e));
+        let pg = |e: tokio_postgres::Error| AuditError::Store(e.into());
         let current = self.signing.load_full();
         let signer = Signer {
             chain_id: &self.chain_id,
@@ -868,9 +867,9 @@ impl Writer {
             instance_id: &self.instance_id,
         };
         let Some(client) = Arc::get_mut(&mut conn.client) else {
-            return Err(AuditError::Store(
-                "audit connection still has batches in flight".into(),
-            ));
+            return Err(AuditError::Store(crate::pg::PgError::State(
+                "audit connection still has batches in flight",
+            )));
         };
         // Another replica appended first: take the head row's lock, then append behind it.
         let tx = client.transaction().await.map_err(pg)?;
@@ -1099,7 +1098,7 @@ async fn send<C: tokio_postgres::GenericClient>(
             ],
         )
         .await
-        .map_err(|e| AuditError::Store(crate::pg::error_text(&e)))?;
+        .map_err(crate::pg::PgError::from)?;
     let moved: i64 = row.get(0);
     let inserted: i64 = row.get(1);
     let tiles: i64 = row.get(2);

@@ -78,7 +78,7 @@ impl Audit for Arc<FakeAudit> {
     async fn append(&self, draft: Draft) -> Result<u64, AuditError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.fail.load(Ordering::SeqCst) {
-            return Err(AuditError::Store("down".into()));
+            return Err(AuditError::Store(crate::pg::PgError::NotConnected));
         }
         let mut rows = self.rows.lock().unwrap();
         rows.push(draft);

@@ -43,7 +43,7 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("postgres is unavailable: {0}")]
-    Postgres(String),
+    Postgres(#[from] crate::pg::PgError),
     #[error("the change was stored but could not be fanned out through redis")]
     Redis,
 }
@@ -79,22 +79,21 @@ impl BlockStore {
             let c = self
                 .target
                 .connect(CONNECT_TIMEOUT, "aegis-blocklist")
-                .await
-                .map_err(BlockError::Postgres)?;
+                .await?;
             *guard = Some(c);
         }
         let Some(client) = guard.as_ref() else {
-            return Err(BlockError::Postgres("no connection".into()));
+            return Err(BlockError::Postgres(crate::pg::PgError::NotConnected));
         };
         match tokio::time::timeout(STATEMENT_TIMEOUT, f(client)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 *guard = None;
-                Err(BlockError::Postgres(crate::pg::error_text(&e)))
+                Err(BlockError::Postgres(e.into()))
             }
             Err(_) => {
                 *guard = None;
-                Err(BlockError::Postgres("timed out".into()))
+                Err(BlockError::Postgres(crate::pg::PgError::State("timed out")))
             }
         }
     }
