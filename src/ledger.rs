@@ -132,22 +132,15 @@ async fn tile(State(s): State<Arc<LogState>>, Path(rest): Path<String>) -> Respo
 }
 
 /// Binds `addr` and serves the log until `stop` turns true.
-pub async fn spawn(
-    addr: std::net::SocketAddr,
+pub async fn serve(
+    listener: tokio::net::TcpListener,
     target: PgTarget,
     chain_id: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, (String, std::io::Error)> {
-    let listener = tokio::net::TcpListener::bind(addr)
+) -> std::io::Result<()> {
+    axum::serve(listener, app(target, chain_id))
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
         .await
-        .map_err(|e| (addr.to_string(), e))?;
-    tracing::info!(tlog = %addr, "transparency log listening");
-    let app = app(target, chain_id);
-    Ok(tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await
-    }))
 }

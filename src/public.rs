@@ -21,7 +21,7 @@ use axum::Router;
 
 use crate::broker::now_ms;
 use crate::broker::u2m::{CallbackError, LinkError, U2m, CONSENT_TTL};
-use crate::config::{Config, TokenSourceKind, WorkspaceConfig};
+use crate::config::{Config, ConfigError, TokenSourceKind, WorkspaceConfig};
 use crate::pg::PgTarget;
 use crate::redis::RedisLink;
 
@@ -42,12 +42,21 @@ impl PublicState {
     }
 }
 
-/// Builds the U2M token source when a workspace uses it and installs it for the broker.
+/// Whether the consent listener runs: it is configured and a workspace uses U2M.
+pub fn wanted(cfg: &Config) -> bool {
+    cfg.server.public_listen.is_some()
+        && cfg
+            .workspaces
+            .iter()
+            .any(|w| w.token_source == TokenSourceKind::U2m)
+}
+
+/// Builds the U2M token source when a workspace uses it.
 pub fn u2m_source(
     cfg: &Config,
     http: &reqwest::Client,
     redis: &Arc<RedisLink>,
-) -> Result<Option<Arc<U2m>>, String> {
+) -> Result<Option<Arc<U2m>>, ConfigError> {
     if !cfg
         .workspaces
         .iter()
@@ -56,12 +65,14 @@ pub fn u2m_source(
         return Ok(None);
     }
     // Config validation requires public_url for u2m workspaces.
-    let public_url = cfg
-        .server
-        .public_url
-        .clone()
-        .ok_or("server.public_url is required for u2m")?;
-    let target = PgTarget::parse(&cfg.postgres.url)?;
+    let public_url = cfg.server.public_url.clone().ok_or_else(|| ConfigError {
+        path: "server.public_url".into(),
+        message: "is required for u2m".into(),
+    })?;
+    let target = PgTarget::parse(&cfg.postgres.url).map_err(|message| ConfigError {
+        path: "postgres.url".into(),
+        message,
+    })?;
     let u2m = Arc::new(U2m::new(
         target,
         &cfg.redis.cache_key,
@@ -72,19 +83,13 @@ pub fn u2m_source(
     Ok(Some(u2m))
 }
 
-/// Serves the public listener until `stop` turns true (when it is configured and U2M is in
-/// use). The error names the address that could not be bound.
-pub async fn spawn(
+/// Serves the consent pages on `listener` until `stop` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
     cfg: &Config,
-    u2m: Option<Arc<U2m>>,
+    u2m: Arc<U2m>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>, (String, std::io::Error)> {
-    let (Some(addr), Some(u2m)) = (cfg.server.public_listen, u2m) else {
-        return Ok(None);
-    };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| (addr.to_string(), e))?;
+) -> std::io::Result<()> {
     let secure = cfg
         .server
         .public_url
@@ -95,14 +100,11 @@ pub async fn spawn(
         workspaces: cfg.workspaces.clone(),
         secure,
     }));
-    tracing::info!(public = %addr, "consent listener up");
-    Ok(Some(tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await
-    })))
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
 }
 
 pub fn app(state: Arc<PublicState>) -> Router {

@@ -237,7 +237,7 @@ pub struct Broker {
     seen_epoch: AtomicU64,
     mints: AtomicU64,
     /// The U2M grant store, when a workspace uses `u2m`.
-    u2m: std::sync::OnceLock<Arc<u2m::U2m>>,
+    u2m: Option<Arc<u2m::U2m>>,
     /// L1 keys with a refresh-ahead in flight.
     refreshing: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
     stats: Arc<stats::CacheStats>,
@@ -265,7 +265,7 @@ impl Broker {
             seen_epoch: AtomicU64::new(0),
             mints: AtomicU64::new(0),
             refreshing: std::sync::Mutex::new(std::collections::HashSet::new()),
-            u2m: std::sync::OnceLock::new(),
+            u2m: None,
             stats: Arc::new(stats::CacheStats::default()),
             revocations: AtomicU64::new(0),
             revoked: moka::sync::Cache::builder()
@@ -284,9 +284,10 @@ impl Broker {
         self
     }
 
-    /// Gives the broker the U2M grant store (once, at start).
-    pub fn set_u2m(&self, u2m: Arc<u2m::U2m>) -> bool {
-        self.u2m.set(u2m).is_ok()
+    /// The U2M grant store, when a workspace uses U2M.
+    pub fn with_u2m(mut self, u2m: Option<Arc<u2m::U2m>>) -> Broker {
+        self.u2m = u2m;
+        self
     }
 
     pub fn redis(&self) -> &Arc<RedisLink> {
@@ -318,7 +319,7 @@ impl Broker {
         user: &str,
         narrow: Option<(&str, &str)>,
     ) -> Result<Revoked, BrokerError> {
-        if let Some(u) = self.u2m.get() {
+        if let Some(u) = self.u2m.as_ref() {
             u.discard_access(workspace, user, narrow).await?;
         }
         let revoked = revoke_everywhere(&self.redis, workspace, user, narrow)
@@ -658,7 +659,7 @@ impl Broker {
             TokenSourceKind::Federation => {
                 federation::exchange(&self.http, ws, lookup.subject_token).await
             }
-            TokenSourceKind::U2m => match self.u2m.get() {
+            TokenSourceKind::U2m => match self.u2m.as_ref() {
                 Some(u) => u.access_token(ws, identity).await,
                 // A process without the U2M store denies U2M workspaces.
                 None => Err(BrokerError::Unavailable("u2m store")),
