@@ -1,6 +1,7 @@
-//! The subcommands behind `src/main.rs`. Each returns the process exit code.
+//! The subcommands behind `src/main.rs`. Each returns `Result<(), CliError>`; [`report`] is
+//! the one place that prints an error and turns it into the process exit code.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::audit::checkpoint::{self, CheckpointSink, DirSink};
@@ -12,55 +13,85 @@ use crate::secret::Key32;
 /// Exit code for a bad config (EX_CONFIG would be 78; the contract says 64, EX_USAGE).
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
-fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    Config::load(path, &ProcessEnv)
+/// Why a command did not succeed.
+#[derive(Debug)]
+pub enum CliError {
+    /// The config has problems, every one of them listed. Exit 64, except for the commands
+    /// whose contract is "2: could not run" (`audit verify`, `audit prove`, `audit export`).
+    Config(PathBuf, ConfigErrors),
+    /// The command could not run as asked (a bad argument, a store it could not reach). Exit 2.
+    CannotRun(String),
+    /// It ran and failed part-way. Exit 1.
+    Failed(String),
+    /// It ran and the answer is no (tamper found, receipt invalid); its output says so. Exit 1.
+    No,
 }
 
-fn print_config_errors(path: &Path, errs: &ConfigErrors) {
-    eprintln!("{}: {} problem(s):", path.display(), errs.0.len());
-    for e in &errs.0 {
-        eprintln!("  - {e}");
+impl CliError {
+    pub fn exit_code(&self, command: &str) -> i32 {
+        match self {
+            CliError::Config(..)
+                if matches!(command, "audit verify" | "audit prove" | "audit export") =>
+            {
+                2
+            }
+            CliError::Config(..) => EXIT_BAD_CONFIG,
+            CliError::CannotRun(_) => 2,
+            CliError::Failed(_) | CliError::No => 1,
+        }
     }
+}
+
+/// Prints what went wrong (prefixed `aegis <command>:`) and returns the exit code.
+pub fn report(command: &str, result: Result<(), CliError>) -> i32 {
+    let Err(e) = result else { return 0 };
+    let prefix = if command.is_empty() {
+        "aegis".to_string()
+    } else {
+        format!("aegis {command}")
+    };
+    match &e {
+        CliError::Config(path, errs) => {
+            eprintln!("{}: {} problem(s):", path.display(), errs.0.len());
+            for e in &errs.0 {
+                eprintln!("  - {e}");
+            }
+        }
+        CliError::CannotRun(msg) | CliError::Failed(msg) => eprintln!("{prefix}: {msg}"),
+        CliError::No => {}
+    }
+    e.exit_code(command)
+}
+
+fn load(path: &Path) -> Result<Config, CliError> {
+    Config::load(path, &ProcessEnv).map_err(|errs| CliError::Config(path.to_path_buf(), errs))
 }
 
 /// `aegis config check`.
-pub fn config_check(path: &Path) -> i32 {
-    match load(path) {
-        Ok(cfg) => {
-            for w in cfg.warnings() {
-                eprintln!("{}: warning: {w}", path.display());
-            }
-            println!(
-                "{}: ok ({} issuer(s), {} workspace(s))",
-                path.display(),
-                cfg.issuers.len(),
-                cfg.workspaces.len()
-            );
-            0
-        }
-        Err(errs) => {
-            print_config_errors(path, &errs);
-            EXIT_BAD_CONFIG
-        }
+pub fn config_check(path: &Path) -> Result<(), CliError> {
+    let cfg = load(path)?;
+    for w in cfg.warnings() {
+        eprintln!("{}: warning: {w}", path.display());
     }
+    println!(
+        "{}: ok ({} issuer(s), {} workspace(s))",
+        path.display(),
+        cfg.issuers.len(),
+        cfg.workspaces.len()
+    );
+    Ok(())
 }
 
 /// `aegis serve`, step 1: the config (the runtime is built from `server.worker_threads`).
-pub fn serve_config(path: &Path) -> Result<Config, i32> {
-    load(path).map_err(|errs| {
-        print_config_errors(path, &errs);
-        EXIT_BAD_CONFIG
-    })
+pub fn serve_config(path: &Path) -> Result<Config, CliError> {
+    load(path)
 }
 
 /// `aegis serve`, step 2: runs until SIGTERM or Ctrl-C; reloads `path` on SIGHUP or a change.
-pub async fn serve(cfg: Config, path: &Path) -> i32 {
+pub async fn serve(cfg: Config, path: &Path) -> Result<(), CliError> {
     let telemetry = match crate::logging::init_with(cfg.tracing.as_ref()) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("aegis: {e}");
-            return 1;
-        }
+        Err(e) => return Err(CliError::Failed(e.to_string())),
     };
     let shutdown = async {
         let mut term =
@@ -80,14 +111,10 @@ pub async fn serve(cfg: Config, path: &Path) -> i32 {
     // Exported spans are flushed before the process ends (off the runtime's threads: the
     // exporter's batch task needs them to run).
     let _ = tokio::task::spawn_blocking(move || drop(telemetry)).await;
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            tracing::error!(error = %e, "aegis stopped");
-            eprintln!("aegis: {e}");
-            1
-        }
-    }
+    result.map_err(|e| {
+        tracing::error!(error = %e, "aegis stopped");
+        CliError::Failed(e.to_string())
+    })
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
@@ -101,39 +128,25 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
 /// `aegis migrate`: creates or upgrades the audit schema with an owner role
 /// (`postgres.migrate_url`, else `postgres.url`) and optionally grants the serving role exactly
 /// what it needs (append rows, move the head).
-pub async fn migrate(path: &Path, grant_to: Option<String>) -> i32 {
-    let cfg = match load(path) {
-        Ok(c) => c,
-        Err(errs) => {
-            print_config_errors(path, &errs);
-            return EXIT_BAD_CONFIG;
-        }
-    };
+pub async fn migrate(path: &Path, grant_to: Option<String>) -> Result<(), CliError> {
+    let cfg = load(path)?;
     let url = cfg
         .postgres
         .migrate_url
         .as_deref()
         .unwrap_or(&cfg.postgres.url);
-    let client = match connect(url).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("aegis migrate: {e}");
-            return 1;
-        }
-    };
+    let client = connect(url).await.map_err(CliError::Failed)?;
     if let Err(e) = schema::migrate(&client).await {
-        eprintln!("aegis migrate: {e}");
-        return 1;
+        return Err(CliError::Failed(e.to_string()));
     }
     if let Some(role) = grant_to {
         if let Err(e) = schema::grant_service_role(&client, &role).await {
-            eprintln!("aegis migrate: {e}");
-            return 1;
+            return Err(CliError::Failed(e.to_string()));
         }
         println!("granted {role}: SELECT, INSERT on aegis_audit; SELECT, INSERT, UPDATE on aegis_chain_head and the aegis_tlog_* tables");
     }
     println!("audit schema is at version {}", schema::SCHEMA_VERSION);
-    0
+    Ok(())
 }
 
 /// `aegis audit verify`: exit 0 intact, 1 tamper found, 2 could not run.
@@ -142,41 +155,29 @@ pub async fn audit_verify(
     json: bool,
     chain: Option<String>,
     checkpoints: Option<std::path::PathBuf>,
-) -> i32 {
-    let cfg = match load(path) {
-        Ok(c) => c,
-        Err(errs) => {
-            print_config_errors(path, &errs);
-            return 2;
-        }
-    };
+) -> Result<(), CliError> {
+    let cfg = load(path)?;
     let chain_id = chain.unwrap_or_else(|| cfg.audit.chain_id.clone());
-    let client = match connect(&cfg.postgres.url).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("aegis audit verify: {e}");
-            return 2;
-        }
-    };
+    let client = connect(&cfg.postgres.url)
+        .await
+        .map_err(CliError::CannotRun)?;
     let dir = checkpoints.unwrap_or_else(|| cfg.audit.checkpoint_dir.clone());
     let found = match DirSink::new(&dir, "verify").list() {
         Ok(f) => f,
         Err(e) => {
-            eprintln!(
-                "aegis audit verify: cannot read checkpoints in {}: {e}",
+            return Err(CliError::CannotRun(format!(
+                "cannot read checkpoints in {}: {e}",
                 dir.display()
-            );
-            return 2;
+            )));
         }
     };
     let notes = match DirSink::new(&dir, "verify").list_notes() {
         Ok(n) => checkpoint::notes_of(n, &chain_id),
         Err(e) => {
-            eprintln!(
-                "aegis audit verify: cannot read checkpoint notes in {}: {e}",
+            return Err(CliError::CannotRun(format!(
+                "cannot read checkpoint notes in {}: {e}",
                 dir.display()
-            );
-            return 2;
+            )));
         }
     };
     // Another chain than the configured one has the default origin, `aegis/<chain>`.
@@ -204,14 +205,17 @@ pub async fn audit_verify(
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("aegis audit verify: {}", crate::pg::error_text(&e));
-            return 2;
+            return Err(CliError::CannotRun(crate::pg::error_text(&e)));
         }
     };
     if json {
         match serde_json::to_string(&report) {
             Ok(s) => println!("{s}"),
-            Err(_) => return 2,
+            Err(e) => {
+                return Err(CliError::CannotRun(format!(
+                    "cannot encode the report: {e}"
+                )))
+            }
         }
     } else if report.intact {
         println!(
@@ -236,51 +240,34 @@ pub async fn audit_verify(
         );
     }
     if report.intact {
-        0
+        Ok(())
     } else {
-        1
+        Err(CliError::No)
     }
 }
 
 /// `aegis audit vkey`.
-pub fn audit_vkey(path: &Path) -> i32 {
-    let cfg = match load(path) {
-        Ok(c) => c,
-        Err(errs) => {
-            print_config_errors(path, &errs);
-            return EXIT_BAD_CONFIG;
-        }
-    };
+pub fn audit_vkey(path: &Path) -> Result<(), CliError> {
+    let cfg = load(path)?;
     let signer = crate::audit::tlog::NoteSigner::new(
         &cfg.audit.tlog_origin,
         &cfg.audit.checkpoint_signing_key,
     );
     println!("{}", signer.vkey().encode());
-    0
+    Ok(())
 }
 
 /// `aegis audit prove`: exit 0 with a receipt, 1 when there is nothing to prove yet, 2 when it
 /// could not run.
-pub async fn audit_prove(path: &Path, trace_id: &str) -> i32 {
-    let cfg = match load(path) {
-        Ok(c) => c,
-        Err(errs) => {
-            print_config_errors(path, &errs);
-            return 2;
-        }
-    };
-    let client = match connect(&cfg.postgres.url).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("aegis audit prove: {e}");
-            return 2;
-        }
-    };
+pub async fn audit_prove(path: &Path, trace_id: &str) -> Result<(), CliError> {
+    let cfg = load(path)?;
+    let client = connect(&cfg.postgres.url)
+        .await
+        .map_err(CliError::CannotRun)?;
     let receipt = match crate::audit::receipt::prove(&client, &cfg.audit.chain_id, trace_id).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("aegis audit prove: {e}");
-            return 1;
+            return Err(CliError::Failed(e.to_string()));
         }
     };
     // Never hand out a receipt that does not check.
@@ -289,15 +276,18 @@ pub async fn audit_prove(path: &Path, trace_id: &str) -> i32 {
         &cfg.audit.checkpoint_signing_key,
     );
     if let Err(e) = crate::audit::receipt::check(&receipt, &signer.vkey(), &[], 0) {
-        eprintln!("aegis audit prove: the receipt does not verify: {e} (run `aegis audit verify`)");
-        return 1;
+        return Err(CliError::Failed(format!(
+            "the receipt does not verify: {e} (run `aegis audit verify`)"
+        )));
     }
     match serde_json::to_string_pretty(&receipt) {
         Ok(s) => {
             println!("{s}");
-            0
+            Ok(())
         }
-        Err(_) => 2,
+        Err(e) => Err(CliError::CannotRun(format!(
+            "cannot encode the receipt: {e}"
+        ))),
     }
 }
 
@@ -307,19 +297,17 @@ pub fn audit_check_receipt(
     public_key: &str,
     witnesses: &[String],
     quorum: Option<usize>,
-) -> i32 {
+) -> Result<(), CliError> {
     use crate::audit::tlog::{Vkey, TYPE_COSIGNATURE_V1, TYPE_ED25519};
     let log = match Vkey::parse(public_key) {
         Ok(k) if k.kind == TYPE_ED25519 => k,
         Ok(_) => {
-            eprintln!(
-                "aegis audit check-receipt: --public-key is not an Ed25519 note key (type 0x01)"
-            );
-            return 2;
+            return Err(CliError::CannotRun(
+                "--public-key is not an Ed25519 note key (type 0x01)".into(),
+            ));
         }
         Err(e) => {
-            eprintln!("aegis audit check-receipt: --public-key: {e}");
-            return 2;
+            return Err(CliError::CannotRun(format!("--public-key: {e}")));
         }
     };
     let mut wkeys = Vec::new();
@@ -327,38 +315,33 @@ pub fn audit_check_receipt(
         match Vkey::parse(w) {
             Ok(k) if k.kind == TYPE_COSIGNATURE_V1 => wkeys.push(k),
             Ok(_) => {
-                eprintln!(
-                    "aegis audit check-receipt: --witness {w}: not a cosignature key (type 0x04)"
-                );
-                return 2;
+                return Err(CliError::CannotRun(format!(
+                    "--witness {w}: not a cosignature key (type 0x04)"
+                )));
             }
             Err(e) => {
-                eprintln!("aegis audit check-receipt: --witness {w}: {e}");
-                return 2;
+                return Err(CliError::CannotRun(format!("--witness {w}: {e}")));
             }
         }
     }
     let quorum = quorum.unwrap_or(wkeys.len());
     if quorum > wkeys.len() {
-        eprintln!(
-            "aegis audit check-receipt: --quorum {quorum} is more than the {} witnesses given",
+        return Err(CliError::CannotRun(format!(
+            "--quorum {quorum} is more than the {} witnesses given",
             wkeys.len()
-        );
-        return 2;
+        )));
     }
     let text = if file.as_os_str() == "-" {
         let mut s = String::new();
         if std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).is_err() {
-            eprintln!("aegis audit check-receipt: cannot read stdin");
-            return 2;
+            return Err(CliError::CannotRun("cannot read stdin".into()));
         }
         s
     } else {
         match std::fs::read_to_string(file) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("aegis audit check-receipt: {}: {e}", file.display());
-                return 2;
+                return Err(CliError::CannotRun(format!("{}: {e}", file.display())));
             }
         }
     };
@@ -366,7 +349,7 @@ pub fn audit_check_receipt(
         Ok(r) => r,
         Err(e) => {
             println!("receipt INVALID: not a receipt ({e})");
-            return 1;
+            return Err(CliError::No);
         }
     };
     match crate::audit::receipt::check(&receipt, &log, &wkeys, quorum) {
@@ -398,49 +381,34 @@ pub fn audit_check_receipt(
                     r.trace_id
                 );
             }
-            0
+            Ok(())
         }
         Err(e) => {
             println!("receipt INVALID: {e}");
-            1
+            Err(CliError::No)
         }
     }
 }
 
 /// `aegis audit export`.
-pub async fn audit_export(path: &Path, since: u64) -> i32 {
-    let cfg = match load(path) {
-        Ok(c) => c,
-        Err(errs) => {
-            print_config_errors(path, &errs);
-            return 2;
-        }
-    };
-    let client = match connect(&cfg.postgres.url).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("aegis audit export: {e}");
-            return 2;
-        }
-    };
+pub async fn audit_export(path: &Path, since: u64) -> Result<(), CliError> {
+    let cfg = load(path)?;
+    let client = connect(&cfg.postgres.url)
+        .await
+        .map_err(CliError::CannotRun)?;
     let mut out = std::io::BufWriter::new(std::io::stdout());
     match verify::export(&client, &cfg.audit.chain_id, since, &mut out).await {
         Ok(_) => {
             use std::io::Write;
-            if out.flush().is_err() {
-                return 2;
-            }
-            0
+            out.flush()
+                .map_err(|e| CliError::CannotRun(format!("cannot write the export: {e}")))
         }
-        Err(e) => {
-            eprintln!("aegis audit export: {e}");
-            2
-        }
+        Err(e) => Err(CliError::CannotRun(e.to_string())),
     }
 }
 
 /// `aegis keys generate`: fresh keys, one `name = base64` line each.
-pub fn keys_generate() -> i32 {
+pub fn keys_generate() -> Result<(), CliError> {
     println!("# write each value to its own file (see README: keys)");
     println!("audit.key      = {}", Key32::generate().to_base64());
     println!("cache.key      = {}", Key32::generate().to_base64());
@@ -454,7 +422,7 @@ pub fn keys_generate() -> i32 {
             checkpoint::public_key(&seed)
         )
     );
-    0
+    Ok(())
 }
 
 /// What `aegis token revoke` revokes.
@@ -473,23 +441,18 @@ pub struct RevokeTarget {
 /// user name (or of one principal) on every replica (Redis + the events channel each replica
 /// follows), discards or deletes their U2M grants, and records the action in the audit chain.
 /// Grants go first: a request racing the revocation can then only refresh, never re-serve.
-pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
+pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> Result<(), CliError> {
     use crate::redis::RedisLink;
     let user = target.user.as_str();
     let consent = target.consent;
-    let cfg = match load(path) {
-        Ok(c) => c,
-        Err(errs) => {
-            print_config_errors(path, &errs);
-            return EXIT_BAD_CONFIG;
-        }
-    };
+    let cfg = load(path)?;
     let workspaces: Vec<&crate::config::WorkspaceConfig> = match &target.workspace {
         Some(w) => match cfg.workspace(w) {
             Some(ws) => vec![ws],
             None => {
-                eprintln!("aegis token revoke: no workspace named {w:?} in the config");
-                return 2;
+                return Err(CliError::CannotRun(format!(
+                    "no workspace named {w:?} in the config"
+                )));
             }
         },
         None => cfg.workspaces.iter().collect(),
@@ -504,10 +467,9 @@ pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
             {
                 Some(i) => Some((i.issuer.clone(), subject.clone())),
                 None => {
-                    eprintln!(
-                        "aegis token revoke: no issuer named {issuer:?} in the config (give its name or its iss)"
-                    );
-                    return 2;
+                    return Err(CliError::CannotRun(format!(
+                        "no issuer named {issuer:?} in the config (give its name or its iss)"
+                    )));
                 }
             }
         }
@@ -540,8 +502,9 @@ pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
             Ok(n) if consent => println!("dropped {n} stored U2M grant(s) of {user}"),
             Ok(n) => println!("discarded the access token of {n} stored U2M grant(s) of {user}"),
             Err(e) => {
-                eprintln!("aegis token revoke: the U2M grants could not be changed; nothing was revoked: {e}");
-                return 1;
+                return Err(CliError::Failed(format!(
+                    "the U2M grants could not be changed; nothing was revoked: {e}"
+                )));
             }
         }
     }
@@ -550,17 +513,17 @@ pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
     let link = match RedisLink::from_config(&cfg.redis) {
         Ok(l) => l,
         Err(_) => {
-            eprintln!("aegis token revoke: invalid redis url");
-            return 2;
+            return Err(CliError::CannotRun("invalid redis url".into()));
         }
     };
     let monitor = tokio::spawn(link.clone().monitor());
     let start = std::time::Instant::now();
     while !link.healthy() {
         if start.elapsed() > std::time::Duration::from_secs(5) {
-            eprintln!("aegis token revoke: redis is unreachable; cached tokens were not revoked");
             monitor.abort();
-            return 1;
+            return Err(CliError::Failed(
+                "redis is unreachable; cached tokens were not revoked".into(),
+            ));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -569,9 +532,8 @@ pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
         match crate::broker::revoke_everywhere(&link, &w.name, user, narrow_ref).await {
             Ok(r) => principals.push(r.principals.len()),
             Err(e) => {
-                eprintln!("aegis token revoke: {}: {e}", w.name);
                 monitor.abort();
-                return 1;
+                return Err(CliError::Failed(format!("{}: {e}", w.name)));
             }
         }
     }
@@ -581,11 +543,10 @@ pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
     let chain = match admin_chain(&cfg) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("aegis token revoke: revoked, but not audited: {e}");
-            return 1;
+            return Err(CliError::Failed(format!("revoked, but not audited: {e}")));
         }
     };
-    let mut failed = false;
+    let mut failed = Vec::new();
     for (w, n) in workspaces.iter().map(|w| &w.name).zip(principals) {
         let draft = crate::audit::Draft {
             reason: if consent {
@@ -603,16 +564,13 @@ pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> i32 {
         };
         match append_admin(&chain, draft).await {
             Ok(seq) => println!("revoked {user} in {w}: {n} principal(s) (audit seq {seq})"),
-            Err(e) => {
-                eprintln!("aegis token revoke: revoked {user} in {w}, but not audited: {e}");
-                failed = true;
-            }
+            Err(e) => failed.push(format!("revoked {user} in {w}, but not audited: {e}")),
         }
     }
-    if failed {
-        1
+    if failed.is_empty() {
+        Ok(())
     } else {
-        0
+        Err(CliError::Failed(failed.join("; ")))
     }
 }
 
@@ -666,33 +624,19 @@ async fn append_admin(
 /// `aegis audit retire-key`: records in the chain that `key_id` signs no row after this one.
 /// From then on `aegis audit verify` reports a row under that key as `retired_key`, even
 /// though the key is still configured (in `audit.previous_keys`) so older rows keep verifying.
-pub async fn audit_retire_key(path: &Path, key_id: &str) -> i32 {
-    let cfg = match load(path) {
-        Ok(c) => c,
-        Err(errs) => {
-            print_config_errors(path, &errs);
-            return EXIT_BAD_CONFIG;
-        }
-    };
+pub async fn audit_retire_key(path: &Path, key_id: &str) -> Result<(), CliError> {
+    let cfg = load(path)?;
     if key_id == cfg.audit.key_id {
-        eprintln!(
-            "aegis audit retire-key: {key_id:?} is the signing key (audit.key_id); rotate to a new key first"
-        );
-        return 2;
+        return Err(CliError::CannotRun(format!(
+            "{key_id:?} is the signing key (audit.key_id); rotate to a new key first"
+        )));
     }
     if !cfg.audit.keys().contains_key(key_id) {
-        eprintln!(
-            "aegis audit retire-key: no key {key_id:?} in audit.previous_keys; configure it so its rows keep verifying"
-        );
-        return 2;
+        return Err(CliError::CannotRun(format!(
+            "no key {key_id:?} in audit.previous_keys; configure it so its rows keep verifying"
+        )));
     }
-    let chain = match admin_chain(&cfg) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("aegis audit retire-key: {e}");
-            return 2;
-        }
-    };
+    let chain = admin_chain(&cfg).map_err(CliError::CannotRun)?;
     let draft = crate::audit::Draft {
         reason: crate::audit::verify::KEY_RETIRED.into(),
         method: "RETIRE_KEY".into(),
@@ -702,11 +646,8 @@ pub async fn audit_retire_key(path: &Path, key_id: &str) -> i32 {
     match append_admin(&chain, draft).await {
         Ok(seq) => {
             println!("key {key_id} retired at seq {seq}: rows after it under {key_id} are tamper");
-            0
+            Ok(())
         }
-        Err(e) => {
-            eprintln!("aegis audit retire-key: not recorded: {e}");
-            1
-        }
+        Err(e) => Err(CliError::Failed(format!("not recorded: {e}"))),
     }
 }

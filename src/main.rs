@@ -187,6 +187,8 @@ fn runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
     }
 }
 
+use aegis::cli::report;
+
 fn main() {
     let cli = Cli::parse();
     // `serve` sets up logging itself, with span export when its config asks for it.
@@ -196,15 +198,16 @@ fn main() {
     let code = match cli.command {
         Command::Config {
             command: ConfigCommand::Check { config },
-        } => aegis::cli::config_check(&config),
+        } => report("config check", aegis::cli::config_check(&config)),
         Command::Keys {
             command: KeysCommand::Generate,
-        } => aegis::cli::keys_generate(),
+        } => report("keys generate", aegis::cli::keys_generate()),
         Command::Serve { config } => match aegis::cli::serve_config(&config) {
-            Ok(cfg) => {
-                runtime(Some(cfg.server.worker_threads)).block_on(aegis::cli::serve(cfg, &config))
-            }
-            Err(code) => code,
+            Ok(cfg) => report(
+                "",
+                runtime(Some(cfg.server.worker_threads)).block_on(aegis::cli::serve(cfg, &config)),
+            ),
+            Err(e) => report("serve", Err(e)),
         },
         other => {
             let runtime = runtime(None);
@@ -218,7 +221,10 @@ fn main() {
                                 chain,
                                 checkpoints,
                             },
-                    } => aegis::cli::audit_verify(&config, json, chain, checkpoints).await,
+                    } => report(
+                        "audit verify",
+                        aegis::cli::audit_verify(&config, json, chain, checkpoints).await,
+                    ),
                     Command::Token {
                         command:
                             TokenCommand::Revoke {
@@ -236,23 +242,35 @@ fn main() {
                             principal: issuer.zip(subject),
                             consent,
                         };
-                        aegis::cli::token_revoke(&config, &target).await
+                        report(
+                            "token revoke",
+                            aegis::cli::token_revoke(&config, &target).await,
+                        )
                     }
                     Command::Migrate { config, grant_to } => {
-                        aegis::cli::migrate(&config, grant_to).await
+                        report("migrate", aegis::cli::migrate(&config, grant_to).await)
                     }
                     Command::Audit {
                         command: AuditCommand::Export { config, since },
-                    } => aegis::cli::audit_export(&config, since).await,
+                    } => report(
+                        "audit export",
+                        aegis::cli::audit_export(&config, since).await,
+                    ),
                     Command::Audit {
                         command: AuditCommand::RetireKey { config, key_id },
-                    } => aegis::cli::audit_retire_key(&config, &key_id).await,
+                    } => report(
+                        "audit retire-key",
+                        aegis::cli::audit_retire_key(&config, &key_id).await,
+                    ),
                     Command::Audit {
                         command: AuditCommand::Vkey { config },
-                    } => aegis::cli::audit_vkey(&config),
+                    } => report("audit vkey", aegis::cli::audit_vkey(&config)),
                     Command::Audit {
                         command: AuditCommand::Prove { config, trace_id },
-                    } => aegis::cli::audit_prove(&config, &trace_id).await,
+                    } => report(
+                        "audit prove",
+                        aegis::cli::audit_prove(&config, &trace_id).await,
+                    ),
                     Command::Audit {
                         command:
                             AuditCommand::CheckReceipt {
@@ -261,7 +279,10 @@ fn main() {
                                 witnesses,
                                 quorum,
                             },
-                    } => aegis::cli::audit_check_receipt(&file, &public_key, &witnesses, quorum),
+                    } => report(
+                        "audit check-receipt",
+                        aegis::cli::audit_check_receipt(&file, &public_key, &witnesses, quorum),
+                    ),
                     Command::Config { .. } | Command::Keys { .. } | Command::Serve { .. } => 2,
                 }
             })
