@@ -474,6 +474,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
             Ok(Some(seen)) => {
                 draft.statement_kind = seen.kind.as_str().to_string();
                 draft.statement_fp = seen.fingerprint.to_vec();
+                draft.statement_text = seen.text.unwrap_or_default();
             }
             Err(block) => {
                 tracing::info!(
@@ -485,6 +486,7 @@ impl<I: Identify, T: Tokens, A: Audit> Pipeline<I, T, A> {
                 if block.fingerprint != [0u8; 32] {
                     draft.statement_fp = block.fingerprint.to_vec();
                 }
+                draft.statement_text = block.text.unwrap_or_default();
                 *jsonrpc_id = block.jsonrpc_id;
                 return fail(Reason::StatementBlocked);
             }

@@ -334,6 +334,9 @@ pub struct AuditConfig {
     /// Cosignatures a checkpoint needs to count as witnessed (default: every witness).
     pub witness_quorum: usize,
     pub witness_timeout: Duration,
+    /// Keep the SQL (or command) text an agent sent in its audit row (record field 25); off
+    /// by default: the row then holds the statement's kind and fingerprint only.
+    pub record_statement_text: bool,
 }
 
 impl AuditConfig {
@@ -1343,8 +1346,17 @@ impl Reader<'_> {
                 "witnesses",
                 "witness_quorum",
                 "witness_timeout",
+                "record_statement_text",
             ],
         );
+        let record_statement_text = match t.get("record_statement_text") {
+            None => false,
+            Some(Value::Boolean(b)) => *b,
+            Some(_) => {
+                self.err("audit.record_statement_text", "must be true or false");
+                false
+            }
+        };
         let previous_keys = self.previous_keys(t);
         let max_clock_skew = self.duration(t, "max_clock_skew", path, Duration::from_secs(5));
         if max_clock_skew < Duration::from_millis(100) || max_clock_skew > Duration::from_secs(300)
@@ -1418,6 +1430,7 @@ impl Reader<'_> {
             checkpoint_interval,
             previous_keys,
             max_clock_skew,
+            record_statement_text,
         })
     }
 

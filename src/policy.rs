@@ -203,13 +203,30 @@ pub struct StatementBlock {
     pub kind: sql::StatementKind,
     /// See [`sql::Classified::fingerprint`]; zeros when there was no statement to read.
     pub fingerprint: [u8; 32],
+    /// The text itself, only when `audit.record_statement_text` is on (at most
+    /// [`MAX_RECORDED_TEXT`] bytes).
+    pub text: Option<String>,
 }
 
 /// What the statement guardrail saw in a request it let through (for the audit row).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatementSeen {
     pub kind: sql::StatementKind,
     pub fingerprint: [u8; 32],
+    /// As in [`StatementBlock::text`].
+    pub text: Option<String>,
+}
+
+/// The most of a statement's text an audit row keeps; the fingerprint covers all of it.
+pub const MAX_RECORDED_TEXT: usize = 16 * 1024;
+
+/// `text` cut to at most [`MAX_RECORDED_TEXT`] bytes, at a character boundary.
+fn recorded(text: &str) -> String {
+    let mut end = text.len().min(MAX_RECORDED_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 pub struct Policy {
@@ -226,6 +243,8 @@ pub struct Policy {
     /// MCP tool rules: (server pattern, tools) for deny and allow.
     tool_deny: Vec<(Rule, Vec<String>)>,
     tool_allow: Vec<(Rule, Vec<String>)>,
+    /// Keep the SQL (or command) text in the audit row (`audit.record_statement_text`).
+    record_text: bool,
     /// The configured issuers' `issuer` URLs, the OAuth authorization servers MCP clients are
     /// sent to by the Protected Resource Metadata (RFC 9728).
     authorization_servers: Vec<String>,
@@ -348,6 +367,7 @@ impl Policy {
             allow_commands: cfg.policy.allow_commands.clone(),
             tool_deny: cfg.policy.tool_deny.iter().map(tool_rule).collect(),
             tool_allow: cfg.policy.tool_allow.iter().map(tool_rule).collect(),
+            record_text: cfg.audit.record_statement_text,
             authorization_servers: cfg.issuers.iter().map(|i| i.issuer.clone()).collect(),
         }
     }
@@ -448,9 +468,11 @@ impl Policy {
                     jsonrpc_id: None,
                     kind: sql::StatementKind::Unknown,
                     fingerprint: [0u8; 32],
+                    text: None,
                 })
             }
         };
+        let keep = |sql: &str| self.record_text.then(|| recorded(sql));
         // Every statement is classified (the ledger records what it saw); only an agent the
         // guardrail applies to is refused.
         let judge = |sql: &str, id: Option<&serde_json::Value>| {
@@ -461,10 +483,12 @@ impl Policy {
                     jsonrpc_id: id.cloned(),
                     kind: c.kind,
                     fingerprint: c.fingerprint,
+                    text: keep(sql),
                 }),
                 _ => Ok(Some(StatementSeen {
                     kind: c.kind,
                     fingerprint: c.fingerprint,
+                    text: keep(sql),
                 })),
             }
         };
@@ -531,6 +555,7 @@ impl Policy {
                                 jsonrpc_id: id.cloned(),
                                 kind: sql::StatementKind::Unknown,
                                 fingerprint: [0u8; 32],
+                                text: None,
                             })
                         }
                     }
@@ -551,17 +576,18 @@ impl Policy {
         sql_lifted: bool,
         code_lifted: bool,
     ) -> Result<Option<StatementSeen>, StatementBlock> {
-        let block = |why, kind, fingerprint| StatementBlock {
+        let block = |why, kind, fingerprint, text| StatementBlock {
             why,
             jsonrpc_id: None,
             kind,
             fingerprint,
+            text,
         };
         let unread = |why: &'static str| {
             if unread_ok {
                 Ok(None)
             } else {
-                Err(block(why, sql::StatementKind::Unknown, [0u8; 32]))
+                Err(block(why, sql::StatementKind::Unknown, [0u8; 32], None))
             }
         };
         let Ok(cmd) = serde_json::from_slice::<CommandBody>(body) else {
@@ -575,13 +601,15 @@ impl Policy {
             None => false,
             Some(_) => return unread("the command language is not a string"),
         };
+        let kept = self.record_text.then(|| recorded(&text));
         if is_sql {
             let c = sql::classify(&text);
             return match c.blocked {
-                Some(why) if !sql_lifted => Err(block(why, c.kind, c.fingerprint)),
+                Some(why) if !sql_lifted => Err(block(why, c.kind, c.fingerprint, kept)),
                 _ => Ok(Some(StatementSeen {
                     kind: c.kind,
                     fingerprint: c.fingerprint,
+                    text: kept,
                 })),
             };
         }
@@ -591,12 +619,14 @@ impl Policy {
             Ok(Some(StatementSeen {
                 kind: sql::StatementKind::Unknown,
                 fingerprint,
+                text: kept,
             }))
         } else {
             Err(block(
                 NOT_SQL_COMMAND,
                 sql::StatementKind::Unknown,
                 fingerprint,
+                kept,
             ))
         }
     }

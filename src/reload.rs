@@ -2,8 +2,9 @@
 //! file is read and checked again; if it is good it replaces the running config between Checks:
 //!
 //! - issuers (an issuer whose settings changed, or a new one, must load its keys first);
-//! - workspaces, path rules, allowed agents, guardrail scopes, MCP tool rules, rate limits
-//!   (one new [`Policy`], swapped whole; each Check reads one version);
+//! - workspaces, path rules, allowed agents, guardrail scopes, MCP tool rules, rate limits,
+//!   `audit.record_statement_text` (one new [`Policy`], swapped whole; each Check reads one
+//!   version);
 //! - the audit HMAC key (a new `key_id`: the old key must stay in `audit.previous_keys`).
 //!
 //! A config with errors, or one that changes what only a restart can change (listeners, Redis,

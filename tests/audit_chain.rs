@@ -57,6 +57,11 @@ fn draft(i: usize, user: &str) -> Draft {
         } else {
             String::new()
         },
+        statement_text: if i % 5 == 0 {
+            format!("SELECT {i} FROM t")
+        } else {
+            String::new()
+        },
     }
 }
 
@@ -396,8 +401,8 @@ async fn rewrite_as_key_holder(pg: &PostgresServer, c: &Chain, from_seq: i64, us
         .query(
             "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, user_name, \
              agent, workspace, method, path, token_source, token_fp, key_id, instance_id, version, \
-             prev_mac, mac, chain_id, actor_chain, statement_kind, statement_fp, mcp_tool \
-             FROM aegis_audit WHERE chain_id = $1 ORDER BY seq",
+             prev_mac, mac, chain_id, actor_chain, statement_kind, statement_fp, mcp_tool, \
+             statement_text FROM aegis_audit WHERE chain_id = $1 ORDER BY seq",
             &[&c.id],
         )
         .await

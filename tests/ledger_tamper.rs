@@ -47,6 +47,7 @@ mod independent {
         pub statement_kind: String,
         pub statement_fingerprint: Vec<u8>,
         pub mcp_tool: String,
+        pub statement_text: String,
         pub mac: Vec<u8>,
     }
 
@@ -101,6 +102,7 @@ mod independent {
         bytes(&mut o, 22, r.statement_kind.as_bytes());
         bytes(&mut o, 23, &r.statement_fingerprint);
         bytes(&mut o, 24, r.mcp_tool.as_bytes());
+        bytes(&mut o, 25, r.statement_text.as_bytes());
         o
     }
 
@@ -163,7 +165,7 @@ async fn rows(stack: &Stack) -> Vec<Row> {
             "SELECT version, chain_id, seq, (EXTRACT(EPOCH FROM ts) * 1000000)::bigint, trace_id, \
              request_id, decision, reason, issuer, subject, user_name, agent, workspace, method, \
              path, token_source, token_fp, key_id, prev_mac, instance_id, actor_chain, mac, \
-             statement_kind, statement_fp, mcp_tool \
+             statement_kind, statement_fp, mcp_tool, statement_text \
              FROM aegis_audit WHERE chain_id = 'main' ORDER BY seq",
             &[],
         )
@@ -201,6 +203,7 @@ async fn rows(stack: &Stack) -> Vec<Row> {
             statement_kind: r.get(22),
             statement_fingerprint: r.get(23),
             mcp_tool: r.get(24),
+            statement_text: r.get(25),
         })
         .collect()
 }
@@ -243,6 +246,7 @@ fn golden_vectors() {
         statement_kind: String::new(),
         statement_fingerprint: Vec::new(),
         mcp_tool: String::new(),
+        statement_text: String::new(),
         mac: Vec::new(),
     };
     let first_mac = independent::mac(&key, &first);
@@ -268,6 +272,14 @@ fn golden_vectors() {
         ..second.clone()
     };
     let third_mac = independent::mac(&key, &third);
+    // The SQL text an operator chose to record (field 25), set.
+    let fourth = Row {
+        seq: 4,
+        prev_mac: third_mac.to_vec(),
+        statement_text: "GRANT SELECT ON TABLE main.sales.orders TO `mallory`".into(),
+        ..third.clone()
+    };
+    let fourth_mac = independent::mac(&key, &fourth);
     assert_eq!(
         hex::encode(independent::encode(&first)),
         GOLDEN_FIRST_ENCODING
@@ -275,6 +287,7 @@ fn golden_vectors() {
     assert_eq!(hex::encode(first_mac), GOLDEN_FIRST_MAC);
     assert_eq!(hex::encode(second_mac), GOLDEN_SECOND_MAC);
     assert_eq!(hex::encode(third_mac), GOLDEN_THIRD_MAC);
+    assert_eq!(hex::encode(fourth_mac), GOLDEN_FOURTH_MAC);
     // RFC 4231 test case 2, so the hand-written HMAC is HMAC.
     assert_eq!(
         hex::encode(independent::hmac_sha256(
@@ -311,15 +324,18 @@ fn golden_vectors() {
         statement_kind: r.statement_kind.clone(),
         statement_fingerprint: r.statement_fingerprint.clone(),
         mcp_tool: r.mcp_tool.clone(),
+        statement_text: r.statement_text.clone(),
     };
     assert_eq!(hex::encode(as_aegis(&first).mac(&key)), GOLDEN_FIRST_MAC);
     assert_eq!(hex::encode(as_aegis(&second).mac(&key)), GOLDEN_SECOND_MAC);
     assert_eq!(hex::encode(as_aegis(&third).mac(&key)), GOLDEN_THIRD_MAC);
+    assert_eq!(hex::encode(as_aegis(&fourth).mac(&key)), GOLDEN_FOURTH_MAC);
 }
 
 const GOLDEN_FIRST_ENCODING: &str = "080112046d61696e180120c0c4908b948b91032a20303132333435363738396162636465663031323334353637383961626364656632057265712d3138014a1768747470733a2f2f6964702e6578616d706c652e636f6d5207752d616c6963655a11616c696365406578616d706c652e636f6d6207636f70696c6f746a0470726f6472034745547a1b2f6170692f322e302f707265766965772f7363696d2f76322f4d6582010a66656465726174696f6e8a010801020304050607089201026b319a01200000000000000000000000000000000000000000000000000000000000000000a20105706f642d61";
 const GOLDEN_FIRST_MAC: &str = "3974ab53f613c4d6c69b7ffdabad3faba8c396ef7ad7951b75ad89ec2bb460a5";
 const GOLDEN_THIRD_MAC: &str = "dcee01494181fef0aad5d4574f466e17f0c6e1736a19f143749c7c046357e410";
+const GOLDEN_FOURTH_MAC: &str = "e47b6701aadf7cf3e325823e0ced2c3970a802274a90f63d5fda12558161df16";
 const GOLDEN_SECOND_MAC: &str = "cb1499605b91a0d4b7360bb95da6fe7892e6e1c0e806910927c40c223ab54aaf";
 
 // === Tampering with a chain aegis serve wrote ===

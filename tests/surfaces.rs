@@ -591,6 +591,13 @@ async fn agents_cannot_change_permissions_through_sql() {
         .await
         .expect("no text");
     assert_eq!(texts[0]["n"], 0);
+    // Nor in its own column: the text is kept only when the operator turns it on.
+    let kept = stack
+        .postgres
+        .query_json("SELECT count(*)::bigint AS n FROM aegis_audit WHERE statement_text <> ''")
+        .await
+        .expect("no statement text");
+    assert_eq!(kept[0]["n"], 0);
 
     // A body over Envoy's bound is refused there, never passed on unread.
     let huge = format!("SELECT '{}'", "x".repeat(300 * 1024));
@@ -600,6 +607,77 @@ async fn agents_cannot_change_permissions_through_sql() {
         "statement guardrail: {} permission changes refused, {reached_count} ordinary statements passed",
         PERMISSION_CHANGES.len()
     );
+    stack.shutdown().await;
+}
+
+/// With `audit.record_statement_text` on, the row keeps what the agent sent, refused or not,
+/// under the MAC like every other field: the binary's verify, and an edit of the text, say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statement_text_is_kept_when_the_operator_asks_and_is_chained() {
+    let stack = start_with(StackOptions::new(AEGIS_BIN).with_config(|c| {
+        let audit = c
+            .get_mut("audit")
+            .and_then(|v| v.as_table_mut())
+            .expect("[audit]");
+        audit.insert("record_statement_text".into(), true.into());
+    }))
+    .await;
+    let alice = token(&stack, "alice");
+    let grant = "GRANT SELECT ON TABLE main.sales.orders TO `mallory`";
+    let select = "SELECT order_id -- a comment is kept too\nFROM main.sales.orders LIMIT 1";
+    let long = format!("SELECT '{}' AS padding", "é".repeat(10_000));
+    let refused = sql(&stack, &alice, grant).await;
+    assert_eq!(
+        refused.body["error"], "statement_blocked",
+        "{}",
+        refused.text
+    );
+    let allowed = sql(&stack, &alice, select).await;
+    assert_eq!(allowed.status, 200, "{}", allowed.text);
+    let padded = sql(&stack, &alice, &long).await;
+    assert_ne!(padded.body["error"], "statement_blocked", "{}", padded.text);
+
+    let text_of = |trace: String| {
+        let pg = &stack.postgres;
+        async move {
+            let rows = pg
+                .query_json(&format!(
+                    "SELECT decision, statement_kind, statement_text FROM aegis_audit \
+                     WHERE trace_id = '{trace}'"
+                ))
+                .await
+                .expect("row");
+            assert_eq!(rows.len(), 1, "{rows:?}");
+            rows[0].clone()
+        }
+    };
+    let row = text_of(refused.trace_id()).await;
+    assert_eq!(row["decision"], "DENY");
+    assert_eq!(row["statement_kind"], "dcl");
+    assert_eq!(row["statement_text"], grant);
+    let row = text_of(allowed.trace_id()).await;
+    assert_eq!(row["decision"], "ALLOW");
+    assert_eq!(row["statement_text"], select);
+    // Cut at 16 KiB, on a character boundary (é is two bytes).
+    let row = text_of(padded.trace_id()).await;
+    let kept = row["statement_text"].as_str().expect("text");
+    assert!(long.starts_with(kept) && kept.len() <= 16 * 1024 && kept.len() > 16 * 1024 - 4);
+
+    // The text is under the MAC: intact as written, tamper once edited.
+    let config = stack.config_path().display().to_string();
+    let (code, out, err) = aegis(&["audit", "verify", "--config", &config]);
+    assert_eq!(code, 0, "{out}{err}");
+    let su = stack.postgres.connect_superuser().await.expect("superuser");
+    su.batch_execute(&format!(
+        "SET session_replication_role = replica; \
+         UPDATE aegis_audit SET statement_text = 'SELECT 1' WHERE trace_id = '{}'",
+        refused.trace_id()
+    ))
+    .await
+    .expect("edit the text");
+    let (code, out, err) = aegis(&["audit", "verify", "--config", &config]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("TAMPERED"), "{out}");
     stack.shutdown().await;
 }
 

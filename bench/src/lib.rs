@@ -61,6 +61,7 @@ pub fn sample_draft(n: u64) -> aegis::audit::Draft {
         statement_kind: "query".into(),
         statement_fp: vec![9; 32],
         mcp_tool: String::new(),
+        statement_text: String::new(),
     }
 }
 

@@ -76,10 +76,12 @@ pub struct Draft {
     pub actor_chain: String,
     /// The kind of SQL an agent sent (`query`, `dml`, `ddl`, `dcl`, `unknown`), if any.
     pub statement_kind: String,
-    /// SHA-256 of the normalized statement (never the text), if any.
+    /// SHA-256 of the normalized statement, if any.
     pub statement_fp: Vec<u8>,
     /// The MCP tool a `tools/call` named, if any.
     pub mcp_tool: String,
+    /// The SQL text, only when `audit.record_statement_text` is on.
+    pub statement_text: String,
 }
 
 impl Default for Draft {
@@ -103,6 +105,7 @@ impl Default for Draft {
             statement_kind: String::new(),
             statement_fp: Vec::new(),
             mcp_tool: String::new(),
+            statement_text: String::new(),
         }
     }
 }
@@ -456,11 +459,11 @@ const APPEND_SQL: &str = "WITH moved AS ( \
     INSERT INTO aegis_audit (chain_id, seq, ts, trace_id, request_id, \
     decision, reason, issuer, subject, user_name, agent, workspace, method, path, token_source, \
     token_fp, key_id, instance_id, version, prev_mac, mac, actor_chain, statement_kind, \
-    statement_fp, mcp_tool) \
+    statement_fp, mcp_tool, statement_text) \
     SELECT $1, u.* FROM UNNEST($2::int8[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], \
     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], \
     $14::text[], $15::text[], $16::bytea[], $17::text[], $18::text[], $19::int4[], $20::bytea[], \
-    $21::bytea[], $22::text[], $23::text[], $24::bytea[], $25::text[]) AS u \
+    $21::bytea[], $22::text[], $23::text[], $24::bytea[], $25::text[], $34::text[]) AS u \
     WHERE EXISTS (SELECT 1 FROM moved) RETURNING 1), \
   tiles AS ( \
     INSERT INTO aegis_tlog_tiles (chain_id, level, idx, strip, hashes) \
@@ -995,6 +998,7 @@ fn seal(
         rec.statement_kind.clone_from(&d.statement_kind);
         rec.statement_fingerprint.clone_from(&d.statement_fp);
         rec.mcp_tool.clone_from(&d.mcp_tool);
+        rec.statement_text.clone_from(&d.statement_text);
         rec.prev_mac.clear();
         rec.prev_mac.extend_from_slice(&prev);
         let (mac, leaf) = rec.mac_and_leaf(signer.key.expose(), &mut buf);
@@ -1030,7 +1034,7 @@ async fn send<C: tokio_postgres::GenericClient>(
     sealed: &Sealed,
 ) -> Result<Option<[u8; 32]>, AuditError> {
     let n = batch.len();
-    let mut cols: [Vec<&str>; 16] = Default::default();
+    let mut cols: [Vec<&str>; 17] = Default::default();
     let mut fps = Vec::with_capacity(n);
     let mut statement_fps = Vec::with_capacity(n);
     for job in batch {
@@ -1051,12 +1055,13 @@ async fn send<C: tokio_postgres::GenericClient>(
         cols[13].push(&d.actor_chain);
         cols[14].push(&d.statement_kind);
         cols[15].push(&d.mcp_tool);
+        cols[16].push(&d.statement_text);
         fps.push(d.token_fp.as_slice());
         statement_fps.push(d.statement_fp.as_slice());
     }
     let instance: Vec<&str> = vec![instance_id; n];
     let new_size = sealed.size + n as i64;
-    let [trace, request, decision, reason, issuer, subject, user, agent, workspace, method, path, source, key_ids, actors, kinds, tools] =
+    let [trace, request, decision, reason, issuer, subject, user, agent, workspace, method, path, source, key_ids, actors, kinds, tools, texts] =
         &cols;
     let row = client
         .query_one(
@@ -1095,6 +1100,7 @@ async fn send<C: tokio_postgres::GenericClient>(
                 &sealed.tiles.1,
                 &sealed.tiles.2,
                 &sealed.tiles.3,
+                texts,
             ],
         )
         .await

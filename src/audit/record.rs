@@ -71,6 +71,8 @@ pub struct AuditRecord {
     pub statement_fingerprint: Vec<u8>,
     #[prost(string, tag = "24")]
     pub mcp_tool: String,
+    #[prost(string, tag = "25")]
+    pub statement_text: String,
 }
 
 impl AuditRecord {
@@ -167,6 +169,7 @@ mod tests {
             ("statement_kind", 22, "string"),
             ("statement_fingerprint", 23, "bytes"),
             ("mcp_tool", 24, "string"),
+            ("statement_text", 25, "string"),
         ];
         let got: Vec<(&str, u32, &str)> = fields
             .iter()
@@ -200,6 +203,7 @@ mod tests {
             statement_kind: "dcl".into(),
             statement_fingerprint: vec![3],
             mcp_tool: "t".into(),
+            statement_text: "GRANT".into(),
         };
         let buf = rec.encode_to_vec();
         let mut tags = Vec::new();
@@ -219,7 +223,7 @@ mod tests {
                 _ => panic!("unexpected wire type"),
             }
         }
-        assert_eq!(tags, (1..=24).collect::<Vec<u32>>());
+        assert_eq!(tags, (1..=25).collect::<Vec<u32>>());
     }
 
     #[test]

@@ -46,6 +46,8 @@ CREATE INDEX IF NOT EXISTS aegis_audit_trace_id ON aegis_audit (trace_id);
 ALTER TABLE aegis_audit ADD COLUMN IF NOT EXISTS statement_kind text NOT NULL DEFAULT '';
 ALTER TABLE aegis_audit ADD COLUMN IF NOT EXISTS statement_fp bytea NOT NULL DEFAULT ''::bytea;
 ALTER TABLE aegis_audit ADD COLUMN IF NOT EXISTS mcp_tool text NOT NULL DEFAULT '';
+-- Version 5: the SQL text itself (record field 25), only when audit.record_statement_text is on.
+ALTER TABLE aegis_audit ADD COLUMN IF NOT EXISTS statement_text text NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS aegis_chain_head (
     chain_id   text        PRIMARY KEY,
     size       bigint      NOT NULL,
@@ -144,15 +146,15 @@ CREATE TABLE IF NOT EXISTS aegis_tlog_witnesses (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (chain_id, witness)
 );
-INSERT INTO aegis_schema_version (version) VALUES (1), (2), (3), (4) ON CONFLICT DO NOTHING;
+INSERT INTO aegis_schema_version (version) VALUES (1), (2), (3), (4), (5) ON CONFLICT DO NOTHING;
 "#;
 
 /// The schema version this build writes.
 /// (2 added `aegis_u2m_tokens`, the sealed U2M refresh tokens; 3 replaced it with
 /// `aegis_u2m_grants`, one per verified principal, and added `aegis_agent_blocks`; 4 added the
 /// transparency log: `aegis_tlog_tiles`, `aegis_tlog_checkpoints`, `aegis_tlog_witnesses` and
-/// `aegis_chain_head.tree_size`.)
-pub const SCHEMA_VERSION: i32 = 4;
+/// `aegis_chain_head.tree_size`; 5 added `aegis_audit.statement_text`, record field 25.)
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The installed schema version, `None` when aegis' tables are absent.
 pub async fn installed_version(client: &Client) -> Result<Option<i32>, SchemaError> {

@@ -52,7 +52,8 @@ pub struct TreeAnchors {
 
 const SELECT: &str = "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
     user_name, agent, workspace, method, path, token_source, token_fp, key_id, instance_id, \
-    version, prev_mac, mac, chain_id, actor_chain, statement_kind, statement_fp, mcp_tool \
+    version, prev_mac, mac, chain_id, actor_chain, statement_kind, statement_fp, mcp_tool, \
+    statement_text \
     FROM aegis_audit WHERE chain_id = $1 AND seq > $2 ORDER BY seq";
 
 /// How far apart (seconds, database clock) two checkpoints must be for the later one's smaller
@@ -66,7 +67,8 @@ pub const YIELD_EVERY: u64 = 256;
 pub const SELECT_RANGE: &str =
     "SELECT seq, ts, trace_id, request_id, decision, reason, issuer, subject, \
     user_name, agent, workspace, method, path, token_source, token_fp, key_id, instance_id, \
-    version, prev_mac, mac, chain_id, actor_chain, statement_kind, statement_fp, mcp_tool \
+    version, prev_mac, mac, chain_id, actor_chain, statement_kind, statement_fp, mcp_tool, \
+    statement_text \
     FROM aegis_audit WHERE chain_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq";
 
 /// A problem found at one row.
@@ -224,6 +226,7 @@ pub fn record_of(row: &Row) -> Result<(AuditRecord, Vec<u8>), String> {
         statement_kind: s(22)?,
         statement_fingerprint: row.try_get(23).map_err(|e| e.to_string())?,
         mcp_tool: s(24)?,
+        statement_text: s(25)?,
     };
     let mac: Vec<u8> = row.try_get(19).map_err(|e| e.to_string())?;
     Ok((rec, mac))
@@ -664,6 +667,9 @@ pub struct ExportRow {
     pub statement_kind: String,
     pub statement_fingerprint: String,
     pub mcp_tool: String,
+    /// Present only on rows that recorded it (`audit.record_statement_text`).
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub statement_text: String,
     pub prev_mac: String,
     pub mac: String,
 }
@@ -698,6 +704,7 @@ impl ExportRow {
             statement_kind: rec.statement_kind,
             statement_fingerprint: hex::encode(&rec.statement_fingerprint),
             mcp_tool: rec.mcp_tool,
+            statement_text: rec.statement_text,
             prev_mac: hex::encode(&rec.prev_mac),
             mac: hex::encode(mac),
         }
