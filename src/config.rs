@@ -3,23 +3,32 @@
 //! Every setting is parsed and every problem is reported at once (`aegis config check` exits 64
 //! listing them all). Nothing is silently defaulted: a key that is present but wrong is an error,
 //! an unknown key is an error, and a missing optional key takes the default documented in the
-//! README's config reference.
+//! README's config reference (the `DEFAULT_*` constants below).
+//!
+//! The file's sections are `#[serde(default, deny_unknown_fields)]` structs (the structs are the
+//! key lists); each has a `validate` that reports through one collector and builds the resolved
+//! types the rest of aegis uses ([`Config`] and its parts).
 //!
 //! The process environment is read through the small [`Env`] trait so tests never touch it.
 //! Strings may reference `${VAR}` (and `$$` for a literal `$`); every `*_file` key may instead be
 //! given as the env variable `AEGIS_<SECTION>_<KEY>` (e.g. `AEGIS_AUDIT_HMAC_KEY`) holding the
 //! file's content.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{DeserializeOwned, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_path_to_error::Segment;
 use toml::{Table, Value};
 
 use crate::secret::{Key32, SecretString};
+use crate::tlog::Witness;
 
 // === Env ===
 
@@ -63,8 +72,6 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl std::error::Error for ConfigError {}
-
 /// Every problem found in a config.
 #[derive(Debug)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
@@ -81,7 +88,25 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+impl std::error::Error for ConfigError {}
+
 impl std::error::Error for ConfigErrors {}
+
+// === Defaults ===
+// What a missing key means; the README's config reference names the same values.
+
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(1800);
+pub const DEFAULT_WORKER_THREADS: usize = 1;
+/// The most `server.worker_threads` may be.
+pub const MAX_WORKER_THREADS: i64 = 256;
+pub const DEFAULT_MIGRATE_ON_START: bool = true;
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5);
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_WITNESS_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_KEY_AGE: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
+pub const DEFAULT_SERVICE_NAME: &str = "aegis";
 
 // === Config ===
 
@@ -142,9 +167,6 @@ fn pem_has(pem: &[u8], label: &str) -> bool {
             .is_some_and(|l| l.ends_with(label))
     })
 }
-
-/// The most `server.worker_threads` may be.
-pub const MAX_WORKER_THREADS: i64 = 256;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -286,8 +308,9 @@ impl Rate {
 }
 
 /// `postgres.min_synchronous_commit`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum SyncCommit {
+    #[default]
     On,
     RemoteApply,
 }
@@ -330,7 +353,7 @@ pub struct AuditConfig {
     /// absent.
     pub tlog_listen: Option<SocketAddr>,
     /// Witnesses that cosign each checkpoint (`[[audit.witnesses]]`).
-    pub witnesses: Vec<crate::tlog::Witness>,
+    pub witnesses: Vec<Witness>,
     /// Cosignatures a checkpoint needs to count as witnessed (default: every witness).
     pub witness_quorum: usize,
     pub witness_timeout: Duration,
@@ -404,26 +427,34 @@ pub struct WorkspaceConfig {
     pub client_secret: Option<SecretString>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
     pub allowed_agents: Vec<String>,
+    #[serde(deserialize_with = "tables")]
     pub deny: Vec<RuleConfig>,
+    #[serde(deserialize_with = "tables")]
     pub allow: Vec<RuleConfig>,
     /// Agents (per workspace) that may run SQL the statement guardrail would block.
+    #[serde(deserialize_with = "tables")]
     pub allow_statements: Vec<ScopeConfig>,
     /// Agents (per workspace) that may run Python, Scala and R through the command execution
     /// API (`/api/1.2/commands/execute`), which the guardrail refuses otherwise.
+    #[serde(deserialize_with = "tables")]
     pub allow_commands: Vec<ScopeConfig>,
     /// MCP tools agents may not call.
+    #[serde(deserialize_with = "tables")]
     pub tool_deny: Vec<ToolRuleConfig>,
     /// MCP tools agents may call: where a rule's server, agents and workspaces match, only the
     /// tools listed by such rules may be called.
+    #[serde(deserialize_with = "tables")]
     pub tool_allow: Vec<ToolRuleConfig>,
 }
 
 /// One MCP tool rule: an MCP server path (exact, or a prefix ending in `/*`), tool names
 /// (empty = every tool), agents and workspaces (empty = any).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ToolRuleConfig {
     pub server: String,
     pub tools: Vec<String>,
@@ -432,14 +463,16 @@ pub struct ToolRuleConfig {
 }
 
 /// Who a rule applies to: agents and workspaces (empty = any).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ScopeConfig {
     pub agents: Vec<String>,
     pub workspaces: Vec<String>,
 }
 
 /// One path rule: matches when the method, path pattern, agent and workspace all match.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RuleConfig {
     /// Upper-case methods; empty = any method.
     pub methods: Vec<String>,
@@ -474,19 +507,22 @@ impl Config {
                 message: format!("invalid TOML: {}", e.message()),
             }])
         })?;
-        let mut r = Reader {
-            errors: Vec::new(),
+        let mut e = Errors {
+            list: Vec::new(),
             env,
             base_dir,
         };
-        let cfg = r.config(&doc);
+        let mut doc = Value::Table(doc);
+        e.deserialize::<ConfigFile>(&mut doc);
+        e.expand_all(&mut doc, "");
+        let cfg = e.deserialize::<ConfigFile>(&mut doc).validate(&mut e);
         match cfg {
-            Some(cfg) if r.errors.is_empty() => Ok(cfg),
+            Some(cfg) if e.list.is_empty() => Ok(cfg),
             _ => {
-                if r.errors.is_empty() {
-                    r.err("", "config is invalid");
+                if e.list.is_empty() {
+                    e.add("", "config is invalid");
                 }
-                Err(ConfigErrors(r.errors))
+                Err(ConfigErrors(e.list))
             }
         }
     }
@@ -568,10 +604,17 @@ fn is_loopback_host(host: &url::Host<&str>) -> bool {
     }
 }
 
-// === Reader ===
+// === Reading ===
+//
+// A file is read in four steps, each adding to one [`Errors`]: the tree is deserialized into the
+// section structs below, and every unknown key and value of the wrong type is reported and
+// dropped until the rest deserializes; `${VAR}` is expanded in every string left; the tree is
+// deserialized again; and each section's `validate` parses its values, checks what needs several
+// keys or the rest of the config, and builds the types above.
 
-struct Reader<'a> {
-    errors: Vec<ConfigError>,
+/// The problems found so far, and what reading `*_file` keys needs.
+struct Errors<'a> {
+    list: Vec<ConfigError>,
     env: &'a dyn Env,
     base_dir: &'a Path,
 }
@@ -584,34 +627,93 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-impl Reader<'_> {
-    fn err(&mut self, path: &str, message: impl Into<String>) {
-        self.errors.push(ConfigError {
+/// The `AEGIS_*` variable that may hold a `*_file` key's content: `audit.hmac_key_file` →
+/// `AEGIS_AUDIT_HMAC_KEY`.
+fn env_name(path: &str) -> String {
+    let stem = path.strip_suffix("_file").unwrap_or(path);
+    format!("AEGIS_{stem}")
+        .to_ascii_uppercase()
+        .replace(['.', '-'], "_")
+}
+
+impl Errors<'_> {
+    fn add(&mut self, path: &str, message: impl Into<String>) {
+        self.list.push(ConfigError {
             path: path.to_string(),
             message: message.into(),
         });
     }
 
-    fn unknown_keys(&mut self, t: &Table, path: &str, known: &[&str]) {
-        for key in t.keys() {
-            if !known.contains(&key.as_str()) {
-                self.err(&join(path, key), "unknown key");
-            }
+    /// Whether a problem with the value at `path` (or with an item of it) is reported.
+    fn reported(&self, path: &str) -> bool {
+        self.list.iter().any(|e| {
+            e.path
+                .strip_prefix(path)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
+    }
+
+    /// Whether the value at `path` itself is reported (e.g. a list item that is not a table).
+    fn failed(&self, path: &str) -> bool {
+        self.list.iter().any(|e| e.path == path)
+    }
+
+    /// Reports a missing or empty value, unless a problem with it is reported already.
+    fn missing(&mut self, path: &str, message: impl Into<String>) {
+        if !self.reported(path) {
+            self.add(path, message);
         }
     }
 
-    fn table<'t>(&mut self, t: &'t Table, key: &str, path: &str) -> Option<&'t Table> {
-        match t.get(key) {
-            None => None,
-            Some(Value::Table(inner)) => Some(inner),
-            Some(_) => {
-                self.err(&join(path, key), "must be a table");
-                None
+    /// A value that is given and valid; "is required" when it is not given.
+    fn need<T>(&mut self, path: &str, v: Option<T>) -> Option<T> {
+        if v.is_none() {
+            self.missing(path, "is required");
+        }
+        v.filter(|_| !self.reported(path))
+    }
+
+    /// Parses a string setting; `Err` is the message.
+    fn parse<T>(
+        &mut self,
+        path: &str,
+        v: Option<String>,
+        f: fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        f(&v?).map_err(|why| self.add(path, why)).ok()
+    }
+
+    /// Expands `${VAR}` and `$$` in every string of `v`; a string that cannot be expanded or is
+    /// empty is reported and dropped.
+    fn expand_all(&mut self, v: &mut Value, path: &str) -> bool {
+        match v {
+            Value::String(s) => match self.expand(s, path) {
+                Some(x) if x.trim().is_empty() => {
+                    self.add(path, "must not be empty");
+                    false
+                }
+                Some(x) => {
+                    *s = x;
+                    true
+                }
+                None => false,
+            },
+            Value::Table(t) => {
+                t.retain(|k, v| self.expand_all(v, &join(path, k)));
+                true
             }
+            Value::Array(items) => {
+                let mut i = 0;
+                items.retain_mut(|item| {
+                    i += 1;
+                    self.expand_all(item, &format!("{path}[{}]", i - 1))
+                });
+                true
+            }
+            _ => true,
         }
     }
 
-    /// Expands `${VAR}` and `$$` in a string value.
     fn expand(&mut self, raw: &str, path: &str) -> Option<String> {
         let mut out = String::with_capacity(raw.len());
         let mut rest = raw;
@@ -623,27 +725,21 @@ impl Reader<'_> {
                 out.push('$');
                 rest = stripped;
             } else if let Some(body) = after.strip_prefix('{') {
-                match body.find('}') {
-                    Some(end) => {
-                        let name = &body[..end];
-                        let valid = !name.is_empty()
-                            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-                        if !valid {
-                            self.err(path, format!("invalid variable reference ${{{name}}}"));
-                            ok = false;
-                        } else if let Some(v) = self.env.var(name) {
-                            out.push_str(&v);
-                        } else {
-                            self.err(path, format!("environment variable {name} is not set"));
-                            ok = false;
-                        }
-                        rest = &body[end + 1..];
-                    }
-                    None => {
-                        self.err(path, "unterminated ${ in value");
-                        return None;
-                    }
+                let Some(end) = body.find('}') else {
+                    self.add(path, "unterminated ${ in value");
+                    return None;
+                };
+                let name = &body[..end];
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    self.add(path, format!("invalid variable reference ${{{name}}}"));
+                    ok = false;
+                } else if let Some(v) = self.env.var(name) {
+                    out.push_str(&v);
+                } else {
+                    self.add(path, format!("environment variable {name} is not set"));
+                    ok = false;
                 }
+                rest = &body[end + 1..];
             } else {
                 // A lone `$` is kept as it is.
                 out.push('$');
@@ -654,479 +750,457 @@ impl Reader<'_> {
         ok.then_some(out)
     }
 
-    fn string(&mut self, t: &Table, key: &str, path: &str, required: bool) -> Option<String> {
-        let p = join(path, key);
-        match t.get(key) {
-            None => {
-                if required {
-                    self.err(&p, "is required");
-                }
-                None
-            }
-            Some(Value::String(s)) => {
-                let v = self.expand(s, &p)?;
-                if v.trim().is_empty() {
-                    self.err(&p, "must not be empty");
-                    None
-                } else {
-                    Some(v)
-                }
-            }
-            Some(_) => {
-                self.err(&p, "must be a string");
-                None
+    /// Deserializes `doc`, reporting each unknown key and each value of the wrong type and
+    /// dropping it from `doc`, until the rest deserializes (each round drops one value).
+    fn deserialize<T: DeserializeOwned + Default>(&mut self, doc: &mut Value) -> T {
+        loop {
+            let err = match serde_path_to_error::deserialize(doc.clone()) {
+                Ok(v) => return v,
+                Err(err) => err,
+            };
+            let segments: Vec<Segment> = err.path().iter().cloned().collect();
+            let path = match segments.is_empty() {
+                true => String::new(),
+                false => err.path().to_string(),
+            };
+            let message = shape_message(&path, err.inner().message());
+            // A table in a list is replaced by an empty one, so later items keep their index.
+            let placeholder = message.starts_with("must be a table");
+            self.add(&path, message);
+            if !drop_value(doc, &segments, placeholder) {
+                return T::default();
             }
         }
     }
 
-    fn string_list(
-        &mut self,
-        t: &Table,
-        key: &str,
-        path: &str,
-        required: bool,
-    ) -> Option<Vec<String>> {
-        let p = join(path, key);
-        match t.get(key) {
-            None => {
-                if required {
-                    self.err(&p, "is required");
-                }
-                None
-            }
-            Some(Value::Array(items)) => {
-                let mut out = Vec::with_capacity(items.len());
-                let mut ok = true;
-                for (i, item) in items.iter().enumerate() {
-                    let ip = format!("{p}[{i}]");
-                    match item {
-                        Value::String(s) => match self.expand(s, &ip) {
-                            Some(v) if !v.trim().is_empty() => out.push(v),
-                            Some(_) => {
-                                self.err(&ip, "must not be empty");
-                                ok = false;
-                            }
-                            None => ok = false,
-                        },
-                        _ => {
-                            self.err(&ip, "must be a string");
-                            ok = false;
-                        }
-                    }
-                }
-                ok.then_some(out)
-            }
-            Some(_) => {
-                self.err(&p, "must be an array of strings");
-                None
-            }
-        }
-    }
-
-    fn duration(&mut self, t: &Table, key: &str, path: &str, default: Duration) -> Duration {
-        let p = join(path, key);
-        match self.string(t, key, path, false) {
-            None if t.contains_key(key) => default,
-            None => default,
-            Some(s) => match humantime::parse_duration(&s) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.err(&p, format!("is not a duration like \"10s\": {e}"));
-                    default
-                }
-            },
-        }
-    }
-
-    fn socket_addr(
-        &mut self,
-        t: &Table,
-        key: &str,
-        path: &str,
-        required: bool,
-    ) -> Option<SocketAddr> {
-        let s = self.string(t, key, path, required)?;
-        match s.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.err(
-                    &join(path, key),
-                    format!("\"{s}\" is not an ip:port socket address"),
+    /// The content of a secret: from env `env`, or from the file `file` names (relative to the
+    /// config's directory), not both.
+    fn secret(&mut self, path: &str, env: &str, file: Option<String>) -> Option<String> {
+        match (self.env.var(env), file) {
+            (Some(_), Some(_)) => {
+                self.add(
+                    path,
+                    format!("is set both in the file and by {env}; keep one"),
                 );
                 None
             }
+            (Some(v), None) => Some(v),
+            (None, Some(f)) => {
+                let full = self.base_dir.join(f);
+                std::fs::read_to_string(&full)
+                    .map_err(|e| self.add(path, format!("cannot read {}: {e}", full.display())))
+                    .ok()
+            }
+            (None, None) => None,
         }
     }
 
-    /// Parses an http(s) URL; plain http only for loopback hosts.
-    fn http_url(&mut self, raw: &str, p: &str) -> Option<url::Url> {
-        let u = match url::Url::parse(raw) {
-            Ok(u) => u,
-            Err(e) => {
-                self.err(p, format!("\"{raw}\" is not a valid URL: {e}"));
-                return None;
-            }
-        };
-        let loopback = u.host().map(|h| is_loopback_host(&h)).unwrap_or(false);
-        match u.scheme() {
-            "https" => {}
-            "http" if loopback => {}
-            "http" => {
-                self.err(
-                    p,
-                    "plain http is accepted only for loopback hosts; use https",
-                );
-                return None;
-            }
-            other => {
-                self.err(p, format!("scheme \"{other}\" is not http or https"));
-                return None;
-            }
+    /// A required base64 key from its `*_file` key at `path` or its `AEGIS_*` variable.
+    fn key(&mut self, path: &str, file: Option<String>) -> Option<Key32> {
+        let env = env_name(path);
+        if file.is_none() && self.env.var(&env).is_none() {
+            self.missing(path, format!("is required (or set {env})"));
         }
-        if u.host().is_none() {
-            self.err(p, "URL has no host");
-            return None;
-        }
-        if u.username() != "" || u.password().is_some() {
-            self.err(p, "URL must not carry credentials");
-            return None;
-        }
-        Some(u)
+        let text = self.secret(path, &env, file)?;
+        Key32::from_base64(&text)
+            .map_err(|why| self.add(path, format!("the key {why}")))
+            .ok()
     }
 
-    /// Reads a base64 key from `<key>` (a file path) or from env `AEGIS_<SECTION>_<KEY>`.
-    /// A PEM file named by `key` (relative to the config's directory) that must hold a
-    /// `-----BEGIN <label>` block (`label` may be a suffix, e.g. "PRIVATE KEY").
-    fn pem_file(&mut self, t: &Table, key: &str, path: &str, label: &str) -> Option<Vec<u8>> {
-        let p = join(path, key);
-        let f = self.string(t, key, path, false)?;
-        let full = self.base_dir.join(&f);
+    /// A PEM file (relative to the config's directory) that must hold a `-----BEGIN <label>`
+    /// block (`label` may be a suffix, e.g. "PRIVATE KEY").
+    fn pem(&mut self, path: &str, file: Option<String>, label: &str) -> Option<Vec<u8>> {
+        let full = self.base_dir.join(file?);
         match std::fs::read(&full) {
             Ok(pem) if pem_has(&pem, label) => Some(pem),
             Ok(_) => {
-                self.err(
-                    &p,
-                    format!("{} holds no PEM {}", full.display(), label.to_lowercase()),
-                );
+                let what = label.to_lowercase();
+                self.add(path, format!("{} holds no PEM {what}", full.display()));
                 None
             }
             Err(e) => {
-                self.err(&p, format!("cannot read {}: {e}", full.display()));
+                self.add(path, format!("cannot read {}: {e}", full.display()));
                 None
             }
         }
     }
 
-    /// `server.grpc_tls_*`: all three files, or none.
-    fn grpc_tls(&mut self, t: &Table) -> Option<GrpcTls> {
-        const KEYS: [&str; 3] = [
-            "grpc_tls_cert_file",
-            "grpc_tls_key_file",
-            "grpc_client_ca_file",
-        ];
-        let given = KEYS.iter().filter(|k| t.contains_key(**k)).count();
-        if given == 0 {
-            return None;
-        }
-        if given < KEYS.len() {
-            for k in KEYS.iter().filter(|k| !t.contains_key(**k)) {
-                self.err(
-                    &format!("server.{k}"),
-                    "is required with the other grpc_tls settings (mTLS needs all three)",
-                );
-            }
-            return None;
-        }
-        let cert = self.pem_file(t, KEYS[0], "server", "CERTIFICATE");
-        let key = self.pem_file(t, KEYS[1], "server", "PRIVATE KEY");
-        let ca = self.pem_file(t, KEYS[2], "server", "CERTIFICATE");
-        let key = key.and_then(|k| match String::from_utf8(k) {
-            Ok(text) => Some(SecretString::new(text)),
-            Err(_) => {
-                self.err("server.grpc_tls_key_file", "is not UTF-8 PEM text");
-                None
-            }
-        });
-        Some(GrpcTls {
-            cert_pem: cert?,
-            key_pem: key?,
-            client_ca_pem: ca?,
-        })
-    }
-
-    fn key_file(&mut self, t: &Table, key: &str, path: &str, required: bool) -> Option<Key32> {
-        let p = join(path, key);
-        let text = self.secret_text(t, key, path, required)?;
-        match Key32::from_base64(&text) {
-            Ok(k) => Some(k),
-            Err(why) => {
-                self.err(&p, format!("the key {why}"));
-                None
-            }
+    /// A required short identifier: 1-64 chars of `[A-Za-z0-9_.-]`.
+    fn ident(&mut self, path: &str, v: Option<String>) -> Option<String> {
+        let v = self.need(path, v)?;
+        if v.len() <= 64 && v.chars().all(is_ident_char) {
+            Some(v)
+        } else {
+            let why = "must be 1-64 characters of letters, digits, '_', '-', '.'";
+            self.add(path, why);
+            None
         }
     }
 
-    fn env_name(path: &str, key: &str) -> String {
-        let stem = key.strip_suffix("_file").unwrap_or(key);
-        format!("AEGIS_{}_{}", path, stem)
-            .to_ascii_uppercase()
-            .replace(['.', '-'], "_")
-    }
-
-    /// The content of a secret given as a `*_file` path or via its env variable.
-    fn secret_text(&mut self, t: &Table, key: &str, path: &str, required: bool) -> Option<String> {
-        let p = join(path, key);
-        let env_name = Self::env_name(path, key);
-        if let Some(v) = self.env.var(&env_name) {
-            if t.contains_key(key) {
-                self.err(
-                    &p,
-                    format!("is set both in the file and by {env_name}; keep one"),
-                );
-                return None;
-            }
-            return Some(v);
-        }
-        let file = self.string(t, key, path, false);
-        let Some(file) = file else {
-            if required && !t.contains_key(key) {
-                self.err(&p, format!("is required (or set {env_name})"));
-            }
-            return None;
-        };
-        let full = self.base_dir.join(&file);
-        match std::fs::read_to_string(&full) {
-            Ok(text) => Some(text),
-            Err(e) => {
-                self.err(&p, format!("cannot read {}: {e}", full.display()));
-                None
-            }
-        }
-    }
-
-    // --- sections ---
-
-    fn config(&mut self, doc: &Table) -> Option<Config> {
-        self.unknown_keys(
-            doc,
-            "",
-            &[
-                "server",
-                "admin",
-                "redis",
-                "postgres",
-                "audit",
-                "issuers",
-                "workspaces",
-                "policy",
-                "tracing",
-            ],
-        );
-        let empty = Table::new();
-        let section = |r: &mut Self, name: &str| -> Table {
-            match r.table(doc, name, "") {
-                Some(t) => t.clone(),
-                None => {
-                    if !doc.contains_key(name) && name != "admin" && name != "policy" {
-                        r.err(name, "section is required");
-                    }
-                    empty.clone()
-                }
-            }
-        };
-        let server_t = section(self, "server");
-        let admin_t = section(self, "admin");
-        let redis_t = section(self, "redis");
-        let pg_t = section(self, "postgres");
-        let audit_t = section(self, "audit");
-        let policy_t = section(self, "policy");
-
-        let server = self.server(&server_t);
-        let admin = self.admin(&admin_t);
-        let redis = self.redis(&redis_t);
-        let postgres = self.postgres(&pg_t);
-        let audit = self.audit(&audit_t);
-        let issuers = self.issuers(doc);
-        let workspaces = self.workspaces(doc);
-        for (i, w) in workspaces.iter().enumerate() {
-            for name in w.issuers.iter().flatten() {
-                if !issuers.iter().any(|c| c.name == *name) {
-                    self.err(
-                        &format!("workspaces[{i}].issuers"),
-                        format!("\"{name}\" is not the name of a configured issuer"),
-                    );
-                }
-            }
-        }
-        let policy = self.policy(&policy_t, &workspaces);
-        let tracing = match self.table(doc, "tracing", "") {
-            Some(t) => {
-                let t = t.clone();
-                self.tracing(&t)
-            }
-            None => None,
-        };
-        if workspaces
+    /// Reports each workspace in `names` that is not configured.
+    fn known_workspaces(&mut self, path: &str, names: &[String], workspaces: &[WorkspaceConfig]) {
+        for w in names
             .iter()
-            .any(|w| w.token_source == TokenSourceKind::U2m)
+            .filter(|w| workspaces.iter().all(|c| c.name != **w))
         {
-            // Users consent in a browser: aegis must serve and name its public listener.
-            for (key, missing) in [
-                (
-                    "public_listen",
-                    server.as_ref().is_some_and(|s| s.public_listen.is_none()),
-                ),
-                (
-                    "public_url",
-                    server.as_ref().is_some_and(|s| s.public_url.is_none()),
-                ),
-            ] {
-                if missing && !server_t.contains_key(key) {
-                    self.err(
-                        &format!("server.{key}"),
-                        "is required when a workspace uses token_source u2m",
-                    );
+            self.add(
+                &join(path, "workspaces"),
+                format!("unknown workspace \"{w}\""),
+            );
+        }
+    }
+
+    /// A rule's path pattern: an exact path under `prefix`, or such a prefix ending in `/*`.
+    fn pattern(&mut self, path: &str, p: &str, prefix: &str, why: &str) {
+        if p.is_empty() {
+            self.missing(path, "is required");
+            return;
+        }
+        if !p.starts_with(prefix) {
+            self.add(path, why);
+        }
+        if p.contains('*') && !(p.ends_with("/*") && p.matches('*').count() == 1) {
+            self.add(path, "a wildcard is allowed only as a trailing \"/*\"");
+        }
+    }
+}
+
+fn is_ident_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
+}
+
+/// serde's words for a value of the wrong shape at `path`, in the config's words.
+fn shape_message(path: &str, msg: &str) -> String {
+    if msg.starts_with("unknown field") {
+        return "unknown key".to_string();
+    }
+    let want = match msg.split_once(", expected ") {
+        Some((head, want)) if head.starts_with("invalid type") => want,
+        _ => return msg.to_string(),
+    };
+    // The key the value or its list is under: `policy.deny[0]` → "deny".
+    let key = path.rsplit('.').next().unwrap_or(path);
+    let key = key.split('[').next().unwrap_or(key);
+    let like = match key {
+        "deny" | "allow" => "{ methods = [\"POST\"], path = \"/api/...\" }",
+        "allow_statements" | "allow_commands" => {
+            "{ agents = [\"dba-bot\"], workspaces = [\"prod\"] }"
+        }
+        "tool_deny" | "tool_allow" => {
+            "{ server = \"/api/2.0/mcp/sql\", tools = [\"execute_sql\"] }"
+        }
+        "rate_limits" => "{ user = \"600/min\" }",
+        _ => "",
+    };
+    match want {
+        "a boolean" => "must be true or false".to_string(),
+        "a table" | "a map" if like.is_empty() => "must be a table".to_string(),
+        "a table" | "a map" => format!("must be a table like {like}"),
+        "a sequence" if matches!(path, "issuers" | "workspaces" | "audit.witnesses") => {
+            format!("must be an array of tables ([[{path}]])")
+        }
+        "a sequence" if key == "deny" || key == "allow" => "must be an array of rule tables".into(),
+        "a sequence" if !like.is_empty() => format!("must be an array of tables like {like}"),
+        "a sequence" => "must be an array of strings".to_string(),
+        w => format!("must be {w}"),
+    }
+}
+
+/// Removes the value at `path` from `v` (or, with `placeholder`, makes it an empty table);
+/// false when there is none.
+fn drop_value(v: &mut Value, path: &[Segment], placeholder: bool) -> bool {
+    match (path, v) {
+        ([Segment::Map { key }], Value::Table(t)) => t.remove(key).is_some(),
+        ([Segment::Seq { index }], Value::Array(a)) if *index < a.len() => {
+            match placeholder {
+                true => a[*index] = Value::Table(Table::new()),
+                false => _ = a.remove(*index),
+            }
+            true
+        }
+        ([Segment::Map { key }, rest @ ..], Value::Table(t)) => t
+            .get_mut(key)
+            .is_some_and(|v| drop_value(v, rest, placeholder)),
+        ([Segment::Seq { index }, rest @ ..], Value::Array(a)) => a
+            .get_mut(*index)
+            .is_some_and(|v| drop_value(v, rest, placeholder)),
+        _ => false,
+    }
+}
+
+/// A struct deserialized only from a TOML table (serde's derive would also take an array).
+struct Tbl<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Tbl<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData)).map(Tbl)
+    }
+}
+
+fn table<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Tbl::deserialize(d).map(|t| t.0)
+}
+
+fn some_table<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    table(d).map(Some)
+}
+
+fn tables<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    let items = Vec::<Tbl<T>>::deserialize(d)?;
+    Ok(items.into_iter().map(|t| t.0).collect())
+}
+
+// --- values that parse on their own ---
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("is not a duration like \"10s\": {e}"))
+}
+
+fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("\"{s}\" is not an ip:port socket address"))
+}
+
+/// An http(s) URL without credentials; plain http only for loopback hosts.
+fn http_url(raw: &str) -> Result<url::Url, String> {
+    let u = url::Url::parse(raw).map_err(|e| format!("\"{raw}\" is not a valid URL: {e}"))?;
+    let loopback = u.host().is_some_and(|h| is_loopback_host(&h));
+    match u.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => return Err("plain http is accepted only for loopback hosts; use https".into()),
+        other => return Err(format!("scheme \"{other}\" is not http or https")),
+    }
+    if u.host().is_none() {
+        return Err("URL has no host".into());
+    }
+    if u.username() != "" || u.password().is_some() {
+        return Err("URL must not carry credentials".into());
+    }
+    Ok(u)
+}
+
+fn listen_addr(s: &str) -> Result<ListenAddr, String> {
+    match s.strip_prefix("unix:") {
+        Some(p) if p.starts_with('/') => Ok(ListenAddr::Unix(PathBuf::from(p))),
+        Some(_) => {
+            Err("a unix socket must be an absolute path, e.g. unix:/run/aegis/authz.sock".into())
+        }
+        None => s
+            .parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("\"{s}\" is neither ip:port nor unix:/path")),
+    }
+}
+
+fn rate(s: &str) -> Result<Rate, String> {
+    Rate::parse(s).ok_or_else(|| {
+        format!("\"{s}\" is not a rate like \"600/min\" (N/s, N/min or N/h, N from 1 to 1000000)")
+    })
+}
+
+fn token_source(s: &str) -> Result<TokenSourceKind, String> {
+    use TokenSourceKind::*;
+    [Federation, U2m, EntraObo]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| format!("\"{s}\" is not one of federation, u2m, entra_obo"))
+}
+
+fn redis_url(s: &str) -> Result<String, String> {
+    match url::Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "redis" | "rediss") => Ok(s.to_string()),
+        Ok(u) => Err(format!(
+            "scheme \"{}\" is not redis:// or rediss://",
+            u.scheme()
+        )),
+        Err(e) => Err(format!("is not a valid URL: {e}")),
+    }
+}
+
+// === Sections ===
+//
+// Each section as written. To add one: a `#[serde(default, deny_unknown_fields)]` struct whose
+// fields are its keys (strings that parse later stay `Option<String>`), a field for it in
+// `ConfigFile` (`deserialize_with = "table"`, or `"some_table"` for an optional section), and a
+// `validate` that parses and checks its values through `Errors` and builds the resolved type.
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(deserialize_with = "some_table")]
+    server: Option<ServerFile>,
+    #[serde(deserialize_with = "table")]
+    admin: AdminFile,
+    #[serde(deserialize_with = "some_table")]
+    redis: Option<RedisFile>,
+    #[serde(deserialize_with = "some_table")]
+    postgres: Option<PostgresFile>,
+    #[serde(deserialize_with = "some_table")]
+    audit: Option<AuditFile>,
+    #[serde(deserialize_with = "tables")]
+    issuers: Vec<IssuerFile>,
+    #[serde(deserialize_with = "tables")]
+    workspaces: Vec<WorkspaceFile>,
+    #[serde(deserialize_with = "table")]
+    policy: PolicyConfig,
+    #[serde(deserialize_with = "some_table")]
+    tracing: Option<TracingFile>,
+}
+
+/// A required section; when it is missing (or not a table) its required keys are named too.
+fn section<T: Default>(e: &mut Errors, name: &str, s: Option<T>) -> T {
+    if s.is_none() {
+        e.missing(name, "section is required");
+    }
+    s.unwrap_or_default()
+}
+
+impl ConfigFile {
+    fn validate(self, e: &mut Errors) -> Option<Config> {
+        let server = section(e, "server", self.server).validate(e);
+        let admin = self.admin.validate(e);
+        let redis = section(e, "redis", self.redis).validate(e);
+        let postgres = section(e, "postgres", self.postgres).validate(e);
+        let audit = section(e, "audit", self.audit).validate(e);
+        let issuers = IssuerFile::validate_all(self.issuers, e);
+        let workspaces = WorkspaceFile::validate_all(self.workspaces, &issuers, e);
+        let policy = self.policy.validate(&workspaces, e);
+        let tracing = self.tracing.and_then(|t| t.validate(e));
+        if let Some(s) = &server {
+            if workspaces
+                .iter()
+                .any(|w| w.token_source == TokenSourceKind::U2m)
+            {
+                // Users consent in a browser: aegis must serve and name its public listener.
+                let why = "is required when a workspace uses token_source u2m";
+                if s.public_listen.is_none() {
+                    e.missing("server.public_listen", why);
+                }
+                if s.public_url.is_none() {
+                    e.missing("server.public_url", why);
                 }
             }
         }
-
         Some(Config {
             server: server?,
-            admin: admin?,
+            admin,
             redis: redis?,
             postgres: postgres?,
             audit: audit?,
             issuers,
             workspaces,
-            policy: policy?,
+            policy,
             tracing,
         })
     }
+}
 
-    fn tracing(&mut self, t: &Table) -> Option<TracingConfig> {
-        let path = "tracing";
-        self.unknown_keys(
-            t,
-            path,
-            &["otlp_endpoint", "protocol", "sample_ratio", "service_name"],
-        );
-        let endpoint = self
-            .string(t, "otlp_endpoint", path, true)
-            .and_then(|u| self.http_url(&u, "tracing.otlp_endpoint"));
-        let protocol = match t.get("protocol").map(|v| v.as_str()) {
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct TracingFile {
+    otlp_endpoint: Option<String>,
+    protocol: Option<Value>,
+    sample_ratio: Option<Value>,
+    service_name: Option<String>,
+}
+
+impl TracingFile {
+    fn validate(self, e: &mut Errors) -> Option<TracingConfig> {
+        let endpoint = e.need("tracing.otlp_endpoint", self.otlp_endpoint);
+        let endpoint = e.parse("tracing.otlp_endpoint", endpoint, http_url);
+        let protocol = match self.protocol.as_ref().map(|p| p.as_str()) {
             None | Some(Some("grpc")) => Some(OtlpProtocol::Grpc),
             Some(Some("http")) => Some(OtlpProtocol::Http),
-            _ => {
-                self.err("tracing.protocol", "must be \"grpc\" or \"http\"");
-                None
-            }
-        };
-        let sample_ratio = match t.get("sample_ratio") {
-            None => Some(1.0),
-            Some(Value::Float(f)) if (0.0..=1.0).contains(f) => Some(*f),
-            Some(Value::Integer(i)) if *i == 0 || *i == 1 => Some(*i as f64),
             Some(_) => {
-                self.err("tracing.sample_ratio", "must be a number from 0.0 to 1.0");
+                e.add("tracing.protocol", "must be \"grpc\" or \"http\"");
                 None
             }
         };
-        let service_name = match t.get("service_name") {
-            None => Some("aegis".to_string()),
-            Some(_) => self.string(t, "service_name", path, true),
+        let sample_ratio = match self.sample_ratio {
+            None => Some(DEFAULT_SAMPLE_RATIO),
+            Some(Value::Float(f)) if (0.0..=1.0).contains(&f) => Some(f),
+            Some(Value::Integer(i)) if i == 0 || i == 1 => Some(i as f64),
+            Some(_) => {
+                e.add("tracing.sample_ratio", "must be a number from 0.0 to 1.0");
+                None
+            }
         };
         Some(TracingConfig {
             otlp_endpoint: endpoint?,
             protocol: protocol?,
             sample_ratio: sample_ratio?,
-            service_name: service_name?,
+            service_name: (self.service_name).unwrap_or_else(|| DEFAULT_SERVICE_NAME.into()),
         })
     }
+}
 
-    fn server(&mut self, t: &Table) -> Option<ServerConfig> {
-        let path = "server";
-        self.unknown_keys(
-            t,
-            path,
-            &[
-                "grpc_listen",
-                "admin_listen",
-                "public_listen",
-                "public_url",
-                "instance_id",
-                "check_timeout",
-                "worker_threads",
-                "grpc_tls_cert_file",
-                "grpc_tls_key_file",
-                "grpc_client_ca_file",
-                "grpc_allow_plaintext",
-            ],
-        );
-        let grpc_listen = match self.string(t, "grpc_listen", path, true) {
-            Some(s) => {
-                if let Some(p) = s.strip_prefix("unix:") {
-                    if p.is_empty() || !p.starts_with('/') {
-                        self.err(
-                            "server.grpc_listen",
-                            "a unix socket must be an absolute path, e.g. unix:/run/aegis/authz.sock",
-                        );
-                        None
-                    } else {
-                        Some(ListenAddr::Unix(PathBuf::from(p)))
-                    }
-                } else {
-                    match s.parse::<SocketAddr>() {
-                        Ok(a) => Some(ListenAddr::Tcp(a)),
-                        Err(_) => {
-                            self.err(
-                                "server.grpc_listen",
-                                format!("\"{s}\" is neither ip:port nor unix:/path"),
-                            );
-                            None
-                        }
-                    }
-                }
-            }
-            None => None,
-        };
-        let admin_listen = self.socket_addr(t, "admin_listen", path, true);
-        let public_listen = self.socket_addr(t, "public_listen", path, false);
-        let public_url = self
-            .string(t, "public_url", path, false)
-            .and_then(|s| self.http_url(&s, "server.public_url"));
-        let instance_id = match self.string(t, "instance_id", path, false) {
-            Some(id) => id,
-            None => hostname(),
-        };
-        let check_timeout = self.duration(t, "check_timeout", path, Duration::from_millis(1800));
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ServerFile {
+    grpc_listen: Option<String>,
+    admin_listen: Option<String>,
+    public_listen: Option<String>,
+    public_url: Option<String>,
+    instance_id: Option<String>,
+    check_timeout: Option<String>,
+    worker_threads: Option<Value>,
+    grpc_tls_cert_file: Option<String>,
+    grpc_tls_key_file: Option<String>,
+    grpc_client_ca_file: Option<String>,
+    grpc_allow_plaintext: Option<Value>,
+}
+
+impl ServerFile {
+    fn validate(self, e: &mut Errors) -> Option<ServerConfig> {
+        let grpc_listen = e.need("server.grpc_listen", self.grpc_listen);
+        let grpc_listen = e.parse("server.grpc_listen", grpc_listen, listen_addr);
+        let admin_listen = e.need("server.admin_listen", self.admin_listen);
+        let admin_listen = e.parse("server.admin_listen", admin_listen, socket_addr);
+        let public_listen = e.parse("server.public_listen", self.public_listen, socket_addr);
+        let public_url = e.parse("server.public_url", self.public_url, http_url);
+        let check_timeout = e.parse("server.check_timeout", self.check_timeout, duration);
+        let check_timeout = check_timeout.unwrap_or(DEFAULT_CHECK_TIMEOUT);
         if check_timeout.is_zero() || check_timeout > Duration::from_secs(30) {
-            self.err("server.check_timeout", "must be between 1ms and 30s");
+            e.add("server.check_timeout", "must be between 1ms and 30s");
         }
-        let worker_threads = match t.get("worker_threads") {
-            None => 1,
-            Some(toml::Value::Integer(n)) if (1..=MAX_WORKER_THREADS).contains(n) => *n as usize,
+        let worker_threads = match self.worker_threads {
+            None => DEFAULT_WORKER_THREADS,
+            Some(Value::Integer(n)) if (1..=MAX_WORKER_THREADS).contains(&n) => n as usize,
             Some(v) => {
-                self.err(
-                    "server.worker_threads",
-                    format!("must be an integer from 1 to {MAX_WORKER_THREADS}, not {v}"),
-                );
-                1
+                let why = format!("must be an integer from 1 to {MAX_WORKER_THREADS}, not {v}");
+                e.add("server.worker_threads", why);
+                DEFAULT_WORKER_THREADS
             }
         };
-        let grpc_tls = self.grpc_tls(t);
-        let grpc_allow_plaintext = match t.get("grpc_allow_plaintext") {
+        let grpc_tls = grpc_tls(
+            e,
+            self.grpc_tls_cert_file,
+            self.grpc_tls_key_file,
+            self.grpc_client_ca_file,
+        );
+        let grpc_allow_plaintext = match self.grpc_allow_plaintext {
             None => false,
-            Some(toml::Value::Boolean(b)) => *b,
+            Some(Value::Boolean(b)) => b,
             Some(v) => {
-                self.err(
-                    "server.grpc_allow_plaintext",
-                    format!("must be true or false, not {v}"),
-                );
+                let why = format!("must be true or false, not {v}");
+                e.add("server.grpc_allow_plaintext", why);
                 false
             }
         };
         match (&grpc_listen, &grpc_tls) {
             (Some(ListenAddr::Tcp(a)), None) if !a.ip().is_loopback() && !grpc_allow_plaintext => {
-                self.err(
+                e.add(
                     "server.grpc_listen",
                     format!(
                         "plaintext gRPC on {a}, a non-loopback address, would hand users' \
@@ -1137,1017 +1211,687 @@ impl Reader<'_> {
                     ),
                 );
             }
-            (Some(ListenAddr::Unix(_)), Some(_)) => self.err(
+            (Some(ListenAddr::Unix(_)), Some(_)) => e.add(
                 "server.grpc_tls_cert_file",
                 "mTLS applies to a TCP grpc_listen, not a unix socket",
             ),
             _ => {}
         }
         Some(ServerConfig {
-            grpc_tls,
-            grpc_allow_plaintext,
             grpc_listen: grpc_listen?,
             admin_listen: admin_listen?,
             public_listen,
             public_url,
-            instance_id,
+            instance_id: self.instance_id.unwrap_or_else(hostname),
             check_timeout,
             worker_threads,
+            grpc_tls,
+            grpc_allow_plaintext,
         })
     }
+}
 
-    fn admin(&mut self, t: &Table) -> Option<AdminConfig> {
-        self.unknown_keys(t, "admin", &["console_token_file"]);
-        let console_token = self
-            .secret_text(t, "console_token_file", "admin", false)
-            .and_then(|text| {
-                let token = text.trim().to_string();
-                if token.len() < 16 {
-                    self.err(
-                        "admin.console_token_file",
-                        "the console token must be at least 16 characters",
-                    );
-                    None
-                } else {
-                    Some(SecretString::new(token))
-                }
-            });
-        Some(AdminConfig { console_token })
-    }
-
-    fn redis(&mut self, t: &Table) -> Option<RedisConfig> {
-        self.unknown_keys(
-            t,
-            "redis",
-            &[
-                "url",
-                "cluster_nodes",
-                "sentinels",
-                "sentinel_master",
-                "ca_file",
-                "cache_key_file",
-            ],
-        );
-        let check = |r: &mut Self, u: String, p: &str| -> Option<String> {
-            match url::Url::parse(&u) {
-                Ok(parsed) if matches!(parsed.scheme(), "redis" | "rediss") => Some(u),
-                Ok(parsed) => {
-                    r.err(
-                        p,
-                        format!(
-                            "scheme \"{}\" is not redis:// or rediss://",
-                            parsed.scheme()
-                        ),
-                    );
-                    None
-                }
-                Err(e) => {
-                    r.err(p, format!("is not a valid URL: {e}"));
-                    None
-                }
+/// `server.grpc_tls_*`: all three files, or none.
+fn grpc_tls(
+    e: &mut Errors,
+    cert: Option<String>,
+    key: Option<String>,
+    ca: Option<String>,
+) -> Option<GrpcTls> {
+    const CERT: &str = "server.grpc_tls_cert_file";
+    const KEY: &str = "server.grpc_tls_key_file";
+    const CA: &str = "server.grpc_client_ca_file";
+    // A key given with a value of the wrong type counts as given.
+    let given = [
+        (CERT, cert.is_some()),
+        (KEY, key.is_some()),
+        (CA, ca.is_some()),
+    ]
+    .map(|(path, some)| (path, some || e.reported(path)));
+    match given.iter().filter(|(_, given)| *given).count() {
+        0 => return None,
+        3 => {}
+        _ => {
+            for (path, _) in given.iter().filter(|(_, given)| !given) {
+                let why = "is required with the other grpc_tls settings (mTLS needs all three)";
+                e.add(path, why);
             }
+            return None;
+        }
+    }
+    let cert = e.pem(CERT, cert, "CERTIFICATE");
+    let key = e.pem(KEY, key, "PRIVATE KEY");
+    let ca = e.pem(CA, ca, "CERTIFICATE");
+    let key = key.and_then(|k| match String::from_utf8(k) {
+        Ok(text) => Some(SecretString::new(text)),
+        Err(_) => {
+            e.add(KEY, "is not UTF-8 PEM text");
+            None
+        }
+    });
+    Some(GrpcTls {
+        cert_pem: cert?,
+        key_pem: key?,
+        client_ca_pem: ca?,
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct AdminFile {
+    console_token_file: Option<String>,
+}
+
+impl AdminFile {
+    fn validate(self, e: &mut Errors) -> AdminConfig {
+        let path = "admin.console_token_file";
+        let text = e.secret(path, &env_name(path), self.console_token_file);
+        let console_token = text.and_then(|text| {
+            let token = text.trim();
+            if token.len() < 16 {
+                e.add(path, "the console token must be at least 16 characters");
+                return None;
+            }
+            Some(SecretString::new(token.to_string()))
+        });
+        AdminConfig { console_token }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RedisFile {
+    url: Option<String>,
+    cluster_nodes: Option<Vec<String>>,
+    sentinels: Option<Vec<String>>,
+    sentinel_master: Option<String>,
+    ca_file: Option<String>,
+    cache_key_file: Option<String>,
+}
+
+impl RedisFile {
+    fn validate(self, e: &mut Errors) -> Option<RedisConfig> {
+        // A key given with a value of the wrong type counts as given.
+        let given = [
+            ("url", self.url.is_some() || e.reported("redis.url")),
+            (
+                "cluster_nodes",
+                self.cluster_nodes.is_some() || e.reported("redis.cluster_nodes"),
+            ),
+            (
+                "sentinels",
+                self.sentinels.is_some() || e.reported("redis.sentinels"),
+            ),
+        ];
+        let given: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(k, _)| *k).collect();
+        let mut urls = |key: &str, list: Option<Vec<String>>| -> Option<Vec<String>> {
+            let list = e.need(&format!("redis.{key}"), list)?;
+            if list.is_empty() {
+                e.add(&format!("redis.{key}"), "must not be empty");
+                return None;
+            }
+            let parsed: Vec<_> = (list.into_iter().enumerate())
+                .map(|(i, u)| e.parse(&format!("redis.{key}[{i}]"), Some(u), redis_url))
+                .collect();
+            parsed.into_iter().collect()
         };
-        let given: Vec<&str> = ["url", "cluster_nodes", "sentinels"]
-            .into_iter()
-            .filter(|k| t.contains_key(*k))
-            .collect();
         let topology = match given.as_slice() {
-            ["url"] => self
-                .string(t, "url", "redis", true)
-                .and_then(|u| check(self, u, "redis.url"))
-                .map(RedisTopology::Standalone),
+            ["url"] => {
+                let url = e.need("redis.url", self.url);
+                e.parse("redis.url", url, redis_url)
+                    .map(RedisTopology::Standalone)
+            }
             ["cluster_nodes"] => {
-                let nodes = self.string_list(t, "cluster_nodes", "redis", true);
-                nodes.and_then(|nodes| {
-                    if nodes.is_empty() {
-                        self.err("redis.cluster_nodes", "must not be empty");
-                        return None;
-                    }
-                    let mut ok = Vec::new();
-                    for (i, n) in nodes.into_iter().enumerate() {
-                        ok.push(check(self, n, &format!("redis.cluster_nodes[{i}]"))?);
-                    }
-                    Some(RedisTopology::Cluster(ok))
-                })
+                urls("cluster_nodes", self.cluster_nodes).map(RedisTopology::Cluster)
             }
             ["sentinels"] => {
-                let sentinels = self.string_list(t, "sentinels", "redis", true);
-                let master = self.string(t, "sentinel_master", "redis", true);
-                match (sentinels, master) {
-                    (Some(s), Some(master)) if !s.is_empty() => {
-                        let mut ok = Vec::new();
-                        for (i, n) in s.into_iter().enumerate() {
-                            ok.push(check(self, n, &format!("redis.sentinels[{i}]"))?);
-                        }
-                        Some(RedisTopology::Sentinel {
-                            sentinels: ok,
-                            master,
-                        })
-                    }
-                    (Some(_), Some(_)) => {
-                        self.err("redis.sentinels", "must not be empty");
-                        None
-                    }
-                    _ => None,
-                }
+                let sentinels = urls("sentinels", self.sentinels);
+                let master = e.need("redis.sentinel_master", self.sentinel_master.clone());
+                let sentinel = |(sentinels, master)| RedisTopology::Sentinel { sentinels, master };
+                sentinels.zip(master).map(sentinel)
             }
             [] => {
-                self.err("redis.url", "is required (or cluster_nodes, or sentinels)");
+                e.add("redis.url", "is required (or cluster_nodes, or sentinels)");
                 None
             }
             _ => {
-                self.err("redis", "give exactly one of url, cluster_nodes, sentinels");
+                e.add("redis", "give exactly one of url, cluster_nodes, sentinels");
                 None
             }
         };
-        if t.contains_key("sentinel_master") && !t.contains_key("sentinels") {
-            self.err("redis.sentinel_master", "is only used with sentinels");
+        if self.sentinel_master.is_some() && !given.contains(&"sentinels") {
+            e.add("redis.sentinel_master", "is only used with sentinels");
         }
-        let ca_pem = self.pem_file(t, "ca_file", "redis", "CERTIFICATE");
-        let cache_key = self.key_file(t, "cache_key_file", "redis", true);
+        let ca_pem = e.pem("redis.ca_file", self.ca_file, "CERTIFICATE");
+        let cache_key = e.key("redis.cache_key_file", self.cache_key_file);
         Some(RedisConfig {
             topology: topology?,
             ca_pem,
             cache_key: cache_key?,
         })
     }
+}
 
-    fn postgres(&mut self, t: &Table) -> Option<PostgresConfig> {
-        self.unknown_keys(
-            t,
-            "postgres",
-            &[
-                "url",
-                "migrate_url",
-                "migrate_on_start",
-                "min_synchronous_commit",
-            ],
-        );
-        let check = |r: &mut Self, key: &str| -> Option<String> {
-            let url = r.string(t, key, "postgres", key == "url")?;
-            match crate::pg::validate_url(&url) {
-                Ok(()) => Some(url),
-                Err(why) => {
-                    r.err(&format!("postgres.{key}"), why);
-                    None
-                }
-            }
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct PostgresFile {
+    url: Option<String>,
+    migrate_url: Option<String>,
+    migrate_on_start: Option<bool>,
+    min_synchronous_commit: Option<String>,
+}
+
+impl PostgresFile {
+    fn validate(self, e: &mut Errors) -> Option<PostgresConfig> {
+        let url = e.need("postgres.url", self.url);
+        let pg_url = |s: &str| crate::pg::validate_url(s).map(|()| s.to_string());
+        let url = e.parse("postgres.url", url, pg_url);
+        let migrate_url = e.parse("postgres.migrate_url", self.migrate_url, pg_url);
+        let sync_commit = |s: &str| {
+            [SyncCommit::On, SyncCommit::RemoteApply]
+                .into_iter()
+                .find(|k| k.as_str() == s)
+                .ok_or_else(|| {
+                    format!("\"{s}\" is not on or remote_apply (weaker settings can lose acknowledged decisions)")
+                })
         };
-        let url = check(self, "url");
-        let migrate_url = check(self, "migrate_url");
-        let migrate_on_start = match t.get("migrate_on_start") {
-            None => true,
-            Some(Value::Boolean(b)) => *b,
-            Some(_) => {
-                self.err("postgres.migrate_on_start", "must be true or false");
-                true
-            }
-        };
-        let min_synchronous_commit = match self
-            .string(t, "min_synchronous_commit", "postgres", false)
-            .as_deref()
-        {
-            None | Some("on") => SyncCommit::On,
-            Some("remote_apply") => SyncCommit::RemoteApply,
-            Some(other) => {
-                self.err(
-                    "postgres.min_synchronous_commit",
-                    format!(
-                        "\"{other}\" is not on or remote_apply (weaker settings can lose acknowledged decisions)"
-                    ),
-                );
-                SyncCommit::On
-            }
-        };
+        let min_sync = self.min_synchronous_commit;
+        let min_sync = e.parse("postgres.min_synchronous_commit", min_sync, sync_commit);
         Some(PostgresConfig {
             url: url?,
             migrate_url,
-            migrate_on_start,
-            min_synchronous_commit,
+            migrate_on_start: self.migrate_on_start.unwrap_or(DEFAULT_MIGRATE_ON_START),
+            min_synchronous_commit: min_sync.unwrap_or_default(),
         })
     }
+}
 
-    fn audit(&mut self, t: &Table) -> Option<AuditConfig> {
-        let path = "audit";
-        self.unknown_keys(
-            t,
-            path,
-            &[
-                "hmac_key_file",
-                "key_id",
-                "chain_id",
-                "checkpoint_signing_key_file",
-                "checkpoint_dir",
-                "checkpoint_interval",
-                "previous_keys",
-                "max_clock_skew",
-                "tlog_origin",
-                "tlog_listen",
-                "witnesses",
-                "witness_quorum",
-                "witness_timeout",
-                "record_statement_text",
-            ],
-        );
-        let record_statement_text = match t.get("record_statement_text") {
-            None => false,
-            Some(Value::Boolean(b)) => *b,
-            Some(_) => {
-                self.err("audit.record_statement_text", "must be true or false");
-                false
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct AuditFile {
+    hmac_key_file: Option<String>,
+    key_id: Option<String>,
+    chain_id: Option<String>,
+    checkpoint_signing_key_file: Option<String>,
+    checkpoint_dir: Option<String>,
+    checkpoint_interval: Option<String>,
+    /// Retired HMAC keys: `key_id = "path/to/key"`.
+    previous_keys: BTreeMap<String, String>,
+    max_clock_skew: Option<String>,
+    tlog_origin: Option<String>,
+    tlog_listen: Option<String>,
+    #[serde(deserialize_with = "tables")]
+    witnesses: Vec<WitnessFile>,
+    witness_quorum: Option<Value>,
+    witness_timeout: Option<String>,
+    record_statement_text: Option<bool>,
+}
+
+/// `[[audit.witnesses]]`: `url` (the submission prefix) and `vkey` (the witness' cosigning key,
+/// type 0x04).
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct WitnessFile {
+    url: Option<String>,
+    vkey: Option<String>,
+}
+
+impl AuditFile {
+    fn validate(self, e: &mut Errors) -> Option<AuditConfig> {
+        let mut previous_keys = Vec::new();
+        for (id, file) in self.previous_keys {
+            let p = format!("audit.previous_keys.{id}");
+            if id.is_empty() || id.len() > 64 || !id.chars().all(is_ident_char) {
+                let why = "a key id must be 1-64 characters of letters, digits, '_', '-', '.'";
+                e.add(&p, why);
+            } else if self.key_id.as_ref() == Some(&id) {
+                e.add(&p, "is the current key_id; a retired key needs its own id");
+            } else if let Some(key) = e.key(&p, Some(file)) {
+                previous_keys.push((id, key));
             }
-        };
-        let previous_keys = self.previous_keys(t);
-        let max_clock_skew = self.duration(t, "max_clock_skew", path, Duration::from_secs(5));
+        }
+        let skew = e.parse("audit.max_clock_skew", self.max_clock_skew, duration);
+        let max_clock_skew = skew.unwrap_or(DEFAULT_MAX_CLOCK_SKEW);
         if max_clock_skew < Duration::from_millis(100) || max_clock_skew > Duration::from_secs(300)
         {
-            self.err("audit.max_clock_skew", "must be between 100ms and 5m");
+            e.add("audit.max_clock_skew", "must be between 100ms and 5m");
         }
-        let hmac_key = self.key_file(t, "hmac_key_file", path, true);
-        let key_id = self.ident(t, "key_id", path);
-        let chain_id = self.ident(t, "chain_id", path);
-        let checkpoint_signing_key = self.key_file(t, "checkpoint_signing_key_file", path, true);
-        let checkpoint_dir = self
-            .string(t, "checkpoint_dir", path, true)
-            .map(|d| self.base_dir.join(d));
-        let checkpoint_interval =
-            self.duration(t, "checkpoint_interval", path, Duration::from_secs(10));
+        let hmac_key = e.key("audit.hmac_key_file", self.hmac_key_file);
+        let key_id = e.ident("audit.key_id", self.key_id);
+        let chain_id = e.ident("audit.chain_id", self.chain_id);
+        let signing_key_path = "audit.checkpoint_signing_key_file";
+        let checkpoint_signing_key = e.key(signing_key_path, self.checkpoint_signing_key_file);
+        let checkpoint_dir = e.need("audit.checkpoint_dir", self.checkpoint_dir);
+        let interval = e.parse(
+            "audit.checkpoint_interval",
+            self.checkpoint_interval,
+            duration,
+        );
+        let checkpoint_interval = interval.unwrap_or(DEFAULT_CHECKPOINT_INTERVAL);
         if checkpoint_interval < Duration::from_secs(1) {
-            self.err("audit.checkpoint_interval", "must be at least 1s");
+            e.add("audit.checkpoint_interval", "must be at least 1s");
         }
-        let tlog_origin = match t.get("tlog_origin") {
+        let tlog_origin = match self.tlog_origin {
+            None if e.reported("audit.tlog_origin") => None,
             None => chain_id.as_ref().map(|c| format!("aegis/{c}")),
-            Some(_) => {
-                let o = self.string(t, "tlog_origin", path, true);
-                match o {
-                    Some(o) if crate::tlog::valid_key_name(&o) => Some(o),
-                    Some(o) => {
-                        self.err(
-                            "audit.tlog_origin",
-                            format!("\"{o}\" must be non-empty, without spaces or '+' (it names the log's key)"),
-                        );
-                        None
-                    }
-                    None => None,
-                }
+            Some(o) if crate::tlog::valid_key_name(&o) => Some(o),
+            Some(o) => {
+                let why = "must be non-empty, without spaces or '+' (it names the log's key)";
+                e.add("audit.tlog_origin", format!("\"{o}\" {why}"));
+                None
             }
         };
-        let tlog_listen = match t.get("tlog_listen") {
-            None => None,
-            Some(_) => self.socket_addr(t, "tlog_listen", path, true),
-        };
-        let witnesses = self.witnesses(t);
-        let witness_quorum = match t.get("witness_quorum") {
+        let tlog_listen = e.parse("audit.tlog_listen", self.tlog_listen, socket_addr);
+        let witnesses = WitnessFile::validate_all(self.witnesses, e);
+        let witness_quorum = match self.witness_quorum {
             None => witnesses.len(),
-            Some(Value::Integer(n)) if *n >= 1 && (*n as usize) <= witnesses.len() => *n as usize,
+            Some(Value::Integer(n)) if n >= 1 && (n as usize) <= witnesses.len() => n as usize,
             Some(_) => {
-                self.err(
-                    "audit.witness_quorum",
-                    format!(
-                        "must be a whole number from 1 to the {} witnesses configured",
-                        witnesses.len()
-                    ),
-                );
+                let n = witnesses.len();
+                let why = format!("must be a whole number from 1 to the {n} witnesses configured");
+                e.add("audit.witness_quorum", why);
                 0
             }
         };
-        let witness_timeout = self.duration(t, "witness_timeout", path, Duration::from_secs(5));
+        let timeout = e.parse("audit.witness_timeout", self.witness_timeout, duration);
+        let witness_timeout = timeout.unwrap_or(DEFAULT_WITNESS_TIMEOUT);
         if witness_timeout < Duration::from_millis(100) || witness_timeout > Duration::from_secs(60)
         {
-            self.err("audit.witness_timeout", "must be between 100ms and 60s");
+            e.add("audit.witness_timeout", "must be between 100ms and 60s");
         }
         Some(AuditConfig {
+            hmac_key: hmac_key?,
+            key_id: key_id?,
+            chain_id: chain_id?,
+            checkpoint_signing_key: checkpoint_signing_key?,
+            checkpoint_dir: e.base_dir.join(checkpoint_dir?),
+            checkpoint_interval,
+            previous_keys,
+            max_clock_skew,
             tlog_origin: tlog_origin?,
             tlog_listen,
             witnesses,
             witness_quorum,
             witness_timeout,
-            hmac_key: hmac_key?,
-            key_id: key_id?,
-            chain_id: chain_id?,
-            checkpoint_signing_key: checkpoint_signing_key?,
-            checkpoint_dir: checkpoint_dir?,
-            checkpoint_interval,
-            previous_keys,
-            max_clock_skew,
-            record_statement_text,
+            record_statement_text: self.record_statement_text.unwrap_or(false),
         })
     }
+}
 
-    /// `[[audit.witnesses]]`: `url` (the submission prefix) and `vkey` (the witness' cosigning
-    /// key, type 0x04), each witness named once.
-    fn witnesses(&mut self, t: &Table) -> Vec<crate::tlog::Witness> {
-        let items = match t.get("witnesses") {
-            None => return Vec::new(),
-            Some(Value::Array(items)) => items,
-            Some(_) => {
-                self.err(
-                    "audit.witnesses",
-                    "must be an array of tables ([[audit.witnesses]])",
-                );
-                return Vec::new();
-            }
-        };
-        let mut out: Vec<crate::tlog::Witness> = Vec::new();
-        for (i, item) in items.iter().enumerate() {
+impl WitnessFile {
+    /// Each witness with a cosignature key, each named once.
+    fn validate_all(items: Vec<WitnessFile>, e: &mut Errors) -> Vec<Witness> {
+        let mut out: Vec<Witness> = Vec::new();
+        for (i, w) in items.into_iter().enumerate() {
             let path = format!("audit.witnesses[{i}]");
-            let Value::Table(w) = item else {
-                self.err(&path, "must be a table");
+            if e.failed(&path) {
+                continue;
+            }
+            let url = e.need(&format!("{path}.url"), w.url);
+            let url = e.parse(&format!("{path}.url"), url, http_url);
+            let vkey_path = format!("{path}.vkey");
+            let vkey =
+                e.need(&vkey_path, w.vkey)
+                    .and_then(|v| match crate::tlog::Vkey::parse(&v) {
+                        Ok(k) if k.kind == crate::tlog::TYPE_COSIGNATURE_V1 => Some(k),
+                        Ok(_) => {
+                            let why =
+                                "is not a cosignature key (type 0x04, c2sp.org/tlog-cosignature)";
+                            e.add(&vkey_path, why);
+                            None
+                        }
+                        Err(why) => {
+                            e.add(&vkey_path, why);
+                            None
+                        }
+                    });
+            let (Some(url), Some(vkey)) = (url, vkey) else {
                 continue;
             };
-            self.unknown_keys(w, &path, &["url", "vkey"]);
-            let url = self
-                .string(w, "url", &path, true)
-                .and_then(|u| self.http_url(&u, &join(&path, "url")));
-            let vkey = self.string(w, "vkey", &path, true).and_then(|v| {
-                match crate::tlog::Vkey::parse(&v) {
-                    Ok(k) if k.kind == crate::tlog::TYPE_COSIGNATURE_V1 => Some(k),
-                    Ok(_) => {
-                        self.err(
-                            &join(&path, "vkey"),
-                            "is not a cosignature key (type 0x04, c2sp.org/tlog-cosignature)",
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        self.err(&join(&path, "vkey"), e);
-                        None
-                    }
-                }
+            if out.iter().any(|o| o.vkey.name == vkey.name) {
+                e.add(&vkey_path, format!("witness {} is listed twice", vkey.name));
+                continue;
+            }
+            out.push(Witness {
+                url: url.to_string(),
+                vkey,
             });
-            if let (Some(url), Some(vkey)) = (url, vkey) {
-                if out.iter().any(|o| o.vkey.name == vkey.name) {
-                    self.err(
-                        &join(&path, "vkey"),
-                        format!("witness {} is listed twice", vkey.name),
-                    );
-                    continue;
-                }
-                out.push(crate::tlog::Witness {
-                    url: url.to_string(),
-                    vkey,
-                });
-            }
-        }
-        out
-    }
-
-    /// `[audit.previous_keys]`: `key_id = "path/to/key"`, each key id unique.
-    fn previous_keys(&mut self, t: &Table) -> Vec<(String, Key32)> {
-        let Some(table) = self.table(t, "previous_keys", "audit") else {
-            return Vec::new();
-        };
-        let current = t.get("key_id").and_then(|v| v.as_str()).unwrap_or("");
-        let mut out = Vec::new();
-        for id in table.keys() {
-            let p = format!("audit.previous_keys.{id}");
-            let ok = !id.is_empty()
-                && id.len() <= 64
-                && id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-            if !ok {
-                self.err(
-                    &p,
-                    "a key id must be 1-64 characters of letters, digits, '_', '-', '.'",
-                );
-                continue;
-            }
-            if id == current {
-                self.err(&p, "is the current key_id; a retired key needs its own id");
-                continue;
-            }
-            if let Some(key) = self.key_file(table, id, "audit.previous_keys", true) {
-                out.push((id.clone(), key));
-            }
-        }
-        out
-    }
-
-    /// A short identifier: 1-64 chars of `[A-Za-z0-9_.-]`.
-    fn ident(&mut self, t: &Table, key: &str, path: &str) -> Option<String> {
-        let v = self.string(t, key, path, true)?;
-        let ok = v.len() <= 64
-            && v.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-        if ok {
-            Some(v)
-        } else {
-            self.err(
-                &join(path, key),
-                "must be 1-64 characters of letters, digits, '_', '-', '.'",
-            );
-            None
-        }
-    }
-
-    fn array_of_tables<'t>(&mut self, doc: &'t Table, key: &str) -> Vec<&'t Table> {
-        match doc.get(key) {
-            None => {
-                self.err(key, "at least one is required");
-                Vec::new()
-            }
-            Some(Value::Array(items)) => {
-                let mut out = Vec::new();
-                for (i, item) in items.iter().enumerate() {
-                    match item {
-                        Value::Table(t) => out.push(t),
-                        _ => self.err(&format!("{key}[{i}]"), "must be a table"),
-                    }
-                }
-                if items.is_empty() {
-                    self.err(key, "at least one is required");
-                }
-                out
-            }
-            Some(_) => {
-                self.err(key, format!("must be an array of tables ([[{key}]])"));
-                Vec::new()
-            }
-        }
-    }
-
-    fn issuers(&mut self, doc: &Table) -> Vec<IssuerConfig> {
-        let tables = self.array_of_tables(doc, "issuers");
-        let mut out = Vec::new();
-        let mut names = BTreeSet::new();
-        let mut issuers = BTreeSet::new();
-        for (i, t) in tables.into_iter().enumerate() {
-            let path = format!("issuers[{i}]");
-            self.unknown_keys(
-                t,
-                &path,
-                &[
-                    "name",
-                    "issuer",
-                    "audiences",
-                    "jwks_uri",
-                    "algorithms",
-                    "username_claim",
-                    "agent_claim",
-                    "leeway",
-                    "max_key_age",
-                ],
-            );
-            let name = self.ident(t, "name", &path);
-            if let Some(n) = &name {
-                if !names.insert(n.clone()) {
-                    self.err(
-                        &format!("{path}.name"),
-                        format!("duplicate issuer name \"{n}\""),
-                    );
-                }
-            }
-            let issuer = self.string(t, "issuer", &path, true).and_then(|s| {
-                let p = format!("{path}.issuer");
-                self.http_url(&s, &p)?;
-                if !issuers.insert(s.clone()) {
-                    self.err(&p, format!("issuer \"{s}\" is configured twice"));
-                }
-                Some(s)
-            });
-            let audiences = self.string_list(t, "audiences", &path, true);
-            if matches!(&audiences, Some(a) if a.is_empty()) {
-                self.err(&format!("{path}.audiences"), "must not be empty");
-            }
-            let jwks_uri = self
-                .string(t, "jwks_uri", &path, false)
-                .and_then(|s| self.http_url(&s, &format!("{path}.jwks_uri")));
-            let algorithms = self
-                .string_list(t, "algorithms", &path, true)
-                .and_then(|algs| self.algorithms(&algs, &format!("{path}.algorithms")));
-            let username_claim = self.string(t, "username_claim", &path, true);
-            let agent_claim = self.string(t, "agent_claim", &path, true);
-            let leeway = self.duration(t, "leeway", &path, Duration::from_secs(30));
-            if leeway > Duration::from_secs(300) {
-                self.err(&format!("{path}.leeway"), "must be at most 5m");
-            }
-            let max_key_age =
-                self.duration(t, "max_key_age", &path, Duration::from_secs(24 * 3600));
-            if max_key_age < Duration::from_secs(1) || max_key_age > Duration::from_secs(30 * 86400)
-            {
-                self.err(&format!("{path}.max_key_age"), "must be between 1s and 30d");
-            }
-            if let (
-                Some(name),
-                Some(issuer),
-                Some(audiences),
-                Some(algorithms),
-                Some(username_claim),
-                Some(agent_claim),
-            ) = (
-                name,
-                issuer,
-                audiences,
-                algorithms,
-                username_claim,
-                agent_claim,
-            ) {
-                out.push(IssuerConfig {
-                    name,
-                    issuer,
-                    audiences,
-                    jwks_uri,
-                    algorithms,
-                    username_claim,
-                    agent_claim,
-                    leeway,
-                    max_key_age,
-                });
-            }
-        }
-        out
-    }
-
-    fn algorithms(&mut self, names: &[String], p: &str) -> Option<Vec<Algorithm>> {
-        if names.is_empty() {
-            self.err(p, "must not be empty");
-            return None;
-        }
-        let mut out = Vec::new();
-        let mut ok = true;
-        for n in names {
-            let alg = match n.as_str() {
-                "RS256" => Algorithm::RS256,
-                "RS384" => Algorithm::RS384,
-                "RS512" => Algorithm::RS512,
-                "PS256" => Algorithm::PS256,
-                "PS384" => Algorithm::PS384,
-                "PS512" => Algorithm::PS512,
-                "ES256" => Algorithm::ES256,
-                "ES384" => Algorithm::ES384,
-                "EdDSA" => Algorithm::EdDSA,
-                "HS256" | "HS384" | "HS512" => {
-                    self.err(
-                        p,
-                        format!(
-                            "{n} is symmetric and cannot be verified with an issuer's public keys"
-                        ),
-                    );
-                    ok = false;
-                    continue;
-                }
-                other => {
-                    self.err(
-                        p,
-                        format!("unsupported algorithm \"{other}\" (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"),
-                    );
-                    ok = false;
-                    continue;
-                }
-            };
-            out.push(alg);
-        }
-        ok.then_some(out)
-    }
-
-    fn workspaces(&mut self, doc: &Table) -> Vec<WorkspaceConfig> {
-        let tables = self.array_of_tables(doc, "workspaces");
-        let mut out = Vec::new();
-        let mut names = BTreeSet::new();
-        let mut hosts_seen = BTreeSet::new();
-        for (i, t) in tables.into_iter().enumerate() {
-            let path = format!("workspaces[{i}]");
-            self.unknown_keys(
-                t,
-                &path,
-                &[
-                    "name",
-                    "url",
-                    "hosts",
-                    "token_source",
-                    "client_id",
-                    "scopes",
-                    "allowed_agents",
-                    "issuers",
-                    "rate_limits",
-                    "tenant_id",
-                    "entra_token_url",
-                    "client_secret_file",
-                ],
-            );
-            let name = self.ident(t, "name", &path);
-            if let Some(n) = &name {
-                if !names.insert(n.clone()) {
-                    self.err(
-                        &format!("{path}.name"),
-                        format!("duplicate workspace name \"{n}\""),
-                    );
-                }
-            }
-            let url = self
-                .string(t, "url", &path, true)
-                .and_then(|s| self.http_url(&s, &format!("{path}.url")));
-            let hosts = self
-                .string_list(t, "hosts", &path, false)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect::<Vec<_>>();
-            for h in &hosts {
-                if !hosts_seen.insert(h.clone()) {
-                    self.err(
-                        &format!("{path}.hosts"),
-                        format!("host \"{h}\" is claimed by two workspaces"),
-                    );
-                }
-            }
-            let token_source = match self.string(t, "token_source", &path, true).as_deref() {
-                Some("federation") => Some(TokenSourceKind::Federation),
-                Some("u2m") => Some(TokenSourceKind::U2m),
-                Some("entra_obo") => Some(TokenSourceKind::EntraObo),
-                Some(other) => {
-                    self.err(
-                        &format!("{path}.token_source"),
-                        format!("\"{other}\" is not one of federation, u2m, entra_obo"),
-                    );
-                    None
-                }
-                None => None,
-            };
-            let client_id = self.string(t, "client_id", &path, false);
-            let scopes = self.string_list(t, "scopes", &path, true);
-            if matches!(&scopes, Some(s) if s.is_empty()) {
-                self.err(&format!("{path}.scopes"), "must not be empty");
-            }
-            let allowed_agents = self.string_list(t, "allowed_agents", &path, false);
-            let rate_limits = self.rate_limits(t, &path);
-            let issuers = self.string_list(t, "issuers", &path, false);
-            if matches!(&issuers, Some(i) if i.is_empty()) {
-                self.err(
-                    &format!("{path}.issuers"),
-                    "must not be empty (leave it out to admit every issuer)",
-                );
-            }
-            let entra = self.entra_keys(t, &path, name.as_deref(), token_source, &client_id);
-            if let (Some(name), Some(url), Some(token_source), Some(scopes), Some(entra)) =
-                (name, url, token_source, scopes, entra)
-            {
-                out.push(WorkspaceConfig {
-                    name,
-                    url,
-                    hosts,
-                    token_source,
-                    client_id,
-                    scopes,
-                    allowed_agents,
-                    rate_limits,
-                    issuers,
-                    tenant_id: entra.tenant_id,
-                    entra_token_url: entra.token_url,
-                    client_secret: entra.client_secret,
-                });
-            }
-        }
-        out
-    }
-
-    /// The keys `u2m` and `entra_obo` need: `client_id` for both; `tenant_id` (or
-    /// `entra_token_url`) and `client_secret_file` for `entra_obo`, which are refused elsewhere.
-    fn entra_keys(
-        &mut self,
-        t: &Table,
-        path: &str,
-        name: Option<&str>,
-        source: Option<TokenSourceKind>,
-        client_id: &Option<String>,
-    ) -> Option<EntraKeys> {
-        let obo = source == Some(TokenSourceKind::EntraObo);
-        if matches!(
-            source,
-            Some(TokenSourceKind::U2m | TokenSourceKind::EntraObo)
-        ) && client_id.is_none()
-        {
-            self.err(
-                &format!("{path}.client_id"),
-                "is required for token_source u2m and entra_obo (the OAuth app)",
-            );
-        }
-        let tenant_id = self.string(t, "tenant_id", path, false);
-        if let Some(tenant) = &tenant_id {
-            let ok = tenant.len() <= 64
-                && tenant
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-            if !ok {
-                self.err(
-                    &format!("{path}.tenant_id"),
-                    "must be a tenant id or domain (letters, digits, '-', '.', '_')",
-                );
-            }
-        }
-        let token_url = self
-            .string(t, "entra_token_url", path, false)
-            .and_then(|s| self.http_url(&s, &format!("{path}.entra_token_url")));
-        // A workspace's name is `[A-Za-z0-9_.-]`, so its env name is well-formed; an invalid
-        // name is reported by `ident` already.
-        let env_path = format!("workspace_{}", name.unwrap_or("invalid"));
-        let client_secret = match self
-            .env
-            .var(&Self::env_name(&env_path, "client_secret_file"))
-        {
-            Some(_) if t.contains_key("client_secret_file") => {
-                self.err(
-                    &format!("{path}.client_secret_file"),
-                    format!(
-                        "is set both in the file and by {}; keep one",
-                        Self::env_name(&env_path, "client_secret_file")
-                    ),
-                );
-                None
-            }
-            Some(v) => Some(v),
-            None => self.secret_text(t, "client_secret_file", path, false),
-        }
-        .and_then(|text| {
-            let secret = text.trim().to_string();
-            if secret.is_empty() {
-                self.err(&format!("{path}.client_secret_file"), "the secret is empty");
-                None
-            } else {
-                Some(SecretString::new(secret))
-            }
-        });
-        if obo {
-            if tenant_id.is_none() && token_url.is_none() && !t.contains_key("entra_token_url") {
-                self.err(
-                    &format!("{path}.tenant_id"),
-                    "is required for token_source entra_obo (or set entra_token_url)",
-                );
-            }
-            if client_secret.is_none() && !t.contains_key("client_secret_file") {
-                self.err(
-                    &format!("{path}.client_secret_file"),
-                    format!(
-                        "is required for token_source entra_obo (or set {})",
-                        Self::env_name(&env_path, "client_secret_file")
-                    ),
-                );
-            }
-        } else {
-            for key in ["tenant_id", "entra_token_url", "client_secret_file"] {
-                if t.contains_key(key) {
-                    self.err(
-                        &format!("{path}.{key}"),
-                        "is used only with token_source entra_obo",
-                    );
-                }
-            }
-        }
-        Some(EntraKeys {
-            tenant_id,
-            token_url,
-            client_secret,
-        })
-    }
-
-    fn policy(&mut self, t: &Table, workspaces: &[WorkspaceConfig]) -> Option<PolicyConfig> {
-        self.unknown_keys(
-            t,
-            "policy",
-            &[
-                "allowed_agents",
-                "deny",
-                "allow",
-                "allow_statements",
-                "allow_commands",
-                "tool_deny",
-                "tool_allow",
-            ],
-        );
-        let allowed_agents = self
-            .string_list(t, "allowed_agents", "policy", false)
-            .unwrap_or_default();
-        let deny = self.rules(t, "deny", workspaces);
-        let allow = self.rules(t, "allow", workspaces);
-        let allow_statements = self.scopes(t, "allow_statements", workspaces);
-        let allow_commands = self.scopes(t, "allow_commands", workspaces);
-        let tool_deny = self.tool_rules(t, "tool_deny", workspaces);
-        let tool_allow = self.tool_rules(t, "tool_allow", workspaces);
-        Some(PolicyConfig {
-            allowed_agents,
-            deny,
-            allow,
-            allow_statements,
-            allow_commands,
-            tool_deny,
-            tool_allow,
-        })
-    }
-
-    /// `policy.<key>`: the tables of an array of tables, each with its path for errors
-    /// (`policy.<key>[i]`); anything else is reported with `example`.
-    fn policy_tables<'t>(
-        &mut self,
-        t: &'t Table,
-        key: &str,
-        example: &str,
-    ) -> Vec<(String, &'t Table)> {
-        let items = match t.get(key) {
-            None => return Vec::new(),
-            Some(Value::Array(items)) => items,
-            Some(_) => {
-                self.err(
-                    &format!("policy.{key}"),
-                    format!("must be an array of tables like {example}"),
-                );
-                return Vec::new();
-            }
-        };
-        let mut out = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let path = format!("policy.{key}[{i}]");
-            match item {
-                Value::Table(rt) => out.push((path, rt)),
-                _ => self.err(&path, format!("must be a table like {example}")),
-            }
-        }
-        out
-    }
-
-    /// A rule's `agents` and `workspaces` (empty = any); every workspace must be configured.
-    fn rule_scope(
-        &mut self,
-        rt: &Table,
-        path: &str,
-        workspaces: &[WorkspaceConfig],
-    ) -> (Vec<String>, Vec<String>) {
-        let agents = self
-            .string_list(rt, "agents", path, false)
-            .unwrap_or_default();
-        let ws = self
-            .string_list(rt, "workspaces", path, false)
-            .unwrap_or_default();
-        for w in &ws {
-            if !workspaces.iter().any(|c| &c.name == w) {
-                self.err(
-                    &format!("{path}.workspaces"),
-                    format!("unknown workspace \"{w}\""),
-                );
-            }
-        }
-        (agents, ws)
-    }
-
-    /// `policy.<key>`: an array of `{ server = "/api/2.0/mcp/...", tools = [...], agents = [...],
-    /// workspaces = [...] }`.
-    fn tool_rules(
-        &mut self,
-        t: &Table,
-        key: &str,
-        workspaces: &[WorkspaceConfig],
-    ) -> Vec<ToolRuleConfig> {
-        let mut out = Vec::new();
-        let example = "{ server = \"/api/2.0/mcp/sql\", tools = [\"execute_sql\"] }";
-        for (path, rt) in self.policy_tables(t, key, example) {
-            self.unknown_keys(rt, &path, &["server", "tools", "agents", "workspaces"]);
-            let server = self.string(rt, "server", &path, true);
-            if let Some(s) = &server {
-                if !s.starts_with("/api/2.0/mcp/") {
-                    self.err(
-                        &format!("{path}.server"),
-                        "must be an MCP server path under /api/2.0/mcp/",
-                    );
-                }
-                if s.contains('*') && !(s.ends_with("/*") && s.matches('*').count() == 1) {
-                    self.err(
-                        &format!("{path}.server"),
-                        "a wildcard is allowed only as a trailing \"/*\"",
-                    );
-                }
-            }
-            let tools = self
-                .string_list(rt, "tools", &path, false)
-                .unwrap_or_default();
-            let (agents, ws) = self.rule_scope(rt, &path, workspaces);
-            if let Some(server) = server {
-                out.push(ToolRuleConfig {
-                    server,
-                    tools,
-                    agents,
-                    workspaces: ws,
-                });
-            }
-        }
-        out
-    }
-
-    /// `workspaces[i].rate_limits = { user = "600/min", agent = "6000/min", user_agent = ".." }`.
-    fn rate_limits(&mut self, t: &Table, path: &str) -> RateLimits {
-        let Some(v) = t.get("rate_limits") else {
-            return RateLimits::default();
-        };
-        let p = format!("{path}.rate_limits");
-        let Value::Table(rt) = v else {
-            self.err(&p, "must be a table like { user = \"600/min\" }");
-            return RateLimits::default();
-        };
-        self.unknown_keys(rt, &p, &["user", "agent", "user_agent"]);
-        let mut one = |key: &str| -> Option<Rate> {
-            let text = self.string(rt, key, &p, false)?;
-            let rate = Rate::parse(&text);
-            if rate.is_none() {
-                self.err(
-                    &format!("{p}.{key}"),
-                    format!("\"{text}\" is not a rate like \"600/min\" (N/s, N/min or N/h, N from 1 to 1000000)"),
-                );
-            }
-            rate
-        };
-        RateLimits {
-            user: one("user"),
-            agent: one("agent"),
-            user_agent: one("user_agent"),
-        }
-    }
-
-    /// `policy.<key>`: an array of `{ agents = [...], workspaces = [...] }`.
-    fn scopes(&mut self, t: &Table, key: &str, workspaces: &[WorkspaceConfig]) -> Vec<ScopeConfig> {
-        let mut out = Vec::new();
-        let example = "{ agents = [\"dba-bot\"], workspaces = [\"prod\"] }";
-        for (path, rt) in self.policy_tables(t, key, example) {
-            self.unknown_keys(rt, &path, &["agents", "workspaces"]);
-            let (agents, ws) = self.rule_scope(rt, &path, workspaces);
-            if agents.is_empty() {
-                // An empty list would lift the guardrail for every agent: say so explicitly.
-                self.err(
-                    &format!("{path}.agents"),
-                    "must name the agents (the guardrail is lifted only for them)",
-                );
-            }
-            out.push(ScopeConfig {
-                agents,
-                workspaces: ws,
-            });
-        }
-        out
-    }
-
-    fn rules(&mut self, t: &Table, key: &str, workspaces: &[WorkspaceConfig]) -> Vec<RuleConfig> {
-        let items = match t.get(key) {
-            None => return Vec::new(),
-            Some(Value::Array(items)) => items,
-            Some(_) => {
-                self.err(&format!("policy.{key}"), "must be an array of rule tables");
-                return Vec::new();
-            }
-        };
-        let mut out = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let path = format!("policy.{key}[{i}]");
-            let Value::Table(rt) = item else {
-                self.err(
-                    &path,
-                    "must be a table like { methods = [\"POST\"], path = \"/api/...\" }",
-                );
-                continue;
-            };
-            self.unknown_keys(rt, &path, &["methods", "path", "agents", "workspaces"]);
-            let methods = self
-                .string_list(rt, "methods", &path, false)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|m| m.to_ascii_uppercase())
-                .collect::<Vec<_>>();
-            for m in &methods {
-                if !m.chars().all(|c| c.is_ascii_alphabetic()) {
-                    self.err(
-                        &format!("{path}.methods"),
-                        format!("\"{m}\" is not an HTTP method"),
-                    );
-                }
-            }
-            let rule_path = self.string(rt, "path", &path, true);
-            if let Some(p) = &rule_path {
-                if !p.starts_with('/') {
-                    self.err(&format!("{path}.path"), "must start with '/'");
-                }
-                if p.contains('*') && !(p.ends_with("/*") && p.matches('*').count() == 1) {
-                    self.err(
-                        &format!("{path}.path"),
-                        "a wildcard is allowed only as a trailing \"/*\"",
-                    );
-                }
-            }
-            let (agents, ws) = self.rule_scope(rt, &path, workspaces);
-            if let Some(p) = rule_path {
-                out.push(RuleConfig {
-                    methods,
-                    path: p,
-                    agents,
-                    workspaces: ws,
-                });
-            }
         }
         out
     }
 }
 
-/// What [`Reader::entra_keys`] reads.
-struct EntraKeys {
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct IssuerFile {
+    name: Option<String>,
+    issuer: Option<String>,
+    audiences: Option<Vec<String>>,
+    jwks_uri: Option<String>,
+    algorithms: Option<Vec<String>>,
+    username_claim: Option<String>,
+    agent_claim: Option<String>,
+    leeway: Option<String>,
+    max_key_age: Option<String>,
+}
+
+impl IssuerFile {
+    /// `[[issuers]]`: at least one, names and issuer URLs each configured once.
+    fn validate_all(items: Vec<IssuerFile>, e: &mut Errors) -> Vec<IssuerConfig> {
+        if items.is_empty() {
+            e.missing("issuers", "at least one is required");
+        }
+        let mut out: Vec<IssuerConfig> = Vec::new();
+        let (mut names, mut urls) = (BTreeSet::new(), BTreeSet::new());
+        for (i, item) in items.into_iter().enumerate() {
+            let path = format!("issuers[{i}]");
+            if e.failed(&path) {
+                continue;
+            }
+            if let Some(n) = item.name.as_ref().filter(|n| !names.insert(n.to_string())) {
+                e.add(
+                    &format!("{path}.name"),
+                    format!("duplicate issuer name \"{n}\""),
+                );
+            }
+            if let Some(u) = item.issuer.as_ref().filter(|u| !urls.insert(u.to_string())) {
+                e.add(
+                    &format!("{path}.issuer"),
+                    format!("issuer \"{u}\" is configured twice"),
+                );
+            }
+            out.extend(item.validate(&path, e));
+        }
+        out
+    }
+
+    fn validate(self, path: &str, e: &mut Errors) -> Option<IssuerConfig> {
+        let p = |key: &str| join(path, key);
+        let name = e.ident(&p("name"), self.name);
+        let issuer = e.need(&p("issuer"), self.issuer);
+        let issuer = e.parse(&p("issuer"), issuer, |s| http_url(s).map(|_| s.to_string()));
+        let audiences = e.need(&p("audiences"), self.audiences);
+        if audiences.as_ref().is_some_and(|a| a.is_empty()) {
+            e.missing(&p("audiences"), "must not be empty");
+        }
+        let jwks_uri = e.parse(&p("jwks_uri"), self.jwks_uri, http_url);
+        let algorithms = e.need(&p("algorithms"), self.algorithms);
+        let algorithms = algorithms.and_then(|names| algorithms_of(&names, &p("algorithms"), e));
+        let username_claim = e.need(&p("username_claim"), self.username_claim);
+        let agent_claim = e.need(&p("agent_claim"), self.agent_claim);
+        let leeway = e
+            .parse(&p("leeway"), self.leeway, duration)
+            .unwrap_or(DEFAULT_LEEWAY);
+        if leeway > Duration::from_secs(300) {
+            e.add(&p("leeway"), "must be at most 5m");
+        }
+        let max_key_age = e.parse(&p("max_key_age"), self.max_key_age, duration);
+        let max_key_age = max_key_age.unwrap_or(DEFAULT_MAX_KEY_AGE);
+        if max_key_age < Duration::from_secs(1) || max_key_age > Duration::from_secs(30 * 86400) {
+            e.add(&p("max_key_age"), "must be between 1s and 30d");
+        }
+        Some(IssuerConfig {
+            name: name?,
+            issuer: issuer?,
+            audiences: audiences?,
+            jwks_uri,
+            algorithms: algorithms?,
+            username_claim: username_claim?,
+            agent_claim: agent_claim?,
+            leeway,
+            max_key_age,
+        })
+    }
+}
+
+/// An issuer's `algorithms`: asymmetric JWS algorithms only, each bad name reported.
+fn algorithms_of(names: &[String], path: &str, e: &mut Errors) -> Option<Vec<Algorithm>> {
+    use Algorithm::*;
+    const ALL: [Algorithm; 9] = [
+        RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
+    ];
+    if names.is_empty() {
+        e.add(path, "must not be empty");
+        return None;
+    }
+    let mut out = Vec::new();
+    for n in names {
+        match ALL.into_iter().find(|a| format!("{a:?}") == *n) {
+            Some(alg) => out.push(alg),
+            None if matches!(n.as_str(), "HS256" | "HS384" | "HS512") => {
+                let why = "is symmetric and cannot be verified with an issuer's public keys";
+                e.add(path, format!("{n} {why}"));
+            }
+            None => e.add(
+                path,
+                format!("unsupported algorithm \"{n}\" (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"),
+            ),
+        }
+    }
+    (out.len() == names.len()).then_some(out)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct WorkspaceFile {
+    name: Option<String>,
+    url: Option<String>,
+    hosts: Vec<String>,
+    token_source: Option<String>,
+    client_id: Option<String>,
+    scopes: Option<Vec<String>>,
+    allowed_agents: Option<Vec<String>>,
+    issuers: Option<Vec<String>>,
+    #[serde(deserialize_with = "table")]
+    rate_limits: RateLimitsFile,
+    /// `entra_obo` only: the tenant, or the token endpoint, and the app's client secret.
     tenant_id: Option<String>,
-    token_url: Option<url::Url>,
-    client_secret: Option<SecretString>,
+    entra_token_url: Option<String>,
+    client_secret_file: Option<String>,
+}
+
+/// `rate_limits = { user = "600/min", agent = "6000/min", user_agent = ".." }`.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RateLimitsFile {
+    user: Option<String>,
+    agent: Option<String>,
+    user_agent: Option<String>,
+}
+
+impl WorkspaceFile {
+    /// `[[workspaces]]`: at least one, names and hosts each claimed once, every issuer named
+    /// configured.
+    fn validate_all(
+        items: Vec<WorkspaceFile>,
+        issuers: &[IssuerConfig],
+        e: &mut Errors,
+    ) -> Vec<WorkspaceConfig> {
+        if items.is_empty() {
+            e.missing("workspaces", "at least one is required");
+        }
+        let (mut names, mut hosts) = (BTreeSet::new(), BTreeSet::new());
+        let mut out = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let path = format!("workspaces[{i}]");
+            if e.failed(&path) {
+                continue;
+            }
+            if let Some(n) = item.name.as_ref().filter(|n| !names.insert(n.to_string())) {
+                e.add(
+                    &format!("{path}.name"),
+                    format!("duplicate workspace name \"{n}\""),
+                );
+            }
+            for h in item.hosts.iter().map(|h| h.to_ascii_lowercase()) {
+                if !hosts.insert(h.clone()) {
+                    let why = format!("host \"{h}\" is claimed by two workspaces");
+                    e.add(&format!("{path}.hosts"), why);
+                }
+            }
+            let ws = item.validate(&path, e);
+            for name in ws.iter().flat_map(|w| w.issuers.iter().flatten()) {
+                if issuers.iter().all(|c| c.name != *name) {
+                    let why = format!("\"{name}\" is not the name of a configured issuer");
+                    e.add(&format!("{path}.issuers"), why);
+                }
+            }
+            out.extend(ws);
+        }
+        out
+    }
+
+    fn validate(self, path: &str, e: &mut Errors) -> Option<WorkspaceConfig> {
+        let p = |key: &str| join(path, key);
+        let given = |e: &Errors, key: &str, v: bool| v || e.reported(&p(key));
+        let name = e.ident(&p("name"), self.name);
+        let url = e.need(&p("url"), self.url);
+        let url = e.parse(&p("url"), url, http_url);
+        let source = e.need(&p("token_source"), self.token_source);
+        let source = e.parse(&p("token_source"), source, token_source);
+        let scopes = e.need(&p("scopes"), self.scopes);
+        if scopes.as_ref().is_some_and(|s| s.is_empty()) {
+            e.missing(&p("scopes"), "must not be empty");
+        }
+        if self.issuers.as_ref().is_some_and(|i| i.is_empty()) {
+            let why = "must not be empty (leave it out to admit every issuer)";
+            e.missing(&p("issuers"), why);
+        }
+        let limits = self.rate_limits;
+        let mut limit = |key: &str, v| e.parse(&format!("{path}.rate_limits.{key}"), v, rate);
+        let rate_limits = RateLimits {
+            user: limit("user", limits.user),
+            agent: limit("agent", limits.agent),
+            user_agent: limit("user_agent", limits.user_agent),
+        };
+        let oauth_app = matches!(
+            source,
+            Some(TokenSourceKind::U2m | TokenSourceKind::EntraObo)
+        );
+        if oauth_app && self.client_id.is_none() {
+            let why = "is required for token_source u2m and entra_obo (the OAuth app)";
+            e.add(&p("client_id"), why);
+        }
+        let tenant_ok = |t: &String| {
+            t.len() <= 64
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        };
+        if self.tenant_id.as_ref().is_some_and(|t| !tenant_ok(t)) {
+            let why = "must be a tenant id or domain (letters, digits, '-', '.', '_')";
+            e.add(&p("tenant_id"), why);
+        }
+        let token_url = e.parse(&p("entra_token_url"), self.entra_token_url, http_url);
+        let secret_given = given(e, "client_secret_file", self.client_secret_file.is_some());
+        // A workspace's name is `[A-Za-z0-9_.-]`, so its env name is well-formed; an invalid
+        // name is reported by `ident` already.
+        let ws = name.as_deref().unwrap_or("invalid");
+        let secret_env = env_name(&format!("workspace_{ws}.client_secret_file"));
+        let text = e.secret(
+            &p("client_secret_file"),
+            &secret_env,
+            self.client_secret_file,
+        );
+        let client_secret = text.and_then(|text| match text.trim() {
+            "" => {
+                e.add(&p("client_secret_file"), "the secret is empty");
+                None
+            }
+            secret => Some(SecretString::new(secret.to_string())),
+        });
+        if source == Some(TokenSourceKind::EntraObo) {
+            if self.tenant_id.is_none() && !given(e, "entra_token_url", token_url.is_some()) {
+                let why = "is required for token_source entra_obo (or set entra_token_url)";
+                e.add(&p("tenant_id"), why);
+            }
+            if client_secret.is_none() && !secret_given {
+                let why = format!("is required for token_source entra_obo (or set {secret_env})");
+                e.add(&p("client_secret_file"), why);
+            }
+        } else {
+            let entra_keys = [
+                ("tenant_id", given(e, "tenant_id", self.tenant_id.is_some())),
+                (
+                    "entra_token_url",
+                    given(e, "entra_token_url", token_url.is_some()),
+                ),
+                ("client_secret_file", secret_given),
+            ];
+            for (key, _) in entra_keys.iter().filter(|(_, given)| *given) {
+                e.add(&p(key), "is used only with token_source entra_obo");
+            }
+        }
+        Some(WorkspaceConfig {
+            name: name?,
+            url: url?,
+            hosts: self.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            token_source: source?,
+            client_id: self.client_id,
+            scopes: scopes?,
+            allowed_agents: self.allowed_agents,
+            rate_limits,
+            issuers: self.issuers,
+            tenant_id: self.tenant_id,
+            entra_token_url: token_url,
+            client_secret,
+        })
+    }
+}
+
+impl PolicyConfig {
+    /// Methods are upper-cased; every path pattern, MCP server and workspace named is checked.
+    fn validate(mut self, workspaces: &[WorkspaceConfig], e: &mut Errors) -> PolicyConfig {
+        for (key, rules) in [("deny", &mut self.deny), ("allow", &mut self.allow)] {
+            for (i, r) in rules.iter_mut().enumerate() {
+                let path = format!("policy.{key}[{i}]");
+                if e.failed(&path) {
+                    continue;
+                }
+                for m in &mut r.methods {
+                    *m = m.to_ascii_uppercase();
+                    if !m.chars().all(|c| c.is_ascii_alphabetic()) {
+                        let why = format!("\"{m}\" is not an HTTP method");
+                        e.add(&format!("{path}.methods"), why);
+                    }
+                }
+                e.pattern(&format!("{path}.path"), &r.path, "/", "must start with '/'");
+                e.known_workspaces(&path, &r.workspaces, workspaces);
+            }
+        }
+        let scopes = [
+            ("allow_statements", &self.allow_statements),
+            ("allow_commands", &self.allow_commands),
+        ];
+        for (key, scopes) in scopes {
+            for (i, s) in scopes.iter().enumerate() {
+                let path = format!("policy.{key}[{i}]");
+                if e.failed(&path) {
+                    continue;
+                }
+                e.known_workspaces(&path, &s.workspaces, workspaces);
+                if s.agents.is_empty() {
+                    // An empty list would lift the guardrail for every agent: say so explicitly.
+                    let why = "must name the agents (the guardrail is lifted only for them)";
+                    e.add(&format!("{path}.agents"), why);
+                }
+            }
+        }
+        for (key, rules) in [
+            ("tool_deny", &self.tool_deny),
+            ("tool_allow", &self.tool_allow),
+        ] {
+            for (i, r) in rules.iter().enumerate() {
+                let path = format!("policy.{key}[{i}]");
+                if e.failed(&path) {
+                    continue;
+                }
+                let why = "must be an MCP server path under /api/2.0/mcp/";
+                e.pattern(&format!("{path}.server"), &r.server, "/api/2.0/mcp/", why);
+                e.known_workspaces(&path, &r.workspaces, workspaces);
+            }
+        }
+        self
+    }
 }
 
 fn hostname() -> String {
@@ -2157,11 +1901,6 @@ fn hostname() -> String {
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "aegis".to_string())
-}
-
-/// True when `ip` is on the loopback range.
-pub fn is_loopback_ip(ip: IpAddr) -> bool {
-    ip.is_loopback()
 }
 
 #[cfg(test)]

@@ -152,9 +152,9 @@ impl Default for WriterOptions {
             max_batch: 512,
             commit_timeout: Duration::from_millis(1500),
             connect_timeout: Duration::from_secs(1),
-            migrate_on_start: true,
-            max_clock_skew: Duration::from_secs(5),
-            min_synchronous_commit: crate::config::SyncCommit::On,
+            migrate_on_start: crate::config::DEFAULT_MIGRATE_ON_START,
+            max_clock_skew: crate::config::DEFAULT_MAX_CLOCK_SKEW,
+            min_synchronous_commit: crate::config::SyncCommit::default(),
         }
     }
 }
