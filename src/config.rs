@@ -674,13 +674,19 @@ impl Errors<'_> {
     }
 
     /// Parses a string setting; `Err` is the message.
-    fn parse<T>(
-        &mut self,
-        path: &str,
-        v: Option<String>,
-        f: fn(&str) -> Result<T, String>,
-    ) -> Option<T> {
+    fn parse<T>(&mut self, path: &str, v: Option<String>, f: Parse<T>) -> Option<T> {
         f(&v?).map_err(|why| self.add(path, why)).ok()
+    }
+
+    /// Parses a required string setting.
+    fn parse_need<T>(&mut self, path: &str, v: Option<String>, f: Parse<T>) -> Option<T> {
+        let v = self.need(path, v);
+        self.parse(path, v, f)
+    }
+
+    /// A duration setting, `default` when it is not given (or not valid, which is reported).
+    fn duration(&mut self, path: &str, v: Option<String>, default: Duration) -> Duration {
+        self.parse(path, v, duration).unwrap_or(default)
     }
 
     /// Expands `${VAR}` and `$$` in every string of `v`; a string that cannot be expanded or is
@@ -864,6 +870,9 @@ impl Errors<'_> {
         }
     }
 }
+
+/// Parses a setting's text; `Err` is the message.
+type Parse<T> = fn(&str) -> Result<T, String>;
 
 fn is_ident_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
@@ -1117,8 +1126,7 @@ struct TracingFile {
 
 impl TracingFile {
     fn validate(self, e: &mut Errors) -> Option<TracingConfig> {
-        let endpoint = e.need("tracing.otlp_endpoint", self.otlp_endpoint);
-        let endpoint = e.parse("tracing.otlp_endpoint", endpoint, http_url);
+        let endpoint = e.parse_need("tracing.otlp_endpoint", self.otlp_endpoint, http_url);
         let protocol = match self.protocol.as_ref().map(|p| p.as_str()) {
             None | Some(Some("grpc")) => Some(OtlpProtocol::Grpc),
             Some(Some("http")) => Some(OtlpProtocol::Http),
@@ -1163,14 +1171,15 @@ struct ServerFile {
 
 impl ServerFile {
     fn validate(self, e: &mut Errors) -> Option<ServerConfig> {
-        let grpc_listen = e.need("server.grpc_listen", self.grpc_listen);
-        let grpc_listen = e.parse("server.grpc_listen", grpc_listen, listen_addr);
-        let admin_listen = e.need("server.admin_listen", self.admin_listen);
-        let admin_listen = e.parse("server.admin_listen", admin_listen, socket_addr);
+        let grpc_listen = e.parse_need("server.grpc_listen", self.grpc_listen, listen_addr);
+        let admin_listen = e.parse_need("server.admin_listen", self.admin_listen, socket_addr);
         let public_listen = e.parse("server.public_listen", self.public_listen, socket_addr);
         let public_url = e.parse("server.public_url", self.public_url, http_url);
-        let check_timeout = e.parse("server.check_timeout", self.check_timeout, duration);
-        let check_timeout = check_timeout.unwrap_or(DEFAULT_CHECK_TIMEOUT);
+        let check_timeout = e.duration(
+            "server.check_timeout",
+            self.check_timeout,
+            DEFAULT_CHECK_TIMEOUT,
+        );
         if check_timeout.is_zero() || check_timeout > Duration::from_secs(30) {
             e.add("server.check_timeout", "must be between 1ms and 30s");
         }
@@ -1337,9 +1346,8 @@ impl RedisFile {
         };
         let topology = match given.as_slice() {
             ["url"] => {
-                let url = e.need("redis.url", self.url);
-                e.parse("redis.url", url, redis_url)
-                    .map(RedisTopology::Standalone)
+                let url = e.parse_need("redis.url", self.url, redis_url);
+                url.map(RedisTopology::Standalone)
             }
             ["cluster_nodes"] => {
                 urls("cluster_nodes", self.cluster_nodes).map(RedisTopology::Cluster)
@@ -1383,9 +1391,8 @@ struct PostgresFile {
 
 impl PostgresFile {
     fn validate(self, e: &mut Errors) -> Option<PostgresConfig> {
-        let url = e.need("postgres.url", self.url);
         let pg_url = |s: &str| crate::pg::validate_url(s).map(|()| s.to_string());
-        let url = e.parse("postgres.url", url, pg_url);
+        let url = e.parse_need("postgres.url", self.url, pg_url);
         let migrate_url = e.parse("postgres.migrate_url", self.migrate_url, pg_url);
         let sync_commit = |s: &str| {
             [SyncCommit::On, SyncCommit::RemoteApply]
@@ -1450,8 +1457,11 @@ impl AuditFile {
                 previous_keys.push((id, key));
             }
         }
-        let skew = e.parse("audit.max_clock_skew", self.max_clock_skew, duration);
-        let max_clock_skew = skew.unwrap_or(DEFAULT_MAX_CLOCK_SKEW);
+        let max_clock_skew = e.duration(
+            "audit.max_clock_skew",
+            self.max_clock_skew,
+            DEFAULT_MAX_CLOCK_SKEW,
+        );
         if max_clock_skew < Duration::from_millis(100) || max_clock_skew > Duration::from_secs(300)
         {
             e.add("audit.max_clock_skew", "must be between 100ms and 5m");
@@ -1462,12 +1472,11 @@ impl AuditFile {
         let signing_key_path = "audit.checkpoint_signing_key_file";
         let checkpoint_signing_key = e.key(signing_key_path, self.checkpoint_signing_key_file);
         let checkpoint_dir = e.need("audit.checkpoint_dir", self.checkpoint_dir);
-        let interval = e.parse(
+        let checkpoint_interval = e.duration(
             "audit.checkpoint_interval",
             self.checkpoint_interval,
-            duration,
+            DEFAULT_CHECKPOINT_INTERVAL,
         );
-        let checkpoint_interval = interval.unwrap_or(DEFAULT_CHECKPOINT_INTERVAL);
         if checkpoint_interval < Duration::from_secs(1) {
             e.add("audit.checkpoint_interval", "must be at least 1s");
         }
@@ -1493,8 +1502,11 @@ impl AuditFile {
                 0
             }
         };
-        let timeout = e.parse("audit.witness_timeout", self.witness_timeout, duration);
-        let witness_timeout = timeout.unwrap_or(DEFAULT_WITNESS_TIMEOUT);
+        let witness_timeout = e.duration(
+            "audit.witness_timeout",
+            self.witness_timeout,
+            DEFAULT_WITNESS_TIMEOUT,
+        );
         if witness_timeout < Duration::from_millis(100) || witness_timeout > Duration::from_secs(60)
         {
             e.add("audit.witness_timeout", "must be between 100ms and 60s");
@@ -1527,8 +1539,7 @@ impl WitnessFile {
             if e.failed(&path) {
                 continue;
             }
-            let url = e.need(&format!("{path}.url"), w.url);
-            let url = e.parse(&format!("{path}.url"), url, http_url);
+            let url = e.parse_need(&format!("{path}.url"), w.url, http_url);
             let vkey_path = format!("{path}.vkey");
             let vkey =
                 e.need(&vkey_path, w.vkey)
@@ -1608,8 +1619,9 @@ impl IssuerFile {
     fn validate(self, path: &str, e: &mut Errors) -> Option<IssuerConfig> {
         let p = |key: &str| join(path, key);
         let name = e.ident(&p("name"), self.name);
-        let issuer = e.need(&p("issuer"), self.issuer);
-        let issuer = e.parse(&p("issuer"), issuer, |s| http_url(s).map(|_| s.to_string()));
+        let issuer = e.parse_need(&p("issuer"), self.issuer, |s| {
+            http_url(s).map(|_| s.to_string())
+        });
         let audiences = e.need(&p("audiences"), self.audiences);
         if audiences.as_ref().is_some_and(|a| a.is_empty()) {
             e.missing(&p("audiences"), "must not be empty");
@@ -1619,14 +1631,11 @@ impl IssuerFile {
         let algorithms = algorithms.and_then(|names| algorithms_of(&names, &p("algorithms"), e));
         let username_claim = e.need(&p("username_claim"), self.username_claim);
         let agent_claim = e.need(&p("agent_claim"), self.agent_claim);
-        let leeway = e
-            .parse(&p("leeway"), self.leeway, duration)
-            .unwrap_or(DEFAULT_LEEWAY);
+        let leeway = e.duration(&p("leeway"), self.leeway, DEFAULT_LEEWAY);
         if leeway > Duration::from_secs(300) {
             e.add(&p("leeway"), "must be at most 5m");
         }
-        let max_key_age = e.parse(&p("max_key_age"), self.max_key_age, duration);
-        let max_key_age = max_key_age.unwrap_or(DEFAULT_MAX_KEY_AGE);
+        let max_key_age = e.duration(&p("max_key_age"), self.max_key_age, DEFAULT_MAX_KEY_AGE);
         if max_key_age < Duration::from_secs(1) || max_key_age > Duration::from_secs(30 * 86400) {
             e.add(&p("max_key_age"), "must be between 1s and 30d");
         }
@@ -1745,10 +1754,8 @@ impl WorkspaceFile {
         let p = |key: &str| join(path, key);
         let given = |e: &Errors, key: &str, v: bool| v || e.reported(&p(key));
         let name = e.ident(&p("name"), self.name);
-        let url = e.need(&p("url"), self.url);
-        let url = e.parse(&p("url"), url, http_url);
-        let source = e.need(&p("token_source"), self.token_source);
-        let source = e.parse(&p("token_source"), source, token_source);
+        let url = e.parse_need(&p("url"), self.url, http_url);
+        let source = e.parse_need(&p("token_source"), self.token_source, token_source);
         let scopes = e.need(&p("scopes"), self.scopes);
         if scopes.as_ref().is_some_and(|s| s.is_empty()) {
             e.missing(&p("scopes"), "must not be empty");
