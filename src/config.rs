@@ -757,9 +757,10 @@ impl Errors<'_> {
     }
 
     /// Deserializes `doc`, reporting each unknown key and each value of the wrong type and
-    /// dropping it from `doc`, until the rest deserializes (each round drops one value).
+    /// dropping it from `doc`, until the rest deserializes. Each round drops a value or empties
+    /// a list item, so the rounds end; the bound is only a backstop (every round reports).
     fn deserialize<T: DeserializeOwned + Default>(&mut self, doc: &mut Value) -> T {
-        loop {
+        for _ in 0..10_000 {
             let err = match serde_path_to_error::deserialize(doc.clone()) {
                 Ok(v) => return v,
                 Err(err) => err,
@@ -770,13 +771,15 @@ impl Errors<'_> {
                 false => err.path().to_string(),
             };
             let message = shape_message(&path, err.inner().message());
-            // A table in a list is replaced by an empty one, so later items keep their index.
+            // A list item that is not a table where one is expected becomes an empty table, so
+            // the items after it keep their index (and `failed` skips it).
             let placeholder = message.starts_with("must be a table");
             self.add(&path, message);
             if !drop_value(doc, &segments, placeholder) {
-                return T::default();
+                break;
             }
         }
+        T::default()
     }
 
     /// The content of a secret: from env `env`, or from the file `file` names (relative to the
