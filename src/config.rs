@@ -179,7 +179,11 @@ impl fmt::Debug for GrpcTls {
 
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
+    /// The static console token, only while static sign-in is allowed: always without
+    /// `[admin.oidc]`; with it, only when `allow_break_glass = true` (the break-glass sign-in).
     pub console_token: Option<SecretString>,
+    /// Console sign-in through the IdP (`[admin.oidc]`); see [`ConsoleOidcConfig`].
+    pub oidc: Option<ConsoleOidcConfig>,
 }
 
 #[derive(Clone)]
@@ -501,6 +505,13 @@ impl Config {
     /// to assert it.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.admin.oidc.is_some() && self.admin.console_token.is_some() {
+            out.push(
+                "admin.allow_break_glass = true: the static console token signs in as \"break-glass\" \
+                 with every console role, next to IdP sign-in; switch it off once IdP sign-in works"
+                    .to_string(),
+            );
+        }
         if let ListenAddr::Tcp(addr) = &self.server.grpc_listen {
             if self.server.grpc_tls.is_none() && !addr.ip().is_loopback() {
                 out.push(format!(
@@ -937,11 +948,11 @@ impl Reader<'_> {
         let policy_t = section(self, "policy");
 
         let server = self.server(&server_t);
-        let admin = self.admin(&admin_t);
         let redis = self.redis(&redis_t);
         let postgres = self.postgres(&pg_t);
         let audit = self.audit(&audit_t);
         let issuers = self.issuers(doc);
+        let admin = self.admin(&admin_t, &issuers);
         let workspaces = self.workspaces(doc);
         for (i, w) in workspaces.iter().enumerate() {
             for name in w.issuers.iter().flatten() {
@@ -1151,8 +1162,12 @@ impl Reader<'_> {
         })
     }
 
-    fn admin(&mut self, t: &Table) -> Option<AdminConfig> {
-        self.unknown_keys(t, "admin", &["console_token_file"]);
+    fn admin(&mut self, t: &Table, issuers: &[IssuerConfig]) -> Option<AdminConfig> {
+        self.unknown_keys(
+            t,
+            "admin",
+            &["console_token_file", "allow_break_glass", "oidc"],
+        );
         let console_token = self
             .secret_text(t, "console_token_file", "admin", false)
             .and_then(|text| {
@@ -1167,7 +1182,11 @@ impl Reader<'_> {
                     Some(SecretString::new(token))
                 }
             });
-        Some(AdminConfig { console_token })
+        let (console_token, oidc) = self.admin_oidc(t, issuers, console_token);
+        Some(AdminConfig {
+            console_token,
+            oidc,
+        })
     }
 
     fn redis(&mut self, t: &Table) -> Option<RedisConfig> {
@@ -2149,6 +2168,223 @@ pub fn is_loopback_ip(ip: IpAddr) -> bool {
     ip.is_loopback()
 }
 
+// === [admin.oidc]: console sign-in through the IdP ===
+//
+// Kept in one place (types, reader, checks) so it ports as a unit. The console signs people in
+// with the OIDC authorization code flow + PKCE against one of the configured `[[issuers]]`
+// (whose keys aegis already fetches and whose validation it reuses), and maps a claim of the
+// ID token to console roles. With it configured, the static `console_token_file` is only the
+// break-glass sign-in and must be switched on explicitly (`allow_break_glass = true`).
+
+/// The path aegis serves the OIDC callback on; `redirect_uri` must name it.
+pub const CONSOLE_OIDC_CALLBACK_PATH: &str = "/console/oidc/callback";
+
+/// `Debug` prints the client secret as `[redacted]` ([`SecretString`]).
+#[derive(Debug, Clone)]
+pub struct ConsoleOidcConfig {
+    /// The configured issuer's `name` (`[[issuers]].name`).
+    pub issuer_name: String,
+    /// Its `iss` URL (from `[[issuers]].issuer`): discovery is read from here.
+    pub issuer: String,
+    pub client_id: String,
+    /// Sent with HTTP Basic (`client_secret_basic`) to the token endpoint, when set.
+    pub client_secret: Option<SecretString>,
+    /// The console's callback URL as registered at the IdP.
+    pub redirect_uri: url::Url,
+    /// Requested scopes; always holds `openid`.
+    pub scopes: Vec<String>,
+    /// The ID token claim holding the roles (a string or an array of strings).
+    pub roles_claim: String,
+    pub viewer_values: Vec<String>,
+    pub operator_values: Vec<String>,
+    pub auditor_values: Vec<String>,
+}
+
+const ADMIN_OIDC_KEYS: &[&str] = &[
+    "issuer",
+    "client_id",
+    "client_secret_file",
+    "redirect_uri",
+    "scopes",
+    "roles_claim",
+    "viewer_values",
+    "operator_values",
+    "auditor_values",
+];
+
+impl Reader<'_> {
+    /// `[admin.oidc]` and `admin.allow_break_glass`: returns the static token as far as it may
+    /// still be used, and the OIDC settings.
+    fn admin_oidc(
+        &mut self,
+        admin: &Table,
+        issuers: &[IssuerConfig],
+        token: Option<SecretString>,
+    ) -> (Option<SecretString>, Option<ConsoleOidcConfig>) {
+        let break_glass = match admin.get("allow_break_glass") {
+            None => None,
+            Some(Value::Boolean(b)) => Some(*b),
+            Some(v) => {
+                self.err(
+                    "admin.allow_break_glass",
+                    format!("must be true or false, not {v}"),
+                );
+                return (None, None);
+            }
+        };
+        let token_given = admin.contains_key("console_token_file")
+            || self
+                .env
+                .var(&Self::env_name("admin", "console_token_file"))
+                .is_some();
+        let Some(t) = self.table(admin, "oidc", "admin") else {
+            if break_glass.is_some() {
+                self.err(
+                    "admin.allow_break_glass",
+                    "applies only with [admin.oidc]; without it the console token is the only \
+                     sign-in (remove this key, or configure [admin.oidc])",
+                );
+            }
+            return (token, None);
+        };
+        let t = t.clone();
+        const P: &str = "admin.oidc";
+        self.unknown_keys(&t, P, ADMIN_OIDC_KEYS);
+        let oidc = self.console_oidc(&t, P, issuers);
+        let token = match (break_glass, token_given) {
+            (Some(true), true) => token,
+            (Some(true), false) => {
+                self.err(
+                    "admin.console_token_file",
+                    "is required when admin.allow_break_glass = true (the break-glass token)",
+                );
+                None
+            }
+            // Explicitly off: the token may stay mounted for an emergency; it is never accepted.
+            (Some(false), _) | (None, false) => None,
+            (None, true) => {
+                self.err(
+                    "admin.allow_break_glass",
+                    "is required when both [admin.oidc] and admin.console_token_file are set: \
+                     with IdP sign-in the static token is a break-glass sign-in only; set it to \
+                     true to allow it or false to refuse it",
+                );
+                None
+            }
+        };
+        (token, oidc)
+    }
+
+    fn console_oidc(
+        &mut self,
+        t: &Table,
+        p: &str,
+        issuers: &[IssuerConfig],
+    ) -> Option<ConsoleOidcConfig> {
+        let issuer_name = self.string(t, "issuer", p, true);
+        let issuer = issuer_name.as_ref().and_then(|name| {
+            let found = issuers.iter().find(|i| i.name == *name);
+            if found.is_none() {
+                let names: Vec<&str> = issuers.iter().map(|i| i.name.as_str()).collect();
+                self.err(
+                    &join(p, "issuer"),
+                    format!(
+                        "\"{name}\" is not the name of a configured issuer (configured: {})",
+                        if names.is_empty() {
+                            "none".to_string()
+                        } else {
+                            names.join(", ")
+                        }
+                    ),
+                );
+            }
+            found
+        });
+        if let Some(iss) = issuer {
+            // Discovery, authorization and token endpoints all hang off the issuer URL.
+            let _ = self.http_url(&iss.issuer, &join(p, "issuer"));
+        }
+        let client_id = self.string(t, "client_id", p, true);
+        if client_id
+            .as_ref()
+            .is_some_and(|c| c.chars().any(char::is_control))
+        {
+            self.err(&join(p, "client_id"), "must not hold control characters");
+        }
+        let client_secret = self
+            .secret_text(t, "client_secret_file", p, false)
+            .and_then(|text| {
+                let s = text.trim().to_string();
+                if s.is_empty() {
+                    self.err(&join(p, "client_secret_file"), "the client secret is empty");
+                    None
+                } else {
+                    Some(SecretString::new(s))
+                }
+            });
+        let redirect_uri = self.string(t, "redirect_uri", p, true).and_then(|raw| {
+            let rp = join(p, "redirect_uri");
+            let u = self.http_url(&raw, &rp)?;
+            if u.path() != CONSOLE_OIDC_CALLBACK_PATH || u.query().is_some() || u.fragment().is_some()
+            {
+                self.err(
+                    &rp,
+                    format!(
+                        "must be this console's callback, <scheme>://<host>[:port]{CONSOLE_OIDC_CALLBACK_PATH} \
+                         with no query or fragment, not \"{raw}\""
+                    ),
+                );
+                return None;
+            }
+            Some(u)
+        });
+        let scopes = match self.string_list(t, "scopes", p, false) {
+            None if t.contains_key("scopes") => None,
+            None => Some(vec!["openid".into(), "profile".into(), "email".into()]),
+            Some(list) if !list.iter().any(|s| s == "openid") => {
+                self.err(&join(p, "scopes"), "must include \"openid\"");
+                None
+            }
+            Some(list) if list.iter().any(|s| s.contains(char::is_whitespace)) => {
+                self.err(&join(p, "scopes"), "a scope must not contain spaces");
+                None
+            }
+            Some(list) => Some(list),
+        };
+        let roles_claim = self.string(t, "roles_claim", p, true);
+        let values = |r: &mut Self, key: &str| -> Option<Vec<String>> {
+            if !t.contains_key(key) {
+                return Some(Vec::new());
+            }
+            r.string_list(t, key, p, false)
+        };
+        let viewer = values(self, "viewer_values");
+        let operator = values(self, "operator_values");
+        let auditor = values(self, "auditor_values");
+        if let (Some(v), Some(o), Some(a)) = (&viewer, &operator, &auditor) {
+            if v.is_empty() && o.is_empty() && a.is_empty() {
+                self.err(
+                    &join(p, "viewer_values"),
+                    "no role mapping: set at least one of viewer_values, operator_values, \
+                     auditor_values to the values of the roles claim that grant that role",
+                );
+            }
+        }
+        Some(ConsoleOidcConfig {
+            issuer_name: issuer_name?,
+            issuer: issuer?.issuer.clone(),
+            client_id: client_id?,
+            client_secret,
+            redirect_uri: redirect_uri?,
+            scopes: scopes?,
+            roles_claim: roles_claim?,
+            viewer_values: viewer?,
+            operator_values: operator?,
+            auditor_values: auditor?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2491,5 +2727,199 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
             redact_url("postgres://aegis:hunter2@db:5432/aegis"),
             "postgres://aegis:redacted@db:5432/aegis"
         );
+    }
+
+    // --- [admin.oidc] ---
+
+    const OIDC: &str = r#"
+[admin.oidc]
+issuer = "corp"
+client_id = "aegis-console"
+redirect_uri = "https://aegis-admin.example.com/console/oidc/callback"
+roles_claim = "groups"
+viewer_values = ["aegis-viewers"]
+operator_values = ["aegis-operators", "sre"]
+auditor_values = ["aegis-auditors"]
+"#;
+
+    /// GOOD with `[admin]` replaced by `admin` and the `[admin.oidc]` table `oidc`.
+    fn with_admin(admin: &str, oidc: &str) -> String {
+        GOOD.replace(
+            "[admin]\nconsole_token_file = \"console.token\"\n",
+            &format!("[admin]\n{admin}\n{oidc}\n"),
+        )
+    }
+
+    fn errors(f: &Fixture, text: &str) -> Vec<String> {
+        match f.parse(text, &HashMap::new()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn console_oidc_parses_and_break_glass_is_explicit() {
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("client.secret"), "s3cret-value\n").unwrap();
+        let oidc = OIDC.to_string() + "client_secret_file = \"client.secret\"\n";
+        // IdP sign-in with the break-glass token switched on.
+        let cfg = f
+            .parse(
+                &with_admin(
+                    "console_token_file = \"console.token\"\nallow_break_glass = true",
+                    &oidc,
+                ),
+                &HashMap::new(),
+            )
+            .unwrap();
+        let o = cfg.admin.oidc.as_ref().expect("oidc");
+        assert_eq!(o.issuer_name, "corp");
+        assert_eq!(o.issuer, "https://idp.example.com");
+        assert_eq!(o.client_id, "aegis-console");
+        assert_eq!(o.client_secret.as_ref().unwrap().expose(), "s3cret-value");
+        assert_eq!(o.scopes, ["openid", "profile", "email"]);
+        assert_eq!(o.operator_values, ["aegis-operators", "sre"]);
+        assert!(cfg.admin.console_token.is_some());
+        assert!(cfg
+            .warnings()
+            .iter()
+            .any(|w| w.contains("allow_break_glass")));
+        // The secret never prints.
+        assert!(!format!("{cfg:?}").contains("s3cret-value"));
+
+        // Explicitly off: the token file may stay, it is not used.
+        let cfg = f
+            .parse(
+                &with_admin(
+                    "console_token_file = \"console.token\"\nallow_break_glass = false",
+                    OIDC,
+                ),
+                &HashMap::new(),
+            )
+            .unwrap();
+        assert!(cfg.admin.oidc.is_some() && cfg.admin.console_token.is_none());
+        assert!(!cfg
+            .warnings()
+            .iter()
+            .any(|w| w.contains("allow_break_glass")));
+
+        // IdP only.
+        let cfg = f.parse(&with_admin("", OIDC), &HashMap::new()).unwrap();
+        assert!(cfg.admin.oidc.is_some() && cfg.admin.console_token.is_none());
+
+        // No OIDC: the static token works as it always did.
+        let cfg = f.parse(GOOD, &HashMap::new()).unwrap();
+        assert!(cfg.admin.oidc.is_none() && cfg.admin.console_token.is_some());
+    }
+
+    #[test]
+    fn console_oidc_errors_name_the_key() {
+        let f = Fixture::new();
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                with_admin("console_token_file = \"console.token\"", OIDC),
+                "admin.allow_break_glass:",
+                "is required when both",
+            ),
+            (
+                with_admin("allow_break_glass = true", OIDC),
+                "admin.console_token_file:",
+                "is required when admin.allow_break_glass = true",
+            ),
+            (
+                with_admin(
+                    "console_token_file = \"console.token\"\nallow_break_glass = true",
+                    "",
+                ),
+                "admin.allow_break_glass:",
+                "applies only with [admin.oidc]",
+            ),
+            (
+                with_admin("allow_break_glass = \"yes\"", OIDC),
+                "admin.allow_break_glass:",
+                "must be true or false",
+            ),
+            (
+                with_admin("", &OIDC.replace("issuer = \"corp\"", "issuer = \"okta\"")),
+                "admin.oidc.issuer:",
+                "\"okta\" is not the name of a configured issuer (configured: corp)",
+            ),
+            (
+                with_admin(
+                    "",
+                    &OIDC.replace(
+                        "https://aegis-admin.example.com",
+                        "http://aegis-admin.example.com",
+                    ),
+                ),
+                "admin.oidc.redirect_uri:",
+                "plain http is accepted only for loopback hosts",
+            ),
+            (
+                with_admin("", &OIDC.replace("/console/oidc/callback", "/callback")),
+                "admin.oidc.redirect_uri:",
+                "must be this console's callback",
+            ),
+            (
+                with_admin(
+                    "",
+                    &OIDC.replace("/console/oidc/callback\"", "/console/oidc/callback?x=1\""),
+                ),
+                "admin.oidc.redirect_uri:",
+                "with no query or fragment",
+            ),
+            (
+                with_admin("", &OIDC.replace("client_id = \"aegis-console\"\n", "")),
+                "admin.oidc.client_id:",
+                "is required",
+            ),
+            (
+                with_admin("", &OIDC.replace("roles_claim = \"groups\"\n", "")),
+                "admin.oidc.roles_claim:",
+                "is required",
+            ),
+            (
+                with_admin(
+                    "",
+                    &OIDC
+                        .replace("viewer_values = [\"aegis-viewers\"]\n", "")
+                        .replace("operator_values = [\"aegis-operators\", \"sre\"]\n", "")
+                        .replace("auditor_values = [\"aegis-auditors\"]\n", ""),
+                ),
+                "admin.oidc.viewer_values:",
+                "no role mapping",
+            ),
+            (
+                with_admin("", &(OIDC.to_string() + "scopes = [\"profile\"]\n")),
+                "admin.oidc.scopes:",
+                "must include \"openid\"",
+            ),
+            (
+                with_admin(
+                    "",
+                    &(OIDC.to_string() + "client_secret_file = \"missing.secret\"\n"),
+                ),
+                "admin.oidc.client_secret_file:",
+                "cannot read",
+            ),
+            (
+                with_admin("", &(OIDC.to_string() + "authorize_url = \"x\"\n")),
+                "admin.oidc.authorize_url:",
+                "unknown key",
+            ),
+        ];
+        for (text, key, why) in cases {
+            let errs = errors(&f, &text);
+            assert!(
+                errs.iter().any(|e| e.starts_with(key) && e.contains(why)),
+                "want {key} {why}; got {errs:#?}"
+            );
+        }
+        // Loopback redirect over plain http is fine (the sandbox, a port-forward).
+        let text = with_admin(
+            "",
+            &OIDC.replace("https://aegis-admin.example.com", "http://127.0.0.1:9192"),
+        );
+        assert!(errors(&f, &text).is_empty(), "{:?}", errors(&f, &text));
     }
 }
