@@ -266,11 +266,15 @@ pub async fn run(
     let admin_app = admin::app(AdminState {
         readiness: components.clone(),
         metrics,
-        console: cfg
-            .admin
-            .console_token
-            .clone()
-            .map(|token| Arc::new(Console::new(token, ops))),
+        console: Console::new(
+            cfg.admin.console_token.clone(),
+            cfg.admin
+                .oidc
+                .clone()
+                .map(|o| crate::admin::oidc::OidcSignIn::new(o, validator.clone(), http.clone())),
+            ops,
+        )
+        .map(Arc::new),
     });
     let admin_listener = tokio::net::TcpListener::bind(cfg.server.admin_listen)
         .await
