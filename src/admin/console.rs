@@ -510,6 +510,11 @@ fn clear_pre_cookie() -> String {
     )
 }
 
+/// The cookies of an IdP sign-in are `Secure` when the console is reached over https.
+fn with_flags(cookie: String, o: &OidcSignIn) -> String {
+    cookie + o.cookie_flags()
+}
+
 /// `GET /console/oidc/start`: to the IdP, with a fresh pre-session cookie.
 async fn oidc_start(State(console): State<ConsoleState>) -> Response {
     let Some(c) = &console else {
@@ -535,11 +540,14 @@ async fn oidc_start(State(console): State<ConsoleState>) -> Response {
         }
     };
     // Lax, not Strict: it must come back on the IdP's cross-site redirect to the callback.
-    let cookie = format!(
-        "{}={}; Path=/console/oidc; HttpOnly; SameSite=Lax; Max-Age={}",
-        oidc::PRE_COOKIE,
-        started.cookie,
-        oidc::PENDING_TTL.as_secs()
+    let cookie = with_flags(
+        format!(
+            "{}={}; Path=/console/oidc; HttpOnly; SameSite=Lax; Max-Age={}",
+            oidc::PRE_COOKIE,
+            started.cookie,
+            oidc::PENDING_TTL.as_secs()
+        ),
+        o,
     );
     let mut resp = (
         StatusCode::SEE_OTHER,
@@ -608,7 +616,7 @@ async fn oidc_callback(
          </body></html>"
             .to_string(),
     );
-    for v in [session_cookie(&s.id), clear_pre_cookie()] {
+    for v in [with_flags(session_cookie(&s.id), o), clear_pre_cookie()] {
         if let Ok(v) = HeaderValue::from_str(&v) {
             resp.headers_mut().append(header::SET_COOKIE, v);
         }

@@ -170,6 +170,16 @@ impl OidcSignIn {
         }
     }
 
+    /// `; Secure` when the console is reached over https (its redirect URI says so), for the
+    /// cookies of an IdP sign-in; empty for a loopback http console.
+    pub fn cookie_flags(&self) -> &'static str {
+        if self.cfg.redirect_uri.scheme() == "https" {
+            "; Secure"
+        } else {
+            ""
+        }
+    }
+
     /// The configured issuer's name (for the sign-in button).
     pub fn issuer_name(&self) -> &str {
         &self.cfg.issuer_name
@@ -448,6 +458,41 @@ mod tests {
             s256("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWxOEjXk"),
             "O_uB6U03gRg--6ORZ0ZVqgZbsQmdYdFwf4Y3sAFCu7I"
         );
+    }
+
+    #[test]
+    fn cookies_are_secure_when_the_console_is_https() {
+        let sign_in = |redirect: &str| {
+            OidcSignIn::new(
+                ConsoleOidcConfig {
+                    issuer_name: "corp".into(),
+                    issuer: "https://idp.example.com".into(),
+                    client_id: "aegis-console".into(),
+                    client_secret: None,
+                    redirect_uri: url::Url::parse(redirect).unwrap(),
+                    scopes: vec!["openid".into()],
+                    roles_claim: "groups".into(),
+                    viewer_values: vec!["v".into()],
+                    operator_values: vec!["o".into()],
+                    auditor_values: vec!["a".into()],
+                },
+                Arc::new(Validator::new(&[], reqwest::Client::new())),
+                reqwest::Client::new(),
+            )
+        };
+        let https = sign_in("https://aegis.example.com/console/oidc/callback");
+        assert_eq!(https.cookie_flags(), "; Secure");
+        let local = sign_in("http://127.0.0.1:9192/console/oidc/callback");
+        assert_eq!(local.cookie_flags(), "");
+        // Roles: values map exactly; operator and auditor imply viewer; junk grants nothing.
+        let r = https.roles(Some(&serde_json::json!(["x", "o"])));
+        assert!(r.viewer && r.operator && !r.auditor);
+        let r = https.roles(Some(&serde_json::json!("a")));
+        assert!(r.viewer && !r.operator && r.auditor);
+        let r = https.roles(Some(&serde_json::json!(["V", "o "])));
+        assert!(!r.any());
+        assert!(!https.roles(Some(&serde_json::json!({"o": true}))).any());
+        assert!(!https.roles(None).any());
     }
 
     #[test]
