@@ -203,7 +203,11 @@ impl fmt::Debug for GrpcTls {
 
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
+    /// The static console token, only while static sign-in is allowed: always without
+    /// `[admin.oidc]`; with it, only when `allow_break_glass = true` (the break-glass sign-in).
     pub console_token: Option<SecretString>,
+    /// Console sign-in through the IdP (`[admin.oidc]`); see [`ConsoleOidcConfig`].
+    pub oidc: Option<ConsoleOidcConfig>,
 }
 
 #[derive(Clone)]
@@ -542,6 +546,13 @@ impl Config {
     /// to assert it.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.admin.oidc.is_some() && self.admin.console_token.is_some() {
+            out.push(
+                "admin.allow_break_glass = true: the static console token signs in as \"break-glass\" \
+                 with every console role, next to IdP sign-in; switch it off once IdP sign-in works"
+                    .to_string(),
+            );
+        }
         if let ListenAddr::Tcp(addr) = &self.server.grpc_listen {
             if self.server.grpc_tls.is_none() && !addr.ip().is_loopback() {
                 out.push(format!(
@@ -1081,7 +1092,7 @@ fn section<T: Default>(e: &mut Errors, name: &str, s: Option<T>) -> T {
 impl ConfigFile {
     fn validate(self, e: &mut Errors) -> Option<Config> {
         let server = section(e, "server", self.server).validate(e);
-        let admin = self.admin.validate(e);
+        let admin = self.admin.validate(&self.issuers, e);
         let redis = section(e, "redis", self.redis).validate(e);
         let postgres = section(e, "postgres", self.postgres).validate(e);
         let audit = section(e, "audit", self.audit).validate(e);
@@ -1292,12 +1303,20 @@ fn grpc_tls(
 #[serde(default, deny_unknown_fields)]
 struct AdminFile {
     console_token_file: Option<String>,
+    allow_break_glass: Option<bool>,
+    #[serde(deserialize_with = "some_table")]
+    oidc: Option<OidcFile>,
 }
 
 impl AdminFile {
-    fn validate(self, e: &mut Errors) -> AdminConfig {
+    /// The static token (as far as it may still be used) and the IdP sign-in: with
+    /// `[admin.oidc]`, the token is the break-glass sign-in and `allow_break_glass` must say
+    /// whether it is allowed.
+    fn validate(self, issuers: &[IssuerFile], e: &mut Errors) -> AdminConfig {
         let path = "admin.console_token_file";
-        let text = e.secret(path, &env_name(path), self.console_token_file);
+        let env = env_name(path);
+        let token_given = self.console_token_file.is_some() || e.env.var(&env).is_some();
+        let text = e.secret(path, &env, self.console_token_file);
         let console_token = text.and_then(|text| {
             let token = text.trim();
             if token.len() < 16 {
@@ -1306,7 +1325,45 @@ impl AdminFile {
             }
             Some(SecretString::new(token.to_string()))
         });
-        AdminConfig { console_token }
+        let Some(oidc) = self.oidc else {
+            if self.allow_break_glass.is_some() {
+                e.add(
+                    "admin.allow_break_glass",
+                    "applies only with [admin.oidc]; without it the console token is the only \
+                     sign-in (remove this key, or configure [admin.oidc])",
+                );
+            }
+            return AdminConfig {
+                console_token,
+                oidc: None,
+            };
+        };
+        let oidc = oidc.validate(issuers, e);
+        let console_token = match (self.allow_break_glass, token_given) {
+            (Some(true), true) => console_token,
+            (Some(true), false) => {
+                e.add(
+                    path,
+                    "is required when admin.allow_break_glass = true (the break-glass token)",
+                );
+                None
+            }
+            // Explicitly off: the token may stay mounted for an emergency; it is never accepted.
+            (Some(false), _) | (None, false) => None,
+            (None, true) => {
+                e.missing(
+                    "admin.allow_break_glass",
+                    "is required when both [admin.oidc] and admin.console_token_file are set: \
+                     with IdP sign-in the static token is a break-glass sign-in only; set it to \
+                     true to allow it or false to refuse it",
+                );
+                None
+            }
+        };
+        AdminConfig {
+            console_token,
+            oidc,
+        }
     }
 }
 
@@ -1913,6 +1970,143 @@ fn hostname() -> String {
         .unwrap_or_else(|| "aegis".to_string())
 }
 
+// === [admin.oidc]: console sign-in through the IdP ===
+//
+// Kept in one place (types, reader, checks) so it ports as a unit. The console signs people in
+// with the OIDC authorization code flow + PKCE against one of the configured `[[issuers]]`
+// (whose keys aegis already fetches and whose validation it reuses), and maps a claim of the
+// ID token to console roles. With it configured, the static `console_token_file` is only the
+// break-glass sign-in and must be switched on explicitly (`allow_break_glass = true`).
+
+/// The path aegis serves the OIDC callback on; `redirect_uri` must name it.
+pub const CONSOLE_OIDC_CALLBACK_PATH: &str = "/console/oidc/callback";
+
+/// `Debug` prints the client secret as `[redacted]` ([`SecretString`]).
+#[derive(Debug, Clone)]
+pub struct ConsoleOidcConfig {
+    /// The configured issuer's `name` (`[[issuers]].name`).
+    pub issuer_name: String,
+    /// Its `iss` URL (from `[[issuers]].issuer`): discovery is read from here.
+    pub issuer: String,
+    pub client_id: String,
+    /// Sent with HTTP Basic (`client_secret_basic`) to the token endpoint, when set.
+    pub client_secret: Option<SecretString>,
+    /// The console's callback URL as registered at the IdP.
+    pub redirect_uri: url::Url,
+    /// Requested scopes; always holds `openid`.
+    pub scopes: Vec<String>,
+    /// The ID token claim holding the roles (a string or an array of strings).
+    pub roles_claim: String,
+    pub viewer_values: Vec<String>,
+    pub operator_values: Vec<String>,
+    pub auditor_values: Vec<String>,
+}
+
+/// `[admin.oidc]` as written.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct OidcFile {
+    issuer: Option<String>,
+    client_id: Option<String>,
+    client_secret_file: Option<String>,
+    redirect_uri: Option<String>,
+    scopes: Option<Vec<String>>,
+    roles_claim: Option<String>,
+    viewer_values: Vec<String>,
+    operator_values: Vec<String>,
+    auditor_values: Vec<String>,
+}
+
+/// The scopes asked for when `scopes` is not given.
+pub const DEFAULT_CONSOLE_SCOPES: &[&str] = &["openid", "profile", "email"];
+
+impl OidcFile {
+    fn validate(self, issuers: &[IssuerFile], e: &mut Errors) -> Option<ConsoleOidcConfig> {
+        const P: &str = "admin.oidc";
+        let issuer_name = e.need("admin.oidc.issuer", self.issuer);
+        // Discovery, authorization and token endpoints all hang off the issuer's URL; the
+        // issuer itself is checked (and its URL reported) under [[issuers]].
+        let issuer = issuer_name.as_ref().and_then(|name| {
+            let found = issuers.iter().find(|i| i.name.as_ref() == Some(name));
+            if found.is_none() {
+                let names: Vec<&str> = issuers.iter().filter_map(|i| i.name.as_deref()).collect();
+                let configured = if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                };
+                e.add(
+                    "admin.oidc.issuer",
+                    format!("\"{name}\" is not the name of a configured issuer (configured: {configured})"),
+                );
+            }
+            found.and_then(|i| i.issuer.clone())
+        });
+        let client_id = e.need("admin.oidc.client_id", self.client_id);
+        if client_id.as_ref().is_some_and(|c| c.chars().any(char::is_control)) {
+            e.add("admin.oidc.client_id", "must not hold control characters");
+        }
+        let secret_path = "admin.oidc.client_secret_file";
+        let client_secret = e
+            .secret(secret_path, &env_name(secret_path), self.client_secret_file)
+            .and_then(|text| match text.trim() {
+                "" => {
+                    e.add(secret_path, "the client secret is empty");
+                    None
+                }
+                s => Some(SecretString::new(s.to_string())),
+            });
+        let redirect_uri = e.parse_need("admin.oidc.redirect_uri", self.redirect_uri, |raw| {
+            let u = http_url(raw)?;
+            if u.path() != CONSOLE_OIDC_CALLBACK_PATH || u.query().is_some() || u.fragment().is_some() {
+                return Err(format!(
+                    "must be this console's callback, <scheme>://<host>[:port]{CONSOLE_OIDC_CALLBACK_PATH} \
+                     with no query or fragment, not \"{raw}\""
+                ));
+            }
+            Ok(u)
+        });
+        let scopes = match self.scopes {
+            None => Some(DEFAULT_CONSOLE_SCOPES.iter().map(|s| s.to_string()).collect()),
+            Some(list) if !list.iter().any(|s| s == "openid") => {
+                e.add("admin.oidc.scopes", "must include \"openid\"");
+                None
+            }
+            Some(list) if list.iter().any(|s| s.contains(char::is_whitespace)) => {
+                e.add("admin.oidc.scopes", "a scope must not contain spaces");
+                None
+            }
+            Some(list) => Some(list),
+        };
+        let roles_claim = e.need("admin.oidc.roles_claim", self.roles_claim);
+        let no_mapping = self.viewer_values.is_empty()
+            && self.operator_values.is_empty()
+            && self.auditor_values.is_empty();
+        let typed_wrong = ["viewer_values", "operator_values", "auditor_values"]
+            .iter()
+            .any(|k| e.reported(&format!("{P}.{k}")));
+        if no_mapping && !typed_wrong {
+            e.add(
+                "admin.oidc.viewer_values",
+                "no role mapping: set at least one of viewer_values, operator_values, \
+                 auditor_values to the values of the roles claim that grant that role",
+            );
+        }
+        Some(ConsoleOidcConfig {
+            issuer_name: issuer_name?,
+            issuer: issuer?,
+            client_id: client_id?,
+            client_secret,
+            redirect_uri: redirect_uri?,
+            scopes: scopes?,
+            roles_claim: roles_claim?,
+            viewer_values: self.viewer_values,
+            operator_values: self.operator_values,
+            auditor_values: self.auditor_values,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2255,5 +2449,199 @@ deny = [ { methods = ["POST"], path = "/api/2.0/token/create" } ]
             redact_url("postgres://aegis:hunter2@db:5432/aegis"),
             "postgres://aegis:redacted@db:5432/aegis"
         );
+    }
+
+    // --- [admin.oidc] ---
+
+    const OIDC: &str = r#"
+[admin.oidc]
+issuer = "corp"
+client_id = "aegis-console"
+redirect_uri = "https://aegis-admin.example.com/console/oidc/callback"
+roles_claim = "groups"
+viewer_values = ["aegis-viewers"]
+operator_values = ["aegis-operators", "sre"]
+auditor_values = ["aegis-auditors"]
+"#;
+
+    /// GOOD with `[admin]` replaced by `admin` and the `[admin.oidc]` table `oidc`.
+    fn with_admin(admin: &str, oidc: &str) -> String {
+        GOOD.replace(
+            "[admin]\nconsole_token_file = \"console.token\"\n",
+            &format!("[admin]\n{admin}\n{oidc}\n"),
+        )
+    }
+
+    fn errors(f: &Fixture, text: &str) -> Vec<String> {
+        match f.parse(text, &HashMap::new()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn console_oidc_parses_and_break_glass_is_explicit() {
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("client.secret"), "s3cret-value\n").unwrap();
+        let oidc = OIDC.to_string() + "client_secret_file = \"client.secret\"\n";
+        // IdP sign-in with the break-glass token switched on.
+        let cfg = f
+            .parse(
+                &with_admin(
+                    "console_token_file = \"console.token\"\nallow_break_glass = true",
+                    &oidc,
+                ),
+                &HashMap::new(),
+            )
+            .unwrap();
+        let o = cfg.admin.oidc.as_ref().expect("oidc");
+        assert_eq!(o.issuer_name, "corp");
+        assert_eq!(o.issuer, "https://idp.example.com");
+        assert_eq!(o.client_id, "aegis-console");
+        assert_eq!(o.client_secret.as_ref().unwrap().expose(), "s3cret-value");
+        assert_eq!(o.scopes, ["openid", "profile", "email"]);
+        assert_eq!(o.operator_values, ["aegis-operators", "sre"]);
+        assert!(cfg.admin.console_token.is_some());
+        assert!(cfg
+            .warnings()
+            .iter()
+            .any(|w| w.contains("allow_break_glass")));
+        // The secret never prints.
+        assert!(!format!("{cfg:?}").contains("s3cret-value"));
+
+        // Explicitly off: the token file may stay, it is not used.
+        let cfg = f
+            .parse(
+                &with_admin(
+                    "console_token_file = \"console.token\"\nallow_break_glass = false",
+                    OIDC,
+                ),
+                &HashMap::new(),
+            )
+            .unwrap();
+        assert!(cfg.admin.oidc.is_some() && cfg.admin.console_token.is_none());
+        assert!(!cfg
+            .warnings()
+            .iter()
+            .any(|w| w.contains("allow_break_glass")));
+
+        // IdP only.
+        let cfg = f.parse(&with_admin("", OIDC), &HashMap::new()).unwrap();
+        assert!(cfg.admin.oidc.is_some() && cfg.admin.console_token.is_none());
+
+        // No OIDC: the static token works as it always did.
+        let cfg = f.parse(GOOD, &HashMap::new()).unwrap();
+        assert!(cfg.admin.oidc.is_none() && cfg.admin.console_token.is_some());
+    }
+
+    #[test]
+    fn console_oidc_errors_name_the_key() {
+        let f = Fixture::new();
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                with_admin("console_token_file = \"console.token\"", OIDC),
+                "admin.allow_break_glass:",
+                "is required when both",
+            ),
+            (
+                with_admin("allow_break_glass = true", OIDC),
+                "admin.console_token_file:",
+                "is required when admin.allow_break_glass = true",
+            ),
+            (
+                with_admin(
+                    "console_token_file = \"console.token\"\nallow_break_glass = true",
+                    "",
+                ),
+                "admin.allow_break_glass:",
+                "applies only with [admin.oidc]",
+            ),
+            (
+                with_admin("allow_break_glass = \"yes\"", OIDC),
+                "admin.allow_break_glass:",
+                "must be true or false",
+            ),
+            (
+                with_admin("", &OIDC.replace("issuer = \"corp\"", "issuer = \"okta\"")),
+                "admin.oidc.issuer:",
+                "\"okta\" is not the name of a configured issuer (configured: corp)",
+            ),
+            (
+                with_admin(
+                    "",
+                    &OIDC.replace(
+                        "https://aegis-admin.example.com",
+                        "http://aegis-admin.example.com",
+                    ),
+                ),
+                "admin.oidc.redirect_uri:",
+                "plain http is accepted only for loopback hosts",
+            ),
+            (
+                with_admin("", &OIDC.replace("/console/oidc/callback", "/callback")),
+                "admin.oidc.redirect_uri:",
+                "must be this console's callback",
+            ),
+            (
+                with_admin(
+                    "",
+                    &OIDC.replace("/console/oidc/callback\"", "/console/oidc/callback?x=1\""),
+                ),
+                "admin.oidc.redirect_uri:",
+                "with no query or fragment",
+            ),
+            (
+                with_admin("", &OIDC.replace("client_id = \"aegis-console\"\n", "")),
+                "admin.oidc.client_id:",
+                "is required",
+            ),
+            (
+                with_admin("", &OIDC.replace("roles_claim = \"groups\"\n", "")),
+                "admin.oidc.roles_claim:",
+                "is required",
+            ),
+            (
+                with_admin(
+                    "",
+                    &OIDC
+                        .replace("viewer_values = [\"aegis-viewers\"]\n", "")
+                        .replace("operator_values = [\"aegis-operators\", \"sre\"]\n", "")
+                        .replace("auditor_values = [\"aegis-auditors\"]\n", ""),
+                ),
+                "admin.oidc.viewer_values:",
+                "no role mapping",
+            ),
+            (
+                with_admin("", &(OIDC.to_string() + "scopes = [\"profile\"]\n")),
+                "admin.oidc.scopes:",
+                "must include \"openid\"",
+            ),
+            (
+                with_admin(
+                    "",
+                    &(OIDC.to_string() + "client_secret_file = \"missing.secret\"\n"),
+                ),
+                "admin.oidc.client_secret_file:",
+                "cannot read",
+            ),
+            (
+                with_admin("", &(OIDC.to_string() + "authorize_url = \"x\"\n")),
+                "admin.oidc.authorize_url:",
+                "unknown key",
+            ),
+        ];
+        for (text, key, why) in cases {
+            let errs = errors(&f, &text);
+            assert!(
+                errs.iter().any(|e| e.starts_with(key) && e.contains(why)),
+                "want {key} {why}; got {errs:#?}"
+            );
+        }
+        // Loopback redirect over plain http is fine (the sandbox, a port-forward).
+        let text = with_admin(
+            "",
+            &OIDC.replace("https://aegis-admin.example.com", "http://127.0.0.1:9192"),
+        );
+        assert!(errors(&f, &text).is_empty(), "{:?}", errors(&f, &text));
     }
 }

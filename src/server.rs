@@ -399,11 +399,14 @@ impl App {
         let admin_app = admin::app(AdminState {
             readiness: components.clone(),
             metrics,
-            console: cfg
-                .admin
-                .console_token
-                .clone()
-                .map(|token| Arc::new(Console::new(token, ops))),
+            console: Console::new(
+                cfg.admin.console_token.clone(),
+                cfg.admin.oidc.clone().map(|o| {
+                    crate::admin::oidc::OidcSignIn::new(o, validator.clone(), http.clone())
+                }),
+                ops,
+            )
+            .map(Arc::new),
         });
 
         Ok(App {

@@ -1,8 +1,10 @@
 //! The operator console, for real: a headless Debian chromium (driven by playwright-core, see
 //! tests/browser/console.mjs) signs in to `/console` of an aegis running behind real Envoy,
 //! Redis and PostgreSQL, watches the live feed while requests flow through Envoy, verifies the
-//! chain, revokes a user and blocks an agent. `/metrics` is parsed with a Prometheus text
-//! parser before and after, and the expected series must be there and moving.
+//! chain, revokes a user and blocks an agent (signed in with the break-glass token), then signs
+//! in through the sandbox IdP's page as a viewer (refused a revoke) and as an operator (whose
+//! revoke is an ADMIN row naming them, read from PostgreSQL). `/metrics` is parsed with a
+//! Prometheus text parser before and after, and the expected series must be there and moving.
 
 mod support;
 
@@ -138,8 +140,28 @@ async fn operator_console_in_a_real_browser() {
         if let Some(audit) = t.get_mut("audit").and_then(|a| a.as_table_mut()) {
             audit.insert("checkpoint_interval".into(), "1s".into());
         }
+        // IdP sign-in (a public client: PKCE, no secret) with the break-glass token on.
+        let admin_listen = t["server"]["admin_listen"].as_str().unwrap().to_string();
+        let admin = t["admin"].as_table_mut().unwrap();
+        admin.insert("allow_break_glass".into(), true.into());
+        let oidc: toml::Table = toml::from_str(&format!(
+            "issuer = \"dev\"\nclient_id = \"aegis-console\"\n\
+             redirect_uri = \"http://{admin_listen}/console/oidc/callback\"\n\
+             roles_claim = \"aegis_roles\"\nviewer_values = [\"aegis-viewers\"]\n\
+             operator_values = [\"aegis-operators\"]\nauditor_values = [\"aegis-auditors\"]\n"
+        ))
+        .unwrap();
+        admin.insert("oidc".into(), oidc.into());
     }))
     .await;
+    stack.sandbox.register_oidc_client(sandbox::OidcClient {
+        client_id: "aegis-console".into(),
+        client_secret: None,
+        redirect_uris: vec![stack.config()["admin"]["oidc"]["redirect_uri"]
+            .as_str()
+            .unwrap()
+            .to_string()],
+    });
     let alice = token(&stack, "alice");
     let bob = token(&stack, "bob");
     let mut joule_req = TokenRequest::new("bob");
@@ -154,6 +176,7 @@ async fn operator_console_in_a_real_browser() {
 
     let screenshot = artifacts_dir().join("console.png");
     let _ = std::fs::remove_file(&screenshot);
+    let _ = std::fs::remove_file(artifacts_dir().join("console-viewer.png"));
     let mut child = tokio::process::Command::new("node")
         .arg("console.mjs")
         .current_dir(&browser_dir)
@@ -205,9 +228,14 @@ async fn operator_console_in_a_real_browser() {
         .and_then(|j| serde_json::from_str(j).ok())
         .unwrap_or_else(|| panic!("no RESULT line from the browser test:\n{out}\n{err}"));
 
-    // The screenshot is a PNG, kept as a test artifact.
-    let png = std::fs::read(&screenshot).expect("the screenshot was saved");
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
+    // The screenshots are PNGs, kept as test artifacts (the viewer's: no action forms).
+    for shot in [
+        screenshot.clone(),
+        artifacts_dir().join("console-viewer.png"),
+    ] {
+        let png = std::fs::read(&shot).expect("the screenshot was saved");
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
+    }
 
     // Revoking alice made her next request exchange again: once at the start, once after the
     // revoke, never for the cached request between them.
@@ -233,6 +261,37 @@ async fn operator_console_in_a_real_browser() {
     let blocked = by_trace(&result["blocked_trace"]);
     assert_eq!(blocked["reason"], "agent_not_allowed");
     assert_eq!(blocked["agent"], "joule");
+    // The operator's revoke through the IdP sign-in: the row the feed showed names her.
+    let trace = result["operator_revoke_trace"]
+        .as_str()
+        .expect("the ADMIN row's trace id");
+    let admin_row = stack
+        .postgres
+        .query_json(&format!(
+            "SELECT decision, method, user_name, issuer, subject, actor_chain FROM aegis_audit \
+             WHERE trace_id = '{}'",
+            trace.replace('\'', "")
+        ))
+        .await
+        .expect("read the ADMIN row");
+    assert_eq!(admin_row.len(), 1, "{admin_row:?}");
+    let r = &admin_row[0];
+    assert_eq!(r["decision"], "ADMIN");
+    assert_eq!(r["method"], "REVOKE");
+    assert_eq!(r["user_name"], "bob@example.com");
+    assert_eq!(r["issuer"], stack.sandbox.idp_url);
+    assert_eq!(r["subject"], "u-alice");
+    assert_eq!(r["actor_chain"], "console:alice (operator)");
+    assert_eq!(result["viewer_revoke"]["status"], 403);
+    // The break-glass actions of the first part are recorded as break-glass.
+    let glass = stack
+        .postgres
+        .query_json(
+            "SELECT actor_chain FROM aegis_audit WHERE decision = 'ADMIN' AND method = 'BLOCK'",
+        )
+        .await
+        .expect("read the BLOCK row");
+    assert_eq!(glass[0]["actor_chain"], "console:break-glass");
     // The page never showed a token.
     let page_text = result.to_string();
     assert!(!page_text.contains(&alice) && !page_text.contains(stack.console_token()));

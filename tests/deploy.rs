@@ -661,6 +661,24 @@ fn kubernetes_manifests_and_overlays_validate_against_the_schemas() {
 
 #[test]
 fn the_kubernetes_aegis_config_passes_config_check() {
+    let base = config_check("deploy/k8s/base/aegis.toml");
+    assert!(!base.contains("allow_break_glass"), "{base}");
+    // Prod: IdP sign-in on, the break-glass token off (no warning that it is on).
+    let prod_text = read_text(&root().join("deploy/k8s/overlays/prod/aegis.toml"));
+    let prod: toml::Table = toml::from_str(&prod_text).expect("prod aegis.toml");
+    assert_eq!(prod["admin"]["allow_break_glass"].as_bool(), Some(false));
+    assert_eq!(prod["admin"]["oidc"]["issuer"].as_str(), Some("corp"));
+    let out = config_check("deploy/k8s/overlays/prod/aegis.toml");
+    assert!(!out.contains("allow_break_glass = true"), "{out}");
+    // Rendered, the prod overlay carries that config, the dev overlay the base one.
+    let rendered = kustomize(&root().join("deploy/k8s/overlays/prod"));
+    assert!(rendered.contains("allow_break_glass = false") && rendered.contains("[admin.oidc]"));
+    let dev = kustomize(&root().join("deploy/k8s/overlays/dev"));
+    assert!(!dev.contains("[admin.oidc]"));
+}
+
+/// Runs `aegis config check` on a shipped config (keys and paths replaced); returns its output.
+fn config_check(rel: &str) -> String {
     let temp = tempfile::tempdir().expect("tempdir");
     let keys = temp.path().join("keys");
     std::fs::create_dir_all(&keys).unwrap();
@@ -669,7 +687,8 @@ fn the_kubernetes_aegis_config_passes_config_check() {
         std::fs::write(keys.join(name), b64.encode(rand::random::<[u8; 32]>())).unwrap();
     }
     std::fs::write(keys.join("console.token"), "a-console-token-for-the-test").unwrap();
-    let text = read_text(&root().join("deploy/k8s/base/aegis.toml"))
+    std::fs::write(keys.join("console-client.secret"), "a-client-secret").unwrap();
+    let text = read_text(&root().join(rel))
         .replace("/etc/aegis/keys/", &format!("{}/", keys.display()))
         .replace(
             "/var/lib/aegis/checkpoints",
@@ -685,13 +704,17 @@ fn the_kubernetes_aegis_config_passes_config_check() {
         .env("AEGIS_REDIS_PASSWORD", "redis-password")
         .output()
         .expect("run aegis config check");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "aegis config check refused deploy/k8s/base/aegis.toml:\n{}{}",
+    let text = format!(
+        "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "aegis config check refused {rel}:\n{text}"
+    );
+    text
 }
 
 // === the sidecar, end to end ===

@@ -705,6 +705,25 @@ pub fn known_person(short: &str) -> Option<(&'static str, &'static str)> {
     }
 }
 
+/// The people the dev IdP signs in through its `/authorize` page (short names), with the groups
+/// its ID tokens carry in `aegis_roles`: the aegis console maps them to roles in the tests
+/// (`aegis-operators` → operator, `aegis-viewers` → viewer, `aegis-auditors` → auditor). `dave`
+/// is in no console group.
+pub const IDP_PEOPLE: &[(&str, &[&str])] = &[
+    ("alice", &["aegis-operators"]),
+    ("bob", &["aegis-viewers"]),
+    ("carol", &["aegis-auditors"]),
+    ("dave", &[]),
+];
+
+/// The console groups of a person the dev IdP knows, or None for a stranger.
+pub fn idp_person(short: &str) -> Option<&'static [&'static str]> {
+    IDP_PEOPLE
+        .iter()
+        .find(|(name, _)| *name == short)
+        .map(|(_, groups)| *groups)
+}
+
 /// The Genie space every user may run (its data still follows each user's grants).
 pub const GENIE_SALES_SPACE: &str = "01f0a1b2c3d4e5f60718293a4b5c6d7e";
 /// The Genie space only `admins` may run.

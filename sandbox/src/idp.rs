@@ -1,8 +1,9 @@
 //! The dev IdP: OIDC discovery, a JWKS with an RSA and an EC P-256 key, and token minting for
 //! named users. Keys are generated at start, so every run has fresh `kid`s.
 //!
-//! Endpoints: `GET /.well-known/openid-configuration`, `GET /jwks`, `POST /dev/token`,
-//! `POST /dev/faults`. The workspace emulator verifies exchanged tokens against
+//! Endpoints: `GET /.well-known/openid-configuration`, `GET /jwks`, `GET`/`POST /authorize` and
+//! `POST /token` (browser sign-in with the authorization code flow and PKCE, see [`oidc`]),
+//! `POST /dev/token`, `POST /dev/faults`. The workspace emulator verifies exchanged tokens against
 //! [`IdpState::verify`], i.e. a federation policy configured with this IdP's keys.
 
 use std::collections::HashSet;
@@ -24,6 +25,9 @@ use std::sync::Arc;
 
 use crate::util::{now_secs, random_hex};
 use crate::TokenRequest;
+
+pub(crate) mod oidc;
+pub use oidc::{IdTokenFault, OidcClient};
 
 /// The shared secret behind `alg: "HS256"` tokens. Such tokens exist only so tests can check that
 /// a validator refuses symmetric algorithms; no JWKS advertises this key.
@@ -61,6 +65,8 @@ pub(crate) struct IdpState {
     jwks_fault: Mutex<JwksFault>,
     /// `GET /jwks` requests served (whatever the fault), so tests can count key refreshes.
     jwks_fetches: AtomicU64,
+    /// Browser sign-in: registered clients, codes, test faults.
+    pub(crate) oidc: oidc::OidcProvider,
 }
 
 /// Why a JWT failed federation-policy validation.
@@ -98,6 +104,7 @@ impl IdpState {
             ec,
             jwks_fault: Mutex::new(JwksFault::Ok),
             jwks_fetches: AtomicU64::new(0),
+            oidc: oidc::OidcProvider::default(),
         })
     }
 
@@ -135,6 +142,15 @@ impl IdpState {
         let sig = jsonwebtoken::crypto::sign(input.as_bytes(), key, algorithm)
             .map_err(|e| format!("signing failed: {e}"))?;
         Ok(format!("{input}.{sig}"))
+    }
+
+    /// Signs `claims` with the RSA key (RS256, its `kid`, `typ: JWT`).
+    pub fn sign_claims(&self, claims: Value) -> Result<String, String> {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(self.rsa.kid.clone());
+        header.typ = Some("JWT".into());
+        jsonwebtoken::encode(&header, &claims, &self.rsa.encoding)
+            .map_err(|e| format!("signing failed: {e}"))
     }
 
     /// The claims a token for `req` carries, before `extra_claims` are merged.
@@ -327,6 +343,7 @@ pub(crate) fn router(state: Arc<IdpState>) -> Router {
         .route("/jwks", get(jwks))
         .route("/dev/token", post(dev_token))
         .route("/dev/faults", post(dev_faults))
+        .merge(oidc::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({ "error": "not_found" }))) })
         .with_state(state)
 }
@@ -338,11 +355,17 @@ async fn discovery(State(idp): State<Arc<IdpState>>) -> Json<Value> {
         "jwks_uri": format!("{iss}/jwks"),
         "authorization_endpoint": format!("{iss}/authorize"),
         "token_endpoint": format!("{iss}/token"),
-        "response_types_supported": ["code", "id_token", "token id_token"],
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": ["authorization_code"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["RS256", "ES256"],
+        // ID tokens from /token are RS256; ES256 is for the access tokens /dev/token mints.
+        "id_token_signing_alg_values_supported": ["RS256"],
         "scopes_supported": ["openid", "email", "profile"],
-        "claims_supported": ["iss", "sub", "aud", "azp", "exp", "iat", "nbf", "jti", "email", "name"],
+        "claims_supported": ["iss", "sub", "aud", "azp", "exp", "iat", "nbf", "jti", "nonce",
+            "auth_time", "email", "email_verified", "name", "preferred_username", "aegis_roles"],
     }))
 }
 

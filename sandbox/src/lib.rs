@@ -3,7 +3,9 @@
 //! [`Sandbox::start`] serves two HTTP servers on loopback:
 //!
 //! - the **dev IdP** (`idp_url`, also the issuer): OIDC discovery, a JWKS with an RSA and an EC
-//!   key, and tokens for named users ([`Sandbox::mint_idp_token`], `POST /dev/token`);
+//!   key, tokens for named users ([`Sandbox::mint_idp_token`], `POST /dev/token`), and browser
+//!   sign-in with the authorization code flow and PKCE (`/authorize`, `/token`) for clients
+//!   registered with [`Sandbox::register_oidc_client`];
 //! - the **workspace** (`workspace_url`): `/oidc/v1/token` token exchange under a federation
 //!   policy that trusts the dev IdP, the discovery documents, SCIM `Me`, and the SQL Statement
 //!   Execution API over a fixture catalog with grants, a row filter and a column mask. It
@@ -48,7 +50,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use fixture::WAREHOUSE_ID;
-pub use idp::JwksFault;
+pub use idp::{IdTokenFault, JwksFault, OidcClient};
 pub use workspace::entra::{
     AZURE_DATABRICKS_SCOPE, ENTRA_CLIENT_ID, ENTRA_CLIENT_SECRET, ENTRA_TENANT_ID,
 };
@@ -234,6 +236,22 @@ impl Sandbox {
             // Signing claims that serialize with keys generated at start cannot fail.
             Err(e) => unreachable!("the sandbox IdP failed to sign with its own key: {e}"),
         }
+    }
+
+    /// Registers a client for browser sign-in (`/authorize`, `/token`); replaces one of the
+    /// same `client_id`.
+    pub fn register_oidc_client(&self, client: OidcClient) {
+        self.idp.oidc.register(client);
+    }
+
+    /// How long the IdP's authorization codes are good for (60 s unless changed).
+    pub fn set_oidc_code_ttl(&self, ttl: Duration) {
+        self.idp.oidc.set_code_ttl(ttl);
+    }
+
+    /// Makes the next ID tokens wrong on purpose (`IdTokenFault::None` restores them).
+    pub fn set_id_token_fault(&self, fault: IdTokenFault) {
+        self.idp.oidc.set_fault(fault);
     }
 
     /// Sets how the IdP's `GET /jwks` behaves (also `POST {idp}/dev/faults`).

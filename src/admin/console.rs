@@ -1,11 +1,19 @@
 //! The operator console at `/console`: a live decision feed (server-sent events), chain status
 //! and "verify now", dependency health, token cache statistics, revoke a user, block an agent.
 //!
-//! Sign-in is a form with a password field `token`, compared in constant time with
-//! `[admin] console_token_file`; success sets an HttpOnly, SameSite=Strict session cookie.
-//! Every state-changing request needs the session's CSRF token in `x-aegis-csrf` *and* an
-//! `Origin` that is this listener's own. Without a configured token the console answers that
-//! it is disabled; it is never open.
+//! Sign-in is through the organization's IdP ([`super::oidc`], `[admin.oidc]`) and/or a form
+//! with a password field `token`, compared in constant time with `[admin] console_token_file`
+//! (with `[admin.oidc]` configured, only when `allow_break_glass = true`: the break-glass
+//! sign-in). Success sets an HttpOnly, SameSite=Strict session cookie. Every state-changing
+//! request needs the session's CSRF token in `x-aegis-csrf` *and* an `Origin` that is this
+//! listener's own. Without any sign-in configured the console answers that it is disabled; it
+//! is never open.
+//!
+//! Roles: every session may read (status, feed); `operator` may revoke, block and unblock;
+//! `auditor` may verify and export. A break-glass session has every role. The server checks
+//! the role of each request (the page only hides what a role cannot use); a refused action
+//! answers 403 with fixed text and does nothing. Each action, verify and export included, is
+//! an `ADMIN` chain row naming the operator; when that row does not commit, the action fails.
 //!
 //! Nothing here can read a token or a key: the [`Operations`] a handler can reach return
 //! counts, names, health and verify results only.
@@ -25,7 +33,8 @@ use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::session::{self, Sessions};
+use super::oidc::{self, OidcSignIn};
+use super::session::{self, Operator, Sessions};
 use crate::audit::Committed;
 use crate::broker::stats::WorkspaceCacheStats;
 use crate::secret::SecretString;
@@ -151,51 +160,77 @@ pub trait Operations: Send + Sync + 'static {
     fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>>;
     /// The newest `limit` rows of the chain, oldest first.
     fn recent(&self, limit: usize) -> BoxFuture<'_, Result<Vec<Committed>, OpError>>;
-    fn verify(&self) -> BoxFuture<'_, Result<VerifyOutcome, OpError>>;
+    /// Verifies the chain; the outcome is recorded as an ADMIN row naming `by`.
+    fn verify(&self, by: Operator) -> BoxFuture<'_, Result<VerifyOutcome, OpError>>;
     /// Drops the user's cached tokens in one workspace, or all when `None`; returns the
     /// workspaces done.
     fn revoke(
         &self,
+        by: Operator,
         user: String,
         workspace: Option<String>,
     ) -> BoxFuture<'_, Result<Vec<String>, OpError>>;
-    fn set_agent_blocked(&self, agent: String, blocked: bool)
-        -> BoxFuture<'_, Result<(), OpError>>;
+    fn set_agent_blocked(
+        &self,
+        by: Operator,
+        agent: String,
+        blocked: bool,
+    ) -> BoxFuture<'_, Result<(), OpError>>;
+    /// The newest `limit` committed rows (oldest first) for an auditor, after an ADMIN row
+    /// naming `by` has committed.
+    fn export(&self, by: Operator, limit: usize) -> BoxFuture<'_, Result<Vec<Committed>, OpError>>;
 }
 
-/// The console: its sign-in secret, sessions, and what it operates on.
+/// The console: its sign-in methods, sessions, and what it operates on.
 pub struct Console {
-    token: SecretString,
+    /// The static token, when static sign-in is allowed (break-glass with `oidc`).
+    token: Option<SecretString>,
+    oidc: Option<OidcSignIn>,
     sessions: Sessions,
     ops: Arc<dyn Operations>,
 }
 
 impl Console {
-    pub fn new(token: SecretString, ops: Arc<dyn Operations>) -> Console {
-        Console::with_sessions(token, ops, Sessions::default())
+    /// `None` when neither sign-in is configured (the console is then disabled).
+    pub fn new(
+        token: Option<SecretString>,
+        oidc: Option<OidcSignIn>,
+        ops: Arc<dyn Operations>,
+    ) -> Option<Console> {
+        Console::with_sessions(token, oidc, ops, Sessions::default())
     }
 
     pub fn with_sessions(
-        token: SecretString,
+        token: Option<SecretString>,
+        oidc: Option<OidcSignIn>,
         ops: Arc<dyn Operations>,
         sessions: Sessions,
-    ) -> Console {
-        Console {
+    ) -> Option<Console> {
+        if token.is_none() && oidc.is_none() {
+            return None;
+        }
+        Some(Console {
             token,
+            oidc,
             sessions,
             ops,
-        }
+        })
     }
 }
 
-/// `None` means no console token is configured: the console is disabled.
+/// `None` means no sign-in is configured: the console is disabled.
 pub type ConsoleState = Option<Arc<Console>>;
+
+/// Most rows one export returns.
+pub const MAX_EXPORT: usize = 1000;
 
 pub fn routes() -> Router<ConsoleState> {
     Router::new()
         .route("/console", get(page))
         .route("/console/", get(page))
         .route("/console/login", post(login))
+        .route("/console/oidc/start", get(oidc_start))
+        .route("/console/oidc/callback", get(oidc_callback))
         .route("/console/logout", post(logout))
         .route("/console/events", get(events))
         .route("/console/api/status", get(status))
@@ -203,6 +238,7 @@ pub fn routes() -> Router<ConsoleState> {
         .route("/console/api/revoke", post(revoke))
         .route("/console/api/block", post(block))
         .route("/console/api/unblock", post(unblock))
+        .route("/console/api/export", post(export))
         .route("/console/assets/console.js", get(js))
         .route("/console/assets/console.css", get(css))
 }
@@ -248,18 +284,56 @@ fn disabled() -> Response {
         LOGIN_HTML
             .replace(
                 "{{message}}",
-                "The operator console is disabled: no <code>[admin] console_token_file</code> is configured.",
+                "The operator console is disabled: neither <code>[admin.oidc]</code> nor \
+                 <code>[admin] console_token_file</code> is configured.",
             )
-            .replace("{{form_class}}", "hidden"),
+            .replace("{{form_class}}", "hidden")
+            .replace("{{oidc_class}}", "hidden")
+            .replace("{{idp}}", "")
+            .replace("{{token_label}}", ""),
     )
 }
 
-fn login_page(code: StatusCode, message: &str) -> Response {
+/// Escapes text for HTML element content and quoted attribute values.
+pub(crate) fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The sign-in page; `message` is trusted markup (fixed text only).
+fn login_page(c: &Console, code: StatusCode, message: &str) -> Response {
+    let (form_class, token_label) = match (&c.token, &c.oidc) {
+        (None, _) => ("hidden", ""),
+        (Some(_), Some(_)) => (
+            "break-glass",
+            "Break-glass token (emergency only; recorded)",
+        ),
+        (Some(_), None) => ("", "Console token"),
+    };
     html(
         code,
         LOGIN_HTML
             .replace("{{message}}", message)
-            .replace("{{form_class}}", ""),
+            .replace("{{form_class}}", form_class)
+            .replace("{{token_label}}", token_label)
+            .replace(
+                "{{oidc_class}}",
+                if c.oidc.is_some() { "" } else { "hidden" },
+            )
+            .replace(
+                "{{idp}}",
+                &escape_html(c.oidc.as_ref().map_or("", |o| o.issuer_name())),
+            ),
     )
 }
 
@@ -303,7 +377,12 @@ enum Refused {
     Disabled,
     SignedOut,
     CrossSite,
+    /// The session's roles do not include the one the request needs.
+    Role,
 }
+
+/// The fixed text of a request refused for its role.
+pub const ROLE_REFUSED: &str = "your console role does not allow this";
 
 impl IntoResponse for Refused {
     fn into_response(self) -> Response {
@@ -311,28 +390,61 @@ impl IntoResponse for Refused {
             Refused::Disabled => json_error(StatusCode::NOT_FOUND, "the console is disabled"),
             Refused::SignedOut => json_error(StatusCode::UNAUTHORIZED, "sign in first"),
             Refused::CrossSite => json_error(StatusCode::FORBIDDEN, "cross-site request refused"),
+            Refused::Role => json_error(StatusCode::FORBIDDEN, ROLE_REFUSED),
         }
     }
 }
 
-/// A signed-in operator and the session's CSRF token.
+/// What a request needs the session's roles to include.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Status and the feed: any role.
+    View,
+    /// Revoke, block, unblock.
+    Operate,
+    /// Verify, export.
+    Audit,
+}
+
+fn allowed(op: &Operator, need: Need) -> bool {
+    match need {
+        Need::View => op.roles.any(),
+        Need::Operate => op.roles.operator,
+        Need::Audit => op.roles.auditor,
+    }
+}
+
+/// A signed-in operator, the session's CSRF token, checked for the role `need`.
 fn signed_in(
     console: &ConsoleState,
     headers: &HeaderMap,
-) -> Result<(Arc<Console>, String), Refused> {
+    need: Need,
+) -> Result<(Arc<Console>, String, Operator), Refused> {
     let Some(console) = console else {
         return Err(Refused::Disabled);
     };
-    let csrf = cookie_session(headers).and_then(|id| console.sessions.touch(id));
-    match csrf {
-        Some(csrf) => Ok((console.clone(), csrf)),
+    let session = cookie_session(headers).and_then(|id| console.sessions.touch(id));
+    match session {
+        Some((csrf, op)) if allowed(&op, need) => Ok((console.clone(), csrf, op)),
+        Some(_) => Err(Refused::Role),
         None => Err(Refused::SignedOut),
     }
 }
 
-/// A signed-in operator making a state-changing request from the console page itself.
-fn checked_action(console: &ConsoleState, headers: &HeaderMap) -> Result<Arc<Console>, Refused> {
-    let (console, csrf) = signed_in(console, headers)?;
+/// A signed-in operator making a state-changing request from the console page itself, with
+/// the role `need`. The CSRF and Origin checks come first; a refusal for the role is logged.
+fn checked_action(
+    console: &ConsoleState,
+    headers: &HeaderMap,
+    need: Need,
+    action: &'static str,
+) -> Result<(Arc<Console>, Operator), Refused> {
+    let Some(c) = console else {
+        return Err(Refused::Disabled);
+    };
+    let Some((csrf, op)) = cookie_session(headers).and_then(|id| c.sessions.touch(id)) else {
+        return Err(Refused::SignedOut);
+    };
     let sent = headers
         .get(CSRF_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -340,7 +452,12 @@ fn checked_action(console: &ConsoleState, headers: &HeaderMap) -> Result<Arc<Con
     if !same_origin(headers) || !session::secret_eq(sent, &csrf) {
         return Err(Refused::CrossSite);
     }
-    Ok(console)
+    if !allowed(&op, need) {
+        tracing::warn!(operator = %op.actor(), action, "console: action refused for the operator's role");
+        metrics::counter!("aegis_console_refused_total", "action" => action).increment(1);
+        return Err(Refused::Role);
+    }
+    Ok((c.clone(), op))
 }
 
 fn valid_name(s: &str) -> bool {
@@ -354,9 +471,157 @@ async fn page(State(console): State<ConsoleState>, headers: HeaderMap) -> Respon
         return disabled();
     };
     match cookie_session(&headers).and_then(|id| c.sessions.touch(id)) {
-        Some(csrf) => html(StatusCode::OK, CONSOLE_HTML.replace("{{csrf}}", &csrf)),
-        None => login_page(StatusCode::OK, ""),
+        Some((csrf, op)) => {
+            let roles = [
+                ("viewer", op.roles.any()),
+                ("operator", op.roles.operator),
+                ("auditor", op.roles.auditor),
+            ]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(r, _)| *r)
+            .collect::<Vec<_>>()
+            .join(" ");
+            html(
+                StatusCode::OK,
+                CONSOLE_HTML
+                    .replace("{{csrf}}", &csrf)
+                    .replace("{{roles}}", &roles)
+                    .replace("{{operator}}", &escape_html(op.display())),
+            )
+        }
+        None => login_page(c, StatusCode::OK, ""),
     }
+}
+
+fn session_cookie(id: &str) -> String {
+    format!(
+        "{}={}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}",
+        session::COOKIE,
+        id,
+        session::MAX_AGE.as_secs()
+    )
+}
+
+fn clear_pre_cookie() -> String {
+    format!(
+        "{}=; Path=/console/oidc; HttpOnly; SameSite=Lax; Max-Age=0",
+        oidc::PRE_COOKIE
+    )
+}
+
+/// The cookies of an IdP sign-in are `Secure` when the console is reached over https.
+fn with_flags(cookie: String, o: &OidcSignIn) -> String {
+    cookie + o.cookie_flags()
+}
+
+/// `GET /console/oidc/start`: to the IdP, with a fresh pre-session cookie.
+async fn oidc_start(State(console): State<ConsoleState>) -> Response {
+    let Some(c) = &console else {
+        return disabled();
+    };
+    let Some(o) = &c.oidc else {
+        return login_page(
+            c,
+            StatusCode::NOT_FOUND,
+            "Sign-in through an IdP is not configured.",
+        );
+    };
+    let started = match o.start().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = e.label(), "console sign-in could not start");
+            metrics::counter!("aegis_console_logins_total", "result" => e.label()).increment(1);
+            return login_page(
+                c,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &escape_html(&format!("Could not start the sign-in: {e}.")),
+            );
+        }
+    };
+    // Lax, not Strict: it must come back on the IdP's cross-site redirect to the callback.
+    let cookie = with_flags(
+        format!(
+            "{}={}; Path=/console/oidc; HttpOnly; SameSite=Lax; Max-Age={}",
+            oidc::PRE_COOKIE,
+            started.cookie,
+            oidc::PENDING_TTL.as_secs()
+        ),
+        o,
+    );
+    let mut resp = (
+        StatusCode::SEE_OTHER,
+        [(header::LOCATION, started.location.as_str())],
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    harden(resp)
+}
+
+/// `GET /console/oidc/callback`: the IdP's redirect back.
+async fn oidc_callback(
+    State(console): State<ConsoleState>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<oidc::Callback>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Some(c) = &console else {
+        return disabled();
+    };
+    let Some(o) = &c.oidc else {
+        return login_page(
+            c,
+            StatusCode::NOT_FOUND,
+            "Sign-in through an IdP is not configured.",
+        );
+    };
+    let cb = query.map(|q| q.0).unwrap_or_default();
+    let pre = crate::http::cookie(&headers, oidc::PRE_COOKIE);
+    let outcome = o.finish(pre, cb).await;
+    let op = match outcome {
+        Ok(op) => op,
+        Err(e) => {
+            tracing::warn!(error = e.label(), "console sign-in through the IdP refused");
+            metrics::counter!("aegis_console_logins_total", "result" => e.label()).increment(1);
+            let code = match e {
+                oidc::SignInError::IdpUnavailable => StatusCode::BAD_GATEWAY,
+                oidc::SignInError::NoRole => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            let mut resp = login_page(c, code, &escape_html(&format!("Sign-in failed: {e}.")));
+            if let Ok(v) = HeaderValue::from_str(&clear_pre_cookie()) {
+                resp.headers_mut().append(header::SET_COOKIE, v);
+            }
+            return resp;
+        }
+    };
+    let Some(s) = c.sessions.create(op.clone()) else {
+        return login_page(
+            c,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Could not start a session.",
+        );
+    };
+    tracing::info!(operator = %op.actor(), "console sign-in through the IdP");
+    metrics::counter!("aegis_console_logins_total", "result" => "ok").increment(1);
+    // A page, not a redirect: a SameSite=Strict cookie set on a navigation that started at
+    // the IdP is not sent on a redirect in that same navigation, but it is on one this page
+    // starts.
+    let mut resp = html(
+        StatusCode::OK,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"0;url=/console\"><title>aegis · signed in</title>\
+         </head><body><p>Signed in. <a id=\"continue\" href=\"/console\">Continue to the console</a>.</p>\
+         </body></html>"
+            .to_string(),
+    );
+    for v in [with_flags(session_cookie(&s.id), o), clear_pre_cookie()] {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
 }
 
 #[derive(Deserialize)]
@@ -374,29 +639,39 @@ async fn login(
     };
     // Login CSRF: a sign-in only from this listener's own form.
     if !same_origin(&headers) {
-        return login_page(StatusCode::FORBIDDEN, "Cross-site sign-in refused.");
+        return login_page(c, StatusCode::FORBIDDEN, "Cross-site sign-in refused.");
     }
     let submitted = SecretString::new(form.token);
-    if !session::secret_eq(submitted.expose().trim(), c.token.expose()) {
+    let Some(token) = &c.token else {
+        tracing::warn!("console sign-in with the static token refused: break-glass is off");
+        metrics::counter!("aegis_console_logins_total", "result" => "break_glass_off").increment(1);
+        tokio::time::sleep(FAILED_LOGIN_DELAY).await;
+        return login_page(
+            c,
+            StatusCode::FORBIDDEN,
+            "Sign-in with a console token is switched off; sign in through your identity provider.",
+        );
+    };
+    if !session::secret_eq(submitted.expose().trim(), token.expose()) {
         tracing::warn!("console sign-in with a wrong token");
         metrics::counter!("aegis_console_logins_total", "result" => "denied").increment(1);
         tokio::time::sleep(FAILED_LOGIN_DELAY).await;
-        return login_page(StatusCode::UNAUTHORIZED, "That token is not right.");
+        return login_page(c, StatusCode::UNAUTHORIZED, "That token is not right.");
     }
-    let Some(s) = c.sessions.create() else {
+    let Some(s) = c.sessions.create(Operator::break_glass()) else {
         return login_page(
+            c,
             StatusCode::SERVICE_UNAVAILABLE,
             "Could not start a session.",
         );
     };
-    tracing::info!("console sign-in");
+    if c.oidc.is_some() {
+        tracing::warn!("console break-glass sign-in with the static token");
+    } else {
+        tracing::info!("console sign-in with the static token");
+    }
     metrics::counter!("aegis_console_logins_total", "result" => "ok").increment(1);
-    let cookie = format!(
-        "{}={}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}",
-        session::COOKIE,
-        s.id,
-        session::MAX_AGE.as_secs()
-    );
+    let cookie = session_cookie(&s.id);
     let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, "/console")]).into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -405,8 +680,8 @@ async fn login(
 }
 
 async fn logout(State(console): State<ConsoleState>, headers: HeaderMap) -> Response {
-    let c = match checked_action(&console, &headers) {
-        Ok(c) => c,
+    let c = match checked_action(&console, &headers, Need::View, "logout") {
+        Ok((c, _)) => c,
         Err(r) => return r.into_response(),
     };
     if let Some(id) = cookie_session(&headers) {
@@ -424,18 +699,18 @@ async fn logout(State(console): State<ConsoleState>, headers: HeaderMap) -> Resp
 }
 
 async fn status(State(console): State<ConsoleState>, headers: HeaderMap) -> Response {
-    match signed_in(&console, &headers) {
-        Ok((c, _)) => harden(Json(c.ops.status().await).into_response()),
+    match signed_in(&console, &headers, Need::View) {
+        Ok((c, _, _)) => harden(Json(c.ops.status().await).into_response()),
         Err(r) => r.into_response(),
     }
 }
 
 async fn verify(State(console): State<ConsoleState>, headers: HeaderMap) -> Response {
-    let c = match checked_action(&console, &headers) {
-        Ok(c) => c,
+    let (c, op) = match checked_action(&console, &headers, Need::Audit, "verify") {
+        Ok(x) => x,
         Err(r) => return r.into_response(),
     };
-    match c.ops.verify().await {
+    match c.ops.verify(op).await {
         Ok(outcome) => harden(Json(outcome).into_response()),
         Err(e) => op_error(e),
     }
@@ -453,8 +728,8 @@ async fn revoke(
     headers: HeaderMap,
     Json(body): Json<RevokeBody>,
 ) -> Response {
-    let c = match checked_action(&console, &headers) {
-        Ok(c) => c,
+    let (c, op) = match checked_action(&console, &headers, Need::Operate, "revoke") {
+        Ok(x) => x,
         Err(r) => return r.into_response(),
     };
     let user = body.user.trim().to_string();
@@ -467,9 +742,10 @@ async fn revoke(
             "a user name (and optionally a workspace) is required",
         ));
     }
-    match c.ops.revoke(user.clone(), workspace).await {
+    let by = op.actor();
+    match c.ops.revoke(op, user.clone(), workspace).await {
         Ok(done) => {
-            tracing::info!(user = %user, workspaces = ?done, "console: revoked the user's cached tokens");
+            tracing::info!(operator = %by, user = %user, workspaces = ?done, "console: revoked the user's cached tokens");
             harden(Json(serde_json::json!({ "revoked": user, "workspaces": done })).into_response())
         }
         Err(e) => op_error(e),
@@ -487,17 +763,19 @@ async fn set_blocked(
     body: AgentBody,
     blocked: bool,
 ) -> Response {
-    let c = match checked_action(&console, &headers) {
-        Ok(c) => c,
+    let action = if blocked { "block" } else { "unblock" };
+    let (c, op) = match checked_action(&console, &headers, Need::Operate, action) {
+        Ok(x) => x,
         Err(r) => return r.into_response(),
     };
     let agent = body.agent.trim().to_string();
     if !crate::policy::blocklist::valid_agent_name(&agent) {
         return op_error(OpError::Invalid("an agent name is required"));
     }
-    match c.ops.set_agent_blocked(agent.clone(), blocked).await {
+    let by = op.actor();
+    match c.ops.set_agent_blocked(op, agent.clone(), blocked).await {
         Ok(()) => {
-            tracing::info!(agent = %agent, blocked, "console: agent blocklist changed");
+            tracing::info!(operator = %by, agent = %agent, blocked, "console: agent blocklist changed");
             harden(Json(serde_json::json!({ "agent": agent, "blocked": blocked })).into_response())
         }
         Err(e) => op_error(e),
@@ -518,6 +796,43 @@ async fn unblock(
     Json(body): Json<AgentBody>,
 ) -> Response {
     set_blocked(console, headers, body, false).await
+}
+
+#[derive(Deserialize, Default)]
+struct ExportBody {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `POST /console/api/export` (auditor): the newest committed rows as JSON, after an ADMIN
+/// row naming the auditor has committed. Rows hold names, reasons and trace ids; never a
+/// token, a fingerprint or a key.
+async fn export(
+    State(console): State<ConsoleState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let (c, op) = match checked_action(&console, &headers, Need::Audit, "export") {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
+    };
+    let body: ExportBody = if body.is_empty() {
+        ExportBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(_) => return op_error(OpError::Invalid("the body must be {\"limit\": <rows>}")),
+        }
+    };
+    let limit = body.limit.unwrap_or(MAX_EXPORT).clamp(1, MAX_EXPORT);
+    let by = op.actor();
+    match c.ops.export(op, limit).await {
+        Ok(rows) => {
+            tracing::info!(operator = %by, rows = rows.len(), "console: rows exported");
+            harden(Json(serde_json::json!({ "rows": rows })).into_response())
+        }
+        Err(e) => op_error(e),
+    }
 }
 
 async fn js() -> Response {
@@ -562,7 +877,7 @@ struct Feed {
 }
 
 async fn events(State(console): State<ConsoleState>, headers: HeaderMap) -> Response {
-    let (c, _) = match signed_in(&console, &headers) {
+    let (c, _, _) = match signed_in(&console, &headers, Need::View) {
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };

@@ -20,6 +20,7 @@ use super::console::{
     ChainStatus, CheckpointStatus, ConsoleStatus, DependencyHealth, OpError, Operations,
     ReplicaCheckpoint, TreeStatus, VerifyOutcome,
 };
+use super::session::Operator;
 use super::Readiness;
 use crate::audit::checkpoint::{CheckpointSink, DirSink};
 use crate::audit::{AuditChain, Committed};
@@ -108,26 +109,33 @@ fn set_up(name: &str, up: bool, latency: Option<Duration>) {
 // === impl LiveOps ===
 
 impl LiveOps {
-    /// Records an operator action from the console as an `ADMIN` row; fails when the row does
-    /// not commit, so the console never reports an action the chain does not hold.
+    /// Records an operator action from the console as an `ADMIN` row naming the operator
+    /// (their IdP issuer and subject in `issuer`/`subject`, `console:<name> (<roles>)` or
+    /// `console:break-glass` in `actor_chain`); fails when the row does not commit, so the
+    /// console never reports an action the chain does not hold.
     async fn admin_row(
         &self,
+        by: &Operator,
         method: &str,
         reason: &str,
         user: &str,
         agent: &str,
         workspace: &str,
     ) -> Result<u64, OpError> {
+        let (issuer, subject) = by.issuer_subject();
         let draft = crate::audit::Draft {
             ts: std::time::SystemTime::now(),
             trace_id: crate::authz::TraceId::random().as_str().to_string(),
             verdict: crate::audit::Verdict::Admin,
             reason: reason.to_string(),
+            issuer: issuer.to_string(),
+            subject: subject.to_string(),
             user_name: user.to_string(),
             agent: agent.to_string(),
             workspace: workspace.to_string(),
             method: method.to_string(),
             path: "aegis console".to_string(),
+            actor_chain: by.actor(),
             ..Default::default()
         };
         match tokio::time::timeout(Duration::from_secs(5), self.parts.audit.append(draft)).await {
@@ -516,7 +524,7 @@ impl LiveOps {
                 async move {
                     c.query(
                         "SELECT seq, ts, trace_id, decision, reason, user_name, agent, workspace, \
-                         method, path FROM aegis_audit WHERE chain_id = $1 \
+                         method, path, actor_chain FROM aegis_audit WHERE chain_id = $1 \
                          ORDER BY seq DESC LIMIT $2",
                         &[&chain_id, &limit],
                     )
@@ -534,13 +542,18 @@ impl LiveOps {
                     seq: r.try_get::<_, i64>(0).ok()?.max(0) as u64,
                     ts_unix_micros: crate::clock::unix_micros_of(ts),
                     trace_id: s(2)?,
-                    decision: if s(3)? == "ALLOW" { "ALLOW" } else { "DENY" },
+                    decision: match s(3)?.as_str() {
+                        "ALLOW" => "ALLOW",
+                        "ADMIN" => "ADMIN",
+                        _ => "DENY",
+                    },
                     reason: s(4)?,
                     user_name: s(5)?,
                     agent: s(6)?,
                     workspace: s(7)?,
                     method: s(8)?,
                     path: s(9)?,
+                    actor_chain: s(10)?,
                 })
             })
             .collect();
@@ -602,12 +615,34 @@ impl Operations for LiveOps {
         self.recent_rows(limit).boxed()
     }
 
-    fn verify(&self) -> BoxFuture<'_, Result<VerifyOutcome, OpError>> {
-        self.run_verify().boxed()
+    fn verify(&self, by: Operator) -> BoxFuture<'_, Result<VerifyOutcome, OpError>> {
+        async move {
+            let outcome = self.run_verify().await?;
+            // The outcome is returned only once the chain holds who asked and what they saw.
+            let reason = if outcome.intact {
+                "chain_verified_intact"
+            } else {
+                "chain_verified_not_intact"
+            };
+            self.admin_row(&by, "VERIFY", reason, "", "", "").await?;
+            Ok(outcome)
+        }
+        .boxed()
+    }
+
+    fn export(&self, by: Operator, limit: usize) -> BoxFuture<'_, Result<Vec<Committed>, OpError>> {
+        async move {
+            // Recorded first: an export the chain does not hold does not happen.
+            self.admin_row(&by, "EXPORT", "rows_exported", "", "", "")
+                .await?;
+            self.recent_rows(limit).await
+        }
+        .boxed()
     }
 
     fn revoke(
         &self,
+        by: Operator,
         user: String,
         workspace: Option<String>,
     ) -> BoxFuture<'_, Result<Vec<String>, OpError>> {
@@ -627,7 +662,7 @@ impl Operations for LiveOps {
                     .revoke(w, &user, None)
                     .await
                     .map_err(|_| OpError::Unavailable("redis"))?;
-                self.admin_row("REVOKE", "token_revoked", &user, "", w)
+                self.admin_row(&by, "REVOKE", "token_revoked", &user, "", w)
                     .await?;
             }
             Ok(targets)
@@ -637,27 +672,28 @@ impl Operations for LiveOps {
 
     fn set_agent_blocked(
         &self,
+        by: Operator,
         agent: String,
         blocked: bool,
     ) -> BoxFuture<'_, Result<(), OpError>> {
         async move {
             let (bl, store, redis) = (&self.parts.blocklist, &self.parts.blocks, &self.parts.redis);
-            let by = format!("console@{}", self.instance_id);
+            let blocked_by = format!("{}@{}", by.actor(), self.instance_id);
             if blocked {
                 // Blocked first (fail closed), then recorded; a block whose row does not commit
                 // stays in force and the operator is told it was not recorded.
                 use crate::policy::blocklist::BlockError;
-                match bl.block(store, redis, &agent, &by).await {
+                match bl.block(store, redis, &agent, &blocked_by).await {
                     Err(BlockError::Postgres(_)) => Err(OpError::Unavailable("postgres")),
                     fanned_out => {
-                        self.admin_row("BLOCK", "agent_blocked", "", &agent, "")
+                        self.admin_row(&by, "BLOCK", "agent_blocked", "", &agent, "")
                             .await?;
                         fanned_out.map_err(|_| OpError::Unavailable("redis"))
                     }
                 }
             } else {
                 // Recorded first: an unblock the chain does not hold does not happen.
-                self.admin_row("UNBLOCK", "agent_unblocked", "", &agent, "")
+                self.admin_row(&by, "UNBLOCK", "agent_unblocked", "", &agent, "")
                     .await?;
                 bl.unblock(store, redis, &agent)
                     .await

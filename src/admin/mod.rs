@@ -6,6 +6,7 @@
 
 pub mod console;
 pub mod live;
+pub mod oidc;
 pub mod session;
 
 use std::sync::Arc;
@@ -40,7 +41,7 @@ pub trait Readiness: Send + Sync + 'static {
 pub struct AdminState {
     pub readiness: Arc<dyn Readiness>,
     pub metrics: Option<PrometheusHandle>,
-    /// `None` when no console token is configured: `/console` then says it is disabled.
+    /// `None` when no console sign-in is configured: `/console` then says it is disabled.
     pub console: console::ConsoleState,
 }
 

@@ -172,6 +172,9 @@ pub struct Committed {
     pub workspace: String,
     pub method: String,
     pub path: String,
+    /// Who acted: the RFC 8693 chain of a request, or the console operator of an ADMIN row
+    /// (`console:alice (operator)`).
+    pub actor_chain: String,
 }
 
 struct Job {
@@ -683,6 +686,7 @@ impl Writer {
                     workspace: d.workspace.clone(),
                     method: d.method.clone(),
                     path: d.path.clone(),
+                    actor_chain: d.actor_chain.clone(),
                 }));
             }
             let Job { draft, done } = job;

@@ -296,7 +296,85 @@ impl Validator {
         Ok(id)
     }
 
+    /// Validates an OIDC ID token for the operator console with the same checks as every
+    /// other token (header, allowlisted `alg`, the issuer's keys, signature, `iss`, `exp`,
+    /// `nbf`, `iat`, `sub`), except that `aud` must hold `client_id` (not the issuer's
+    /// configured audiences), `azp`, when present or when `aud` names several parties, must be
+    /// `client_id`, and the token must come from the issuer named `issuer_name`. Not cached:
+    /// an ID token is used once. The nonce is the caller's to check.
+    pub async fn validate_id_token(
+        &self,
+        token: &str,
+        issuer_name: &str,
+        client_id: &str,
+    ) -> Result<IdToken, IdentityError> {
+        use IdentityError::Rejected;
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(IdentityError::Malformed("token over the size cap"));
+        }
+        let checked = self.verify_jws(token, Some(client_id)).await?;
+        if &*checked.issuer.name != issuer_name {
+            return Err(IdentityError::UntrustedIssuer);
+        }
+        let several =
+            matches!(checked.claims.get("aud"), Some(serde_json::Value::Array(a)) if a.len() > 1);
+        match checked.claims.get("azp") {
+            Some(serde_json::Value::String(azp)) if azp == client_id => {}
+            Some(_) => return Err(Rejected("azp is not this client")),
+            None if several => return Err(Rejected("azp is missing with several audiences")),
+            None => {}
+        }
+        Ok(IdToken {
+            issuer_name: checked.issuer.name.clone(),
+            issuer: checked.issuer.iss.clone(),
+            subject: checked.subject,
+            expires_at: checked.exp,
+            claims: checked.claims,
+        })
+    }
+
     async fn verify(&self, token: &str) -> Result<Verified, IdentityError> {
+        use IdentityError::Rejected;
+        let Checked {
+            issuer,
+            claims,
+            subject,
+            exp,
+            kid,
+            alg,
+        } = self.verify_jws(token, None).await?;
+        let user_name = match claims.get(&issuer.cfg.username_claim) {
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => plain(s, "username")?,
+            _ => return Err(IdentityError::NoUsername),
+        };
+        let agent = match claims.get(&issuer.cfg.agent_claim) {
+            None => None,
+            Some(serde_json::Value::String(s)) => Some(plain(s, "agent")?),
+            Some(_) => return Err(Rejected("the agent claim is not a string")),
+        };
+        let actor_chain = actor_chain(claims.get("act"))?;
+        Ok(Verified {
+            identity: Arc::new(Identity {
+                issuer_name: issuer.name.clone(),
+                issuer: issuer.iss.clone(),
+                subject,
+                user_name,
+                agent,
+                expires_at: exp,
+                actor_chain,
+            }),
+            kid,
+            alg,
+        })
+    }
+
+    /// The checks every token gets: shape, header, issuer, key, signature, `aud` (the issuer's
+    /// audiences, or exactly `audience` when given), time claims and `sub`.
+    async fn verify_jws(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+    ) -> Result<Checked, IdentityError> {
         use IdentityError::{Malformed, Rejected};
 
         let mut parts = token.split('.');
@@ -397,6 +475,16 @@ impl Validator {
             Err(KeyError::Unavailable) => return Err(IdentityError::KeysUnavailable),
         };
 
+        let own;
+        let validation = match audience {
+            None => validation,
+            Some(aud) => {
+                let mut v = validation.clone();
+                v.set_audience(&[aud]);
+                own = v;
+                &own
+            }
+        };
         match jsonwebtoken::decode::<serde_json::Value>(token, &key.key, validation) {
             Ok(_) => {}
             Err(e) => {
@@ -425,30 +513,38 @@ impl Validator {
             Some(serde_json::Value::String(_)) | None => return Err(Rejected("sub is missing")),
             Some(_) => return Err(Rejected("sub is not a string")),
         };
-        let user_name = match claims.get(&issuer.cfg.username_claim) {
-            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => plain(s, "username")?,
-            _ => return Err(IdentityError::NoUsername),
-        };
-        let agent = match claims.get(&issuer.cfg.agent_claim) {
-            None => None,
-            Some(serde_json::Value::String(s)) => Some(plain(s, "agent")?),
-            Some(_) => return Err(Rejected("the agent claim is not a string")),
-        };
-        let actor_chain = actor_chain(claims.get("act"))?;
-        Ok(Verified {
-            identity: Arc::new(Identity {
-                issuer_name: issuer.name.clone(),
-                issuer: issuer.iss.clone(),
-                subject,
-                user_name,
-                agent,
-                expires_at: exp,
-                actor_chain,
-            }),
+        Ok(Checked {
+            issuer,
+            claims,
+            subject,
+            exp,
             kid: header.kid.as_deref().map(Arc::from),
             alg,
         })
     }
+}
+
+/// A token that passed [`Validator::verify_jws`].
+struct Checked {
+    issuer: Arc<IssuerState>,
+    claims: serde_json::Map<String, serde_json::Value>,
+    subject: String,
+    exp: i64,
+    kid: Option<Arc<str>>,
+    alg: Algorithm,
+}
+
+/// A validated OIDC ID token (see [`Validator::validate_id_token`]).
+#[derive(Debug, Clone)]
+pub struct IdToken {
+    /// The configured issuer's `name`.
+    pub issuer_name: Arc<str>,
+    /// The token's `iss`.
+    pub issuer: Arc<str>,
+    pub subject: String,
+    pub expires_at: i64,
+    /// Every claim, for the caller's own checks (`nonce`, the roles claim, names).
+    pub claims: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A claim value that will end up in an audit row or a header: bounded, no control characters.
@@ -579,6 +675,123 @@ mod tests {
                 Some(IdentityError::Rejected("exp is out of range"))
             );
         }
+    }
+
+    /// ID tokens for the console: `aud` must be the client (not the issuer's audiences), `azp`
+    /// must name it when present or when `aud` names several parties, and the issuer must be
+    /// the one the console names; an agent's access token is not an ID token for the console.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn id_tokens_are_checked_for_the_console_client() {
+        use sandbox::{Sandbox, SandboxOptions, TokenRequest};
+
+        let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
+        let issuer = IssuerConfig {
+            name: "dev".into(),
+            issuer: sb.idp_url.clone(),
+            audiences: vec!["aegis".into()],
+            jwks_uri: url::Url::parse(&format!("{}/jwks", sb.idp_url)).ok(),
+            algorithms: vec![Algorithm::RS256, Algorithm::ES256],
+            username_claim: "email".into(),
+            agent_claim: "azp".into(),
+            leeway: Duration::from_secs(30),
+            max_key_age: Duration::from_secs(3600),
+        };
+        let v = Validator::new(&[issuer], reqwest::Client::new());
+        assert!(v.load_all().await.is_empty());
+        let mint = |aud: serde_json::Value, azp: Option<&str>| {
+            let mut req = TokenRequest::new("carol");
+            req.extra_claims.insert("aud".into(), aud);
+            match azp {
+                Some(a) => req.agent = a.into(),
+                None => {
+                    req.extra_claims
+                        .insert("azp".into(), serde_json::Value::Null);
+                }
+            }
+            sb.mint_idp_token(&req)
+        };
+        let client = "aegis-console";
+        // Positive control: aud and azp the client.
+        let ok = v
+            .validate_id_token(
+                &mint(serde_json::json!(client), Some(client)),
+                "dev",
+                client,
+            )
+            .await
+            .unwrap();
+        assert_eq!(ok.subject, "u-carol");
+        assert_eq!(ok.claims["preferred_username"], "carol");
+        // Several audiences including the client, azp the client: fine.
+        let both = serde_json::json!([client, "aegis"]);
+        assert!(v
+            .validate_id_token(&mint(both.clone(), Some(client)), "dev", client)
+            .await
+            .is_ok());
+        let refused = [
+            // An agent's access token: aud is the issuer's audience, not the client.
+            (
+                v.validate_id_token(
+                    &sb.mint_idp_token(&TokenRequest::new("carol")),
+                    "dev",
+                    client,
+                )
+                .await,
+                IdentityError::Rejected("audience not accepted"),
+            ),
+            (
+                v.validate_id_token(
+                    &mint(serde_json::json!(client), Some("other-app")),
+                    "dev",
+                    client,
+                )
+                .await,
+                IdentityError::Rejected("azp is not this client"),
+            ),
+            (
+                v.validate_id_token(&mint(both, None), "dev", client).await,
+                IdentityError::Rejected("azp is not this client"),
+            ),
+            (
+                v.validate_id_token(
+                    &mint(serde_json::json!(client), Some(client)),
+                    "corp",
+                    client,
+                )
+                .await,
+                IdentityError::UntrustedIssuer,
+            ),
+        ];
+        for (got, want) in refused {
+            assert_eq!(got.err(), Some(want));
+        }
+        // Several audiences and no azp at all.
+        let (rsa_kid, _) = sb.idp_key_ids();
+        let now = unix_now();
+        let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": rsa_kid});
+        let payload = serde_json::json!({"iss": sb.idp_url, "sub": "u-carol",
+            "aud": [client, "aegis"], "iat": now, "exp": now + 300});
+        let raw = sb.sign_idp_raw(
+            "RS256",
+            header.to_string().as_bytes(),
+            payload.to_string().as_bytes(),
+        );
+        assert_eq!(
+            v.validate_id_token(&raw, "dev", client).await.err(),
+            Some(IdentityError::Rejected(
+                "azp is missing with several audiences"
+            ))
+        );
+        // The agents' validation is unchanged: the issuer's audiences, not the client.
+        assert!(v
+            .validate(&sb.mint_idp_token(&TokenRequest::new("carol")))
+            .await
+            .is_ok());
+        assert!(v
+            .validate(&mint(serde_json::json!(client), Some(client)))
+            .await
+            .is_err());
+        sb.shutdown().await;
     }
 
     /// A verdict cached while the key set was fresh was once reused after the key that signed

@@ -3,6 +3,10 @@
 //
 // Env: ADMIN_URL, ENVOY_URL, CONSOLE_TOKEN, ALICE_TOKEN, BOB_TOKEN, JOULE_TOKEN (bob calling as
 // the agent "joule"), SCREENSHOT (path of the PNG to write).
+//
+// The console has IdP sign-in and the break-glass token both on: the first part signs in with
+// the token (break-glass), the last part through the sandbox IdP's page, as bob (a viewer,
+// refused a revoke) and as alice (an operator, whose revoke the feed shows under her name).
 // Prints one line `RESULT <json>` with the trace ids it saw, for the Rust side to check.
 
 import { chromium } from "playwright-core";
@@ -182,6 +186,55 @@ try {
   log("sign out");
   await page.click("#logout");
   await page.locator('input[name="token"]').waitFor();
+
+  // --- through the IdP: a viewer is refused an action ---
+  async function signInThroughIdp(user) {
+    await page.goto(`${ADMIN}/console`);
+    await page.click("#sign-in-idp");
+    await page.locator("#idp-sign-in").waitFor();
+    await page.fill("#username", user);
+    await page.click("#idp-sign-in");
+    await page.locator("#feed-state", { hasText: "feed: live" }).waitFor();
+    const who = (await page.locator("#whoami").textContent()).trim();
+    if (!who.startsWith(user)) throw new Error(`signed in as ${user}, the page says ${who}`);
+    return who;
+  }
+  log("idp: viewer");
+  result.viewer_whoami = await signInThroughIdp("bob");
+  if (await page.locator("#revoke-form").isVisible()) throw new Error("a viewer sees the revoke form");
+  if (await page.locator("#verify-btn").isVisible()) throw new Error("a viewer sees verify");
+  await page.locator("#read-only").waitFor();
+  // The page hides the form; the server refuses the request anyway.
+  const tried = await page.evaluate(async () => {
+    const csrf = document.querySelector('meta[name="aegis-csrf"]').content;
+    const r = await fetch("/console/api/revoke", {
+      method: "POST", credentials: "same-origin",
+      headers: { "content-type": "application/json", "x-aegis-csrf": csrf },
+      body: JSON.stringify({ user: "alice@example.com" }),
+    });
+    return { status: r.status, body: await r.text() };
+  });
+  if (tried.status !== 403 || !tried.body.includes("your console role does not allow this")) {
+    throw new Error(`a viewer's revoke: ${tried.status} ${tried.body}`);
+  }
+  result.viewer_revoke = tried;
+  await page.screenshot({ path: env("SCREENSHOT").replace(/\.png$/, "-viewer.png"), fullPage: true });
+  await page.click("#logout");
+  await page.locator("#sign-in-idp").waitFor();
+
+  // --- through the IdP: an operator's revoke, recorded with their name ---
+  log("idp: operator");
+  result.operator_whoami = await signInThroughIdp("alice");
+  await page.fill("#revoke-user", "bob@example.com");
+  await page.click("#revoke-btn");
+  await page.locator("#action-result", { hasText: "Revoked cached tokens of bob@example.com" }).waitFor();
+  const adminRow = page.locator('#feed-rows tr[data-decision="ADMIN"][data-actor="console:alice (operator)"][data-user="bob@example.com"]');
+  await adminRow.first().waitFor({ state: "attached" });
+  result.operator_revoke_trace = await adminRow.first().getAttribute("data-trace");
+  await page.click("#logout");
+  await page.locator("#sign-in-idp").waitFor();
+
+  if (consoleErrors.length) throw new Error(`page errors: ${consoleErrors.join(" | ")}`);
   console.log(`RESULT ${JSON.stringify(result)}`);
 } catch (e) {
   if (page) {

@@ -3,6 +3,9 @@
 "use strict";
 (function () {
   const csrf = document.querySelector('meta[name="aegis-csrf"]').content;
+  const operator = document.querySelector('meta[name="aegis-operator"]').content;
+  const roles = document.querySelector('meta[name="aegis-roles"]').content.split(" ").filter(Boolean);
+  const can = (role) => roles.includes(role);
   const $ = (id) => document.getElementById(id);
   const MAX_ROWS = 500;
   let rows = 0;
@@ -59,6 +62,7 @@
     tr.dataset.reason = d.reason;
     tr.dataset.user = d.user_name || "";
     tr.dataset.agent = d.agent || "";
+    tr.dataset.actor = d.actor_chain || "";
     const t = new Date(Math.floor(d.ts_unix_micros / 1000));
     tr.append(
       el("td", d.seq, "seq"),
@@ -73,6 +77,7 @@
       el("td", d.trace_id, "trace"),
     );
     tr.querySelector(".path").title = d.path;
+    if (d.actor_chain) tr.querySelector(".decision").title = "by " + d.actor_chain;
     // Newest on top, in seq order even when the backlog and live rows interleave.
     let before = null;
     for (const other of tbody.children) {
@@ -177,6 +182,12 @@
     const chips = $("blocked-list");
     chips.textContent = "";
     for (const a of s.blocked_agents) {
+      if (!can("operator")) {
+        const c = el("span", "blocked: " + a, "chip");
+        c.dataset.agent = a;
+        chips.append(c);
+        continue;
+      }
       const b = el("button", "unblock " + a, "chip");
       b.type = "button";
       b.dataset.agent = a;
@@ -207,6 +218,31 @@
   }
 
   // === wiring ===
+
+  // What the role cannot use is hidden; the server refuses it either way.
+  for (const e of document.querySelectorAll("[data-needs]")) {
+    if (!can(e.dataset.needs)) e.classList.add("hidden");
+  }
+  if (!can("operator")) $("read-only").classList.remove("hidden");
+  $("whoami").textContent = operator + " · " + (roles.filter((r) => r !== "viewer").join("+") || "viewer");
+
+  $("export-btn").addEventListener("click", async () => {
+    const out = $("action-result");
+    try {
+      const data = await post("/console/api/export", { limit: 1000 });
+      const blob = new Blob([JSON.stringify(data.rows, null, 1)], { type: "application/json" });
+      const a = el("a");
+      a.href = URL.createObjectURL(blob);
+      a.download = "aegis-rows.json";
+      a.click();
+      setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+      out.textContent = "Exported " + data.rows.length + " rows.";
+      out.className = "ok-text";
+    } catch (e) {
+      out.textContent = "Failed: " + e.message;
+      out.className = "tampered";
+    }
+  });
 
   $("verify-btn").addEventListener("click", async () => {
     const b = $("verify-btn");

@@ -18,6 +18,9 @@ const ORIGIN: &str = "http://127.0.0.1:9192";
 #[derive(Default)]
 struct Fake {
     verifies: AtomicUsize,
+    exports: AtomicUsize,
+    /// Who each action was done by (`Operator::actor`).
+    actors: Mutex<Vec<String>>,
     revoked: Mutex<Vec<(String, Option<String>)>>,
     blocked: Mutex<Vec<(String, bool)>>,
     feed: Option<broadcast::Sender<Arc<Committed>>>,
@@ -35,6 +38,7 @@ fn row(seq: u64, decision: &'static str, reason: &str) -> Committed {
         workspace: "prod".into(),
         method: "GET".into(),
         path: "/api/2.0/clusters/list".into(),
+        actor_chain: String::new(),
     }
 }
 
@@ -61,7 +65,8 @@ impl Operations for Fake {
     fn recent(&self, _limit: usize) -> BoxFuture<'_, Result<Vec<Committed>, OpError>> {
         Box::pin(async { Ok(vec![row(1, "ALLOW", ""), row(2, "DENY", "path_blocked")]) })
     }
-    fn verify(&self) -> BoxFuture<'_, Result<VerifyOutcome, OpError>> {
+    fn verify(&self, by: Operator) -> BoxFuture<'_, Result<VerifyOutcome, OpError>> {
+        self.actors.lock().unwrap().push(by.actor());
         self.verifies.fetch_add(1, Ordering::SeqCst);
         Box::pin(async {
             Ok(VerifyOutcome {
@@ -77,19 +82,33 @@ impl Operations for Fake {
     }
     fn revoke(
         &self,
+        by: Operator,
         user: String,
         workspace: Option<String>,
     ) -> BoxFuture<'_, Result<Vec<String>, OpError>> {
+        self.actors.lock().unwrap().push(by.actor());
         self.revoked.lock().unwrap().push((user, workspace));
         Box::pin(async { Ok(vec!["prod".to_string()]) })
     }
     fn set_agent_blocked(
         &self,
+        by: Operator,
         agent: String,
         blocked: bool,
     ) -> BoxFuture<'_, Result<(), OpError>> {
+        self.actors.lock().unwrap().push(by.actor());
         self.blocked.lock().unwrap().push((agent, blocked));
         Box::pin(async { Ok(()) })
+    }
+    fn export(&self, by: Operator, limit: usize) -> BoxFuture<'_, Result<Vec<Committed>, OpError>> {
+        self.actors.lock().unwrap().push(by.actor());
+        self.exports.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            Ok(
+                vec![row(1, "ALLOW", ""), row(2, "ADMIN", "token_revoked")][..limit.min(2)]
+                    .to_vec(),
+            )
+        })
     }
 }
 
@@ -108,17 +127,39 @@ impl Readiness for Ready {
 }
 
 fn router(fake: Arc<Fake>, enabled: bool) -> Router {
-    let console = enabled.then(|| {
-        Arc::new(Console::new(
-            SecretString::new(TOKEN.to_string()),
-            fake as Arc<dyn Operations>,
-        ))
-    });
-    app(AdminState {
+    router_with(fake, enabled).0
+}
+
+/// The router and the console behind it (to open sessions with given roles).
+fn router_with(fake: Arc<Fake>, enabled: bool) -> (Router, Option<Arc<Console>>) {
+    let console = Console::new(
+        enabled.then(|| SecretString::new(TOKEN.to_string())),
+        None,
+        fake as Arc<dyn Operations>,
+    )
+    .map(Arc::new);
+    let app = app(AdminState {
         readiness: Arc::new(Ready),
         metrics: None,
-        console,
-    })
+        console: console.clone(),
+    });
+    (app, console)
+}
+
+/// A session for an IdP principal with `roles`: (cookie, csrf).
+fn session_for(console: &Console, name: &str, roles: session::Roles) -> (String, String) {
+    let s = console
+        .sessions
+        .create(Operator {
+            principal: session::Principal::Oidc {
+                issuer: "https://idp.example.com".into(),
+                subject: format!("u-{name}"),
+                name: name.into(),
+            },
+            roles,
+        })
+        .unwrap();
+    (format!("{}={}", session::COOKIE, s.id), s.csrf)
 }
 
 async fn send(app: &Router, req: Request<Body>) -> (StatusCode, HeaderMap, String) {
@@ -464,4 +505,182 @@ fn origin_must_match_the_host() {
         ("host", HOST),
         ("sec-fetch-site", "cross-site")
     ])));
+}
+
+#[tokio::test]
+async fn each_action_needs_its_role_and_a_refusal_does_nothing() {
+    use session::Roles;
+    let fake = Arc::new(Fake::default());
+    let (app, console) = router_with(fake.clone(), true);
+    let console = console.unwrap();
+    let viewer = Roles {
+        viewer: true,
+        ..Roles::default()
+    };
+    let operator = Roles {
+        viewer: true,
+        operator: true,
+        auditor: false,
+    };
+    let auditor = Roles {
+        viewer: true,
+        operator: false,
+        auditor: true,
+    };
+    let actions = [
+        ("/console/api/revoke", r#"{"user":"alice@example.com"}"#),
+        ("/console/api/block", r#"{"agent":"joule"}"#),
+        ("/console/api/unblock", r#"{"agent":"joule"}"#),
+        ("/console/api/verify", "{}"),
+        ("/console/api/export", "{}"),
+    ];
+    // (name, roles, which of `actions` it may do)
+    let people = [
+        ("bob", viewer, [false, false, false, false, false]),
+        ("alice", operator, [true, true, true, false, false]),
+        ("carol", auditor, [false, false, false, true, true]),
+    ];
+    for (name, roles, may) in people {
+        let (cookie, csrf) = session_for(&console, name, roles);
+        // Every role reads.
+        let (status, _, _) = send(
+            &app,
+            Request::get("/console/api/status")
+                .header("cookie", &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{name} reads the status");
+        let (status, _, page) = send(
+            &app,
+            Request::get("/console")
+                .header("cookie", &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            page.contains(&format!("name=\"aegis-operator\" content=\"{name}\"")),
+            "{page}"
+        );
+        for ((path, body), allowed) in actions.iter().zip(may) {
+            let before = fake.actors.lock().unwrap().len();
+            let (status, _, text) =
+                send(&app, action(path, &cookie, Some(&csrf), Some(ORIGIN), body)).await;
+            let after = fake.actors.lock().unwrap().len();
+            if allowed {
+                assert_eq!(status, StatusCode::OK, "{name} {path}: {text}");
+                assert_eq!(after, before + 1, "{name} {path} reached the operation");
+                let actor = fake.actors.lock().unwrap().last().unwrap().clone();
+                assert!(actor.starts_with(&format!("console:{name} (")), "{actor}");
+            } else {
+                assert_eq!(status, StatusCode::FORBIDDEN, "{name} {path}: {text}");
+                assert_eq!(
+                    serde_json::from_str::<serde_json::Value>(&text).unwrap()["error"],
+                    ROLE_REFUSED
+                );
+                assert_eq!(after, before, "{name} {path} must not reach the operation");
+            }
+        }
+    }
+    // The role check does not replace the CSRF check: an operator without the token is
+    // refused as cross-site.
+    let (cookie, _) = session_for(&console, "alice", operator);
+    let (status, _, text) = send(
+        &app,
+        action(
+            "/console/api/revoke",
+            &cookie,
+            Some(&"0".repeat(64)),
+            Some(ORIGIN),
+            r#"{"user":"x"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(text.contains("cross-site"), "{text}");
+    // Break-glass (the static token) has every role and says so.
+    let (cookie, csrf) = sign_in(&app).await;
+    let (status, _, text) = send(
+        &app,
+        action(
+            "/console/api/export",
+            &cookie,
+            Some(&csrf),
+            Some(ORIGIN),
+            r#"{"limit":1}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["rows"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        fake.actors.lock().unwrap().last().unwrap(),
+        "console:break-glass"
+    );
+}
+
+#[tokio::test]
+async fn static_sign_in_is_refused_when_break_glass_is_off() {
+    // Only IdP sign-in configured (no token): the form is hidden and a posted token refused.
+    let fake = Arc::new(Fake::default());
+    let validator = Arc::new(crate::identity::Validator::new(&[], reqwest::Client::new()));
+    let oidc = OidcSignIn::new(
+        crate::config::ConsoleOidcConfig {
+            issuer_name: "corp".into(),
+            issuer: "https://idp.example.com".into(),
+            client_id: "aegis-console".into(),
+            client_secret: None,
+            redirect_uri: url::Url::parse("http://127.0.0.1:9192/console/oidc/callback").unwrap(),
+            scopes: vec!["openid".into()],
+            roles_claim: "groups".into(),
+            viewer_values: vec!["v".into()],
+            operator_values: vec![],
+            auditor_values: vec![],
+        },
+        validator,
+        reqwest::Client::new(),
+    );
+    let console = Console::new(None, Some(oidc), fake as Arc<dyn Operations>).map(Arc::new);
+    let app = app(AdminState {
+        readiness: Arc::new(Ready),
+        metrics: None,
+        console,
+    });
+    let (status, _, page) = send(&app, Request::get("/console").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("href=\"/console/oidc/start\""), "{page}");
+    assert!(
+        page.contains("class=\"hidden\" id=\"login-form\""),
+        "{page}"
+    );
+    let (status, headers, body) = send(&app, login_req(TOKEN, Some(ORIGIN))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(headers.get("set-cookie").is_none());
+    assert!(body.contains("switched off"), "{body}");
+    // A callback without a started sign-in opens nothing.
+    let (status, headers, body) = send(
+        &app,
+        Request::get("/console/oidc/callback?code=x&state=y")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("expired or was already used"), "{body}");
+    assert!(headers
+        .get_all("set-cookie")
+        .iter()
+        .all(|v| !v.to_str().unwrap().starts_with("aegis_console=")));
+}
+
+#[test]
+fn escape_html_escapes_markup() {
+    assert_eq!(
+        escape_html("<a href=\"x\">'&'</a>"),
+        "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+    );
 }
