@@ -554,12 +554,17 @@ pub async fn token_revoke(path: &Path, target: &RevokeTarget) -> Result<(), CliE
             } else {
                 "token_revoked".into()
             },
+            // issuer/subject name who acted, as in every row (the CLI has no signed-in
+            // principal); the principal revoked, when narrowed to one, is in the path.
             user_name: user.to_string(),
-            issuer: narrow.as_ref().map(|(i, _)| i.clone()).unwrap_or_default(),
-            subject: narrow.as_ref().map(|(_, s)| s.clone()).unwrap_or_default(),
             workspace: w.clone(),
             method: "REVOKE".into(),
-            path: "aegis token revoke".into(),
+            path: match &narrow {
+                Some((issuer, subject)) => {
+                    format!("aegis token revoke --issuer {issuer} --subject {subject}")
+                }
+                None => "aegis token revoke".into(),
+            },
             ..admin_draft()
         };
         match append_admin(&chain, draft).await {

@@ -2043,7 +2043,10 @@ impl OidcFile {
             found.and_then(|i| i.issuer.clone())
         });
         let client_id = e.need("admin.oidc.client_id", self.client_id);
-        if client_id.as_ref().is_some_and(|c| c.chars().any(char::is_control)) {
+        if client_id
+            .as_ref()
+            .is_some_and(|c| c.chars().any(char::is_control))
+        {
             e.add("admin.oidc.client_id", "must not hold control characters");
         }
         let secret_path = "admin.oidc.client_secret_file";
@@ -2067,7 +2070,12 @@ impl OidcFile {
             Ok(u)
         });
         let scopes = match self.scopes {
-            None => Some(DEFAULT_CONSOLE_SCOPES.iter().map(|s| s.to_string()).collect()),
+            None => Some(
+                DEFAULT_CONSOLE_SCOPES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            ),
             Some(list) if !list.iter().any(|s| s == "openid") => {
                 e.add("admin.oidc.scopes", "must include \"openid\"");
                 None

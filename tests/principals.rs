@@ -231,13 +231,21 @@ async fn revoke_by_user_name_reaches_every_principal_and_can_be_narrowed() {
     let rows = stack
         .postgres
         .query_json(
-            "SELECT reason, issuer, subject FROM aegis_audit WHERE decision = 'ADMIN' ORDER BY seq",
+            "SELECT reason, issuer, subject, path FROM aegis_audit WHERE decision = 'ADMIN' ORDER BY seq",
         )
         .await
         .expect("admin rows");
     assert_eq!(rows.len(), 2, "{rows:?}");
-    assert_eq!(rows[0]["subject"], "mallory");
-    assert_eq!(rows[1]["subject"], "");
+    // The principal revoked is named in the path; issuer and subject say who acted (the CLI
+    // has no signed-in principal), as they do in console rows.
+    assert!(
+        rows[0]["path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("--subject mallory")),
+        "{rows:?}"
+    );
+    assert_eq!(rows[0]["subject"], "");
+    assert_eq!(rows[1]["path"], "aegis token revoke");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
