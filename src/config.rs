@@ -1315,7 +1315,9 @@ impl AdminFile {
     fn validate(self, issuers: &[IssuerFile], e: &mut Errors) -> AdminConfig {
         let path = "admin.console_token_file";
         let env = env_name(path);
-        let token_given = self.console_token_file.is_some() || e.env.var(&env).is_some();
+        // A value of the wrong type counts as given (it is reported on its own).
+        let token_given =
+            self.console_token_file.is_some() || e.env.var(&env).is_some() || e.reported(path);
         let text = e.secret(path, &env, self.console_token_file);
         let console_token = text.and_then(|text| {
             let token = text.trim();
@@ -2028,7 +2030,11 @@ impl OidcFile {
         // issuer itself is checked (and its URL reported) under [[issuers]].
         let issuer = issuer_name.as_ref().and_then(|name| {
             let found = issuers.iter().find(|i| i.name.as_ref() == Some(name));
-            if found.is_none() {
+            // Not when the issuers' names are themselves in doubt (reported on their own).
+            let names_reported = e.list.iter().any(|x| {
+                x.path == "issuers" || (x.path.starts_with("issuers[") && x.path.ends_with("].name"))
+            });
+            if found.is_none() && !names_reported {
                 let names: Vec<&str> = issuers.iter().filter_map(|i| i.name.as_deref()).collect();
                 let configured = if names.is_empty() {
                     "none".to_string()

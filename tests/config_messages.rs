@@ -35,6 +35,17 @@ grpc_client_ca_file = "ca.crt"
 
 [admin]
 console_token_file = "console.token"
+allow_break_glass = true
+[admin.oidc]
+issuer = "corp"
+client_id = "aegis-console"
+client_secret_file = "console.secret"
+redirect_uri = "https://aegis-admin.example.com/console/oidc/callback"
+scopes = ["openid", "email"]
+roles_claim = "groups"
+viewer_values = ["viewers"]
+operator_values = ["operators"]
+auditor_values = ["auditors"]
 
 [redis]
 url = "rediss://127.0.0.1:6379"
@@ -137,6 +148,7 @@ fn fixture(dir: &Path) {
     let pem = |label: &str| format!("-----BEGIN {label}-----\nAA==\n-----END {label}-----\n");
     std::fs::write(dir.join("console.token"), "0123456789abcdef0123").unwrap();
     std::fs::write(dir.join("entra.secret"), "s3cret\n").unwrap();
+    std::fs::write(dir.join("console.secret"), "console-s3cret\n").unwrap();
     std::fs::write(dir.join("tls.crt"), pem("CERTIFICATE")).unwrap();
     std::fs::write(dir.join("ca.crt"), pem("CERTIFICATE")).unwrap();
     std::fs::write(dir.join("tls.key"), pem("PRIVATE KEY")).unwrap();
