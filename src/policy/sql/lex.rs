@@ -133,7 +133,7 @@ impl<'a> Lexer<'a> {
         let mut hazard = None;
         if b.contains(&0) {
             hazard = Some(Hazard::Nul);
-        } else if b.windows(2).any(|w| w == b"${") {
+        } else if text.contains("${") {
             hazard = Some(Hazard::VariableSubstitution);
         }
         Lexer {
