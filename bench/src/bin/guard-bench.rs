@@ -130,6 +130,11 @@ async fn run() -> Result<(), String> {
         sql.len()
     );
 
+    if env_num("BENCH_CLASSIFY_ONLY", 0) != 0 {
+        // The in-process figures only (no stack).
+        return Ok(());
+    }
+
     let mut opts = StackOptions::new(&aegis_bin).with_sandbox(SandboxOptions {
         auto_provision_users: true,
         ..SandboxOptions::default()
