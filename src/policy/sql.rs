@@ -683,6 +683,33 @@ mod tests {
         assert_eq!(classify(sql).blocked, Some(CHANGES_PERMISSIONS));
     }
 
+    /// Every text of up to three characters over the characters the lexer treats specially.
+    #[test]
+    fn agrees_with_sqlparser_on_every_short_text() {
+        let alphabet: Vec<char> =
+            "'\"`\\-/*+._0159eELxXNn$?;(<>=!|&^~#@:[{\r\n a\u{e9}\u{a0}\u{663}"
+                .chars()
+                .collect();
+        let mut n = 0;
+        let mut text = String::new();
+        for &a in &alphabet {
+            for b in std::iter::once(None).chain(alphabet.iter().map(Some)) {
+                for c in std::iter::once(None).chain(alphabet.iter().map(Some)) {
+                    if b.is_none() && c.is_some() {
+                        continue;
+                    }
+                    text.clear();
+                    text.push(a);
+                    text.extend(b);
+                    text.extend(c);
+                    check_against_reference(&text);
+                    n += 1;
+                }
+            }
+        }
+        assert!(n > 50_000, "{n}");
+    }
+
     /// Pieces the random cases are spliced from.
     const FRAGMENTS: &[&str] = &[
         "'",
