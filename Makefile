@@ -13,7 +13,7 @@ SANDBOX_BIN := $(TARGET_DIR)/debug/sandbox
 # toolchain (tests/fuzz_smoke.rs, a few seconds a target), since the sanitizer build of the
 # targets alone takes 10+ minutes on a 2-core machine. FUZZ_SECS per target: 20 in
 # `make fuzz-smoke`, 600 in `make fuzz`.
-FUZZ_TARGETS := bearer_token normalize_path validate_token config_parse
+FUZZ_TARGETS := bearer_token normalize_path validate_token config_parse sql_classify
 FUZZ_SECS    ?= 20
 
 setup:

@@ -8,6 +8,7 @@ use std::time::Instant;
 use rand::Rng;
 
 include!("../fuzz/checks.rs");
+include!("../fuzz/sql_check.rs");
 
 /// Per target.
 const BUDGET: Duration = Duration::from_secs(3);
@@ -65,6 +66,17 @@ const DICT: &[&[u8]] = &[
     b"$$",
     b"\"\"\"",
     b"'''",
+    b"'",
+    b"`",
+    b"--",
+    b"/*",
+    b"*/",
+    b"/*+",
+    b"\\'",
+    b"\\\n",
+    b"$a$",
+    b"GRANT ",
+    b"\xc2\xa0",
 ];
 
 fn mutate(rng: &mut impl Rng, input: &mut Vec<u8>) {
@@ -191,6 +203,20 @@ fn fuzz_smoke_tokens() {
             b"\x00eyJhbGciOiJSUzI1NiJ9.e30.c2ln",
         ],
         |d| check_token(&rt, &validator, d),
+    );
+    assert!(n > 100);
+}
+
+#[test]
+fn fuzz_smoke_sql() {
+    let n = run(
+        "sql_classify",
+        &[
+            b"SELECT 1; GRANT SELECT ON t TO x",
+            b"SELECT 'a\\'b' -- c\r\n/* d /* e */ */ `f``g`",
+            b"CREATE STORAGE CREDENTIAL c; SELECT 1.5e3, 0x1F, a != b",
+        ],
+        check_sql,
     );
     assert!(n > 100);
 }

@@ -2,7 +2,8 @@
 //! statement adds at most 0.2 ms at p50). Same stack, users and agent, same rate: a header-only
 //! Check (a statement status poll, not a guarded route) against a body-inspected one (a 4 KB SQL
 //! statement on `/api/2.0/sql/statements`, parsed and classified), alternating, repeated; plus
-//! the classifier alone, in process. Writes `bench-results/guard.json`.
+//! the classifier alone, in process, next to the sqlparser-based one it replaced. Writes
+//! `bench-results/guard.json`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,14 @@ use bench::loadgen::{self, RunResult};
 use sandbox::stack::{Stack, StackOptions};
 use sandbox::{SandboxOptions, TokenRequest};
 use serde_json::json;
+
+/// The sqlparser-based classifier aegis used before its own lexer (the differential tests'
+/// reference), timed next to the lexer on the same statement.
+mod reference {
+    #![allow(dead_code)]
+    use aegis::policy::sql::*;
+    include!("../../../src/policy/sql/reference.rs");
+}
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -91,6 +100,20 @@ async fn run() -> Result<(), String> {
         assert!(c.blocked.is_none(), "the bench statement must be allowed");
     }
     let classify_us = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+    // The same on the classifier aegis ran before its own lexer (sqlparser's tokenizer), and
+    // that tokenizer alone.
+    let reference = reference::classify_reference(&sql);
+    assert_eq!(
+        reference,
+        aegis::policy::sql::classify(&sql),
+        "the lexer and the reference disagree on the bench statement"
+    );
+    let started = Instant::now();
+    for _ in 0..n {
+        let c = reference::classify_reference(std::hint::black_box(&sql));
+        assert!(c.blocked.is_none());
+    }
+    let reference_us = started.elapsed().as_secs_f64() * 1e6 / n as f64;
     let dialect = sqlparser::dialect::DatabricksDialect {};
     let started = Instant::now();
     for _ in 0..n {
@@ -101,10 +124,16 @@ async fn run() -> Result<(), String> {
     }
     let tokenize_us = started.elapsed().as_secs_f64() * 1e6 / n as f64;
     println!(
-        "classifier: {classify_us:.1} µs per {}-byte statement (tokenize + normalize + fingerprint), \
-         of which sqlparser's tokenizer {tokenize_us:.1} µs",
+        "classifier: {classify_us:.1} µs per {}-byte statement (lex + classify + fingerprint); \
+         the sqlparser-based one it replaced {reference_us:.1} µs, of which sqlparser's \
+         tokenizer {tokenize_us:.1} µs",
         sql.len()
     );
+
+    if env_num("BENCH_CLASSIFY_ONLY", 0) != 0 {
+        // The in-process figures only (no stack).
+        return Ok(());
+    }
 
     let mut opts = StackOptions::new(&aegis_bin).with_sandbox(SandboxOptions {
         auto_provision_users: true,
@@ -201,6 +230,7 @@ async fn run() -> Result<(), String> {
         "statement_bytes": sql.len(),
         "body_bytes": body.len(),
         "classifier_us": classify_us,
+        "reference_classifier_us": reference_us,
         "tokenizer_us": tokenize_us,
         "header_only": plain_runs,
         "body_inspected": body_runs,
