@@ -116,3 +116,19 @@ pub async fn post_form(
     zeroize::Zeroize::zeroize(&mut body);
     sent.map_err(without_url)
 }
+
+/// Escapes text for HTML (the console and the consent pages): element content and quoted attribute values.
+pub fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

@@ -22,6 +22,7 @@ use axum::Router;
 use crate::broker::now_ms;
 use crate::broker::u2m::{CallbackError, LinkError, U2m, CONSENT_TTL};
 use crate::config::{Config, ConfigError, TokenSourceKind, WorkspaceConfig};
+use crate::http::escape_html as escape;
 use crate::pg::PgTarget;
 use crate::redis::RedisLink;
 
@@ -276,21 +277,6 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response {
         .into_response();
     harden(resp.headers_mut());
     resp
-}
-
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

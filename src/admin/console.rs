@@ -294,21 +294,7 @@ fn disabled() -> Response {
     )
 }
 
-/// Escapes text for HTML element content and quoted attribute values.
-pub(crate) fn escape_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub(crate) use crate::http::escape_html;
 
 /// The sign-in page; `message` is trusted markup (fixed text only).
 fn login_page(c: &Console, code: StatusCode, message: &str) -> Response {
