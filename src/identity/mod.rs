@@ -677,6 +677,21 @@ mod tests {
         }
     }
 
+    /// The sandbox IdP as a configured issuer named `dev`.
+    fn sandbox_issuer(idp_url: &str) -> IssuerConfig {
+        IssuerConfig {
+            name: "dev".into(),
+            issuer: idp_url.to_string(),
+            audiences: vec!["aegis".into()],
+            jwks_uri: url::Url::parse(&format!("{idp_url}/jwks")).ok(),
+            algorithms: vec![Algorithm::RS256, Algorithm::ES256],
+            username_claim: "email".into(),
+            agent_claim: "azp".into(),
+            leeway: Duration::from_secs(30),
+            max_key_age: Duration::from_secs(3600),
+        }
+    }
+
     /// ID tokens for the console: `aud` must be the client (not the issuer's audiences), `azp`
     /// must name it when present or when `aud` names several parties, and the issuer must be
     /// the one the console names; an agent's access token is not an ID token for the console.
@@ -685,17 +700,7 @@ mod tests {
         use sandbox::{Sandbox, SandboxOptions, TokenRequest};
 
         let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
-        let issuer = IssuerConfig {
-            name: "dev".into(),
-            issuer: sb.idp_url.clone(),
-            audiences: vec!["aegis".into()],
-            jwks_uri: url::Url::parse(&format!("{}/jwks", sb.idp_url)).ok(),
-            algorithms: vec![Algorithm::RS256, Algorithm::ES256],
-            username_claim: "email".into(),
-            agent_claim: "azp".into(),
-            leeway: Duration::from_secs(30),
-            max_key_age: Duration::from_secs(3600),
-        };
+        let issuer = sandbox_issuer(&sb.idp_url);
         let v = Validator::new(&[issuer], reqwest::Client::new());
         assert!(v.load_all().await.is_empty());
         let mint = |aud: serde_json::Value, azp: Option<&str>| {
@@ -802,17 +807,7 @@ mod tests {
         use sandbox::{JwksFault, Sandbox, SandboxOptions, TokenRequest};
 
         let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
-        let issuer = IssuerConfig {
-            name: "dev".into(),
-            issuer: sb.idp_url.clone(),
-            audiences: vec!["aegis".into()],
-            jwks_uri: url::Url::parse(&format!("{}/jwks", sb.idp_url)).ok(),
-            algorithms: vec![Algorithm::RS256, Algorithm::ES256],
-            username_claim: "email".into(),
-            agent_claim: "azp".into(),
-            leeway: Duration::from_secs(30),
-            max_key_age: Duration::from_secs(3600),
-        };
+        let issuer = sandbox_issuer(&sb.idp_url);
         let v = Validator::new(&[issuer], reqwest::Client::new());
         assert!(v.load_all().await.is_empty());
         let rsa = sb.mint_idp_token(&TokenRequest::new("alice"));
