@@ -161,6 +161,8 @@ pub struct App {
     checkpointer: Arc<Checkpointer>,
     admin_app: axum::Router,
     u2m: Option<Arc<crate::broker::u2m::U2m>>,
+    /// The audit store, parsed once; the transparency log listener reads it too.
+    pg: PgTarget,
 }
 
 /// Binds the configured listeners, builds aegis and serves until `shutdown` resolves.
@@ -422,6 +424,7 @@ impl App {
             checkpointer,
             admin_app,
             u2m,
+            pg: target,
         })
     }
 
@@ -445,6 +448,7 @@ impl App {
             checkpointer,
             admin_app,
             u2m,
+            pg,
         } = self;
         let stop_rx = stop_tx.subscribe();
         let until_stop = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
@@ -482,19 +486,13 @@ impl App {
             });
         }
         if let Some(listener) = listeners.tlog {
-            let target = PgTarget::parse(&cfg.postgres.url).map_err(|message| {
-                ServeError::Config(crate::config::ConfigError {
-                    path: "postgres.url".into(),
-                    message,
-                })
-            })?;
             let (chain, stop) = (cfg.audit.chain_id.clone(), stop_rx.clone());
             tasks.push(Task {
                 name: "transparency log listener",
                 handle: tokio::spawn(async move {
                     logged(
                         "tlog",
-                        crate::ledger::serve(listener, target, chain, stop).await,
+                        crate::ledger::serve(listener, pg, chain, stop).await,
                     );
                 }),
                 stops: true,
