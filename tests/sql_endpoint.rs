@@ -110,41 +110,7 @@ async fn assert_joined(stack: &Stack) -> usize {
             || path.starts_with("/telemetry-ext")
             || path.starts_with("/api/2.0/connector-service/")
     };
-    let seen: Vec<RequestRecord> = stack
-        .sandbox
-        .requests()
-        .into_iter()
-        .filter(|r| ours(&r.path))
-        .collect();
-    let chain = stack
-        .postgres
-        .query_json("SELECT decision, user_name, path, trace_id FROM aegis_audit ORDER BY seq")
-        .await
-        .expect("chain rows");
-    let allows: Vec<&Value> = chain
-        .iter()
-        .filter(|r| r["decision"] == "ALLOW" && ours(r["path"].as_str().unwrap_or("")))
-        .collect();
-    for r in &seen {
-        let trace = r
-            .trace_id
-            .as_deref()
-            .unwrap_or_else(|| panic!("no trace id on {r:?}"));
-        assert!(
-            allows
-                .iter()
-                .any(|a| a["trace_id"] == trace && a["user_name"].as_str() == r.user.as_deref()),
-            "the workspace saw {r:?} without its ALLOW row"
-        );
-    }
-    for a in &allows {
-        let hits = seen
-            .iter()
-            .filter(|r| r.trace_id.as_deref() == a["trace_id"].as_str())
-            .count();
-        assert_eq!(hits, 1, "{a} reached the workspace {hits} times");
-    }
-    seen.len()
+    assert_allows_joined(stack, ours, |_| true).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -380,3 +380,61 @@ impl Console {
         read(req.send().await.expect("console action")).await
     }
 }
+
+/// Joins the chain with the workspace's request log: every ALLOW row whose path `ours` accepts
+/// reached the workspace exactly once, as its user, and every request the workspace logged that
+/// `keep` accepts (and whose path `ours` accepts) has its ALLOW row with the same trace id and
+/// user. Returns (ALLOW rows, requests) joined.
+pub async fn assert_allows_joined(
+    stack: &Stack,
+    ours: impl Fn(&str) -> bool,
+    keep: impl Fn(&RequestRecord) -> bool,
+) -> (usize, usize) {
+    let seen: Vec<RequestRecord> = stack
+        .sandbox
+        .requests()
+        .into_iter()
+        .filter(|r| keep(r) && ours(&r.path))
+        .collect();
+    let chain = stack
+        .postgres
+        .query_json("SELECT decision, user_name, path, trace_id FROM aegis_audit ORDER BY seq")
+        .await
+        .expect("chain rows");
+    let allows: Vec<&serde_json::Value> = chain
+        .iter()
+        .filter(|r| r["decision"] == "ALLOW" && ours(r["path"].as_str().unwrap_or("")))
+        .collect();
+    for row in &allows {
+        let trace = row["trace_id"].as_str().expect("trace id");
+        let hits: Vec<&RequestRecord> = seen
+            .iter()
+            .filter(|r| r.trace_id.as_deref() == Some(trace))
+            .collect();
+        assert_eq!(
+            hits.len(),
+            1,
+            "{row} reached the workspace {} times",
+            hits.len()
+        );
+        assert_eq!(
+            hits[0].user.as_deref(),
+            row["user_name"].as_str(),
+            "{row} vs {:?}",
+            hits[0]
+        );
+    }
+    for r in &seen {
+        let trace = r
+            .trace_id
+            .as_deref()
+            .unwrap_or_else(|| panic!("no trace id on {r:?}"));
+        assert!(
+            allows
+                .iter()
+                .any(|a| a["trace_id"] == trace && a["user_name"].as_str() == r.user.as_deref()),
+            "the workspace saw {r:?} without its ALLOW row"
+        );
+    }
+    (allows.len(), seen.len())
+}
